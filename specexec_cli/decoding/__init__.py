@@ -1,0 +1,1 @@
+"""Decoding algorithms: SpecExec, SpecInfer and plain autoregressive decoding over tensors."""

@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message as one line on stderr and exits non-zero."""
+
+
+class SpecexecError(Exception):
+    """An error caused by the user's input or environment, reported without a traceback."""
+
+    exit_code = 1
+
+
+class UsageError(SpecexecError):
+    """Bad flags or input: exit code 2, like click's own usage errors."""
+
+    exit_code = 2

@@ -1,0 +1,1 @@
+"""Offloaded runtime: stream target decoder layers from host RAM or disk to the compute device."""
