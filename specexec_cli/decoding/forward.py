@@ -1,0 +1,49 @@
+"""One model forward over new tokens with an explicit attention pattern, appending to a KV cache.
+
+Every decoder (autoregressive, SpecExec, SpecInfer) calls the model through `forward`, with a boolean
+pattern `attend[i, j]`: may new token i see cache position j (j < past) or new token j - past. The
+pattern becomes the additive 4-D mask transformers 5 passes to attention unchanged, so tree attention
+works for any transformers causal LM that accepts a 4-D mask (Llama, Qwen2, Mistral, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def new_cache() -> DynamicCache:
+    """An empty KV cache."""
+    return DynamicCache()
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.get_seq_length()
+
+
+def causal_pattern(past: int, n_new: int, device: torch.device) -> torch.Tensor:
+    """attend [n_new, past + n_new] for a plain chain of new tokens after `past` cached ones."""
+    rows = torch.arange(n_new, device=device)[:, None]
+    cols = torch.arange(past + n_new, device=device)[None, :]
+    return cols <= rows + past
+
+
+def forward(
+    model: torch.nn.Module,
+    cache: DynamicCache,
+    input_ids: torch.Tensor,  # [T] token ids
+    position_ids: torch.Tensor,  # [T] absolute positions
+    attend: torch.Tensor,  # [T, past + T] bool
+) -> torch.Tensor:
+    """Run the model on T new tokens; returns logits [T, V] and appends T entries to `cache`."""
+    dtype = model.dtype
+    mask = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
+    mask.masked_fill_(~attend, torch.finfo(dtype).min)
+    out = model(
+        input_ids=input_ids[None],
+        attention_mask=mask[None, None],
+        position_ids=position_ids[None],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits[0]

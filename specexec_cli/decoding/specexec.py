@@ -1,0 +1,124 @@
+"""SpecExec (arXiv 2406.02532): grow the draft's most probable continuations best-first into a tree of
+`budget` tokens, check the whole tree in one target pass, and keep the longest path the target agrees
+with plus one token of the target's own.
+
+The tree is a deterministic function of the committed tokens, so it is only a lookup cache: every
+emitted token is drawn from the target's distribution given its true prefix. Output equals plain
+decoding token for token at temperature 0 and in distribution when sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
+from specexec_cli.decoding.forward import new_cache
+from specexec_cli.decoding.sampling import draw, probabilities
+from specexec_cli.decoding.stats import PassStats
+from specexec_cli.decoding.tree import Tree
+from specexec_cli.decoding.tree_passes import (
+    commit_path,
+    draft_catch_up,
+    draft_tree_pass,
+    greedy_walk,
+    target_tree_pass,
+)
+
+
+def draft_log_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Draft scores [B, V]: log-softmax at the sampling temperature (plain log-softmax when greedy)."""
+    scale = 1.0 if sampling.greedy else sampling.temperature
+    return torch.log_softmax(logits.float() / scale, dim=-1)
+
+
+def grow_tree(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: GenerationConfig,
+              stats: PassStats) -> Tree:
+    """Grow the draft tree best-first from the last committed token (brief, step 1)."""
+    tree_cfg = config.tree
+    width = tree_cfg.max_branch_width
+    capacity = tree_cfg.budget + 1 + tree_cfg.max_n_beams * width
+    n = sequence.numel()
+    tree = Tree(int(sequence[-1]), capacity, sequence.device)
+    nodes = torch.zeros(1, dtype=torch.long, device=sequence.device)
+    logits = draft_catch_up(draft, cache, sequence, stats)[None]
+    for step in range(tree_cfg.max_beam_len):
+        if step > 0:
+            nodes = tree.best_unexpanded(tree_cfg.max_n_beams, tree_cfg.budget)
+            if nodes.numel() == 0:
+                break
+            logits = draft_tree_pass(draft, cache, tree, nodes, n, stats)
+        log_q = draft_log_probs(logits, config.sampling)  # [B, V]
+        top = torch.topk(log_q, min(width, log_q.shape[-1]), dim=-1)  # [B, width]
+        child_scores = tree.scores[nodes][:, None] + top.values.clamp(max=0.0)
+        keep = torch.isfinite(child_scores)
+        parents = nodes[:, None].expand_as(top.indices)
+        tree.add_children(parents[keep], top.indices[keep], child_scores[keep])
+        tree.keep_best(tree_cfg.budget + 1)
+    return tree
+
+
+def validate(tree: Tree, target_logits: torch.Tensor, sampling: SamplingConfig,
+             generator: torch.Generator | None) -> tuple[list[int], list[int]]:
+    """Walk from the root, drawing the target's token at each visited node (brief, step 3).
+
+    Returns (accepted path as node indices, emitted tokens = path tokens + the target's bonus token).
+    """
+    if sampling.greedy:
+        return greedy_walk(tree, target_logits)
+    lookup = tree.children_lookup()
+    node, path, emitted = 0, [], []
+    while True:
+        token = int(draw(target_logits[node], sampling, generator))
+        emitted.append(token)
+        child = lookup.get((node, token))
+        if child is None:
+            return path, emitted
+        path.append(child)
+        node = child
+
+
+def acceptance_curve(tree: Tree, target_logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """G(K) for K = 1..tree.size-1: expected tokens per iteration if only the K best nodes (by draft
+    score) were in the tree, = 1 + sum over those nodes of the target probability of their path.
+
+    Every top-K set by score is ancestor-closed, so one large-budget tree gives the whole curve.
+    """
+    size = tree.size
+    parents, tokens = tree.parents[1:size], tree.tokens[1:size]
+    node_prob = torch.ones(size, dtype=torch.float64, device=tree.device)
+    if sampling.greedy:
+        node_prob[1:] = (target_logits.argmax(dim=-1)[parents] == tokens).double()
+    else:
+        node_prob[1:] = probabilities(target_logits, sampling)[parents, tokens].double()
+    path_prob = node_prob.clone()
+    depths = tree.depths[:size]
+    for depth in range(1, int(depths.max()) + 1):
+        at_depth = (depths == depth).nonzero().squeeze(1)
+        path_prob[at_depth] = path_prob[tree.parents[at_depth]] * node_prob[at_depth]
+    order = torch.sort(tree.scores[1:size], descending=True, stable=True).indices + 1
+    return 1.0 + torch.cumsum(path_prob[order], dim=0)
+
+
+class SpecExecDecoder:
+    """Holds both KV caches across iterations; `step` commits at least one token per target pass."""
+
+    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, config: GenerationConfig,
+                 generator: torch.Generator | None, record_curves: bool = False) -> None:
+        self.target, self.draft, self.config, self.generator = target, draft, config, generator
+        self.target_cache, self.draft_cache = new_cache(), new_cache()
+        self.stats = PassStats()
+        self.record_curves = record_curves
+        self.curves: list[torch.Tensor] = []
+
+    @torch.inference_mode()
+    def step(self, sequence: torch.Tensor) -> list[int]:
+        """One iteration over committed tokens `sequence` [n]; returns the newly emitted tokens."""
+        n = sequence.numel()
+        tree = grow_tree(self.draft, self.draft_cache, sequence, self.config, self.stats)
+        logits = target_tree_pass(self.target, self.target_cache, sequence, tree, self.stats)
+        if self.record_curves:
+            self.curves.append(acceptance_curve(tree, logits, self.config.sampling).cpu())
+        path, emitted = validate(tree, logits, self.config.sampling, self.generator)
+        commit_path(self.target_cache, self.draft_cache, tree, path, n)
+        self.stats.iterations += 1
+        return emitted

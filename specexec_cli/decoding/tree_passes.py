@@ -1,0 +1,106 @@
+"""Model passes shared by the tree decoders (SpecExec and SpecInfer).
+
+Cache invariants between iterations, with n committed tokens (prompt + output so far):
+- the target cache holds the first c_t <= n - 1 committed tokens; the last committed token is the
+  tree's root and is fed to the target as tree node 0;
+- the draft cache holds the first c_d <= n committed tokens; a catch-up pass feeds the rest, root
+  included, so the root's draft distribution comes out of that pass. During tree growth the draft cache
+  holds the n committed tokens followed by one slot per processed tree node.
+After validation both caches are cut back to the committed prefix plus the accepted path (for the
+draft, the part of the path it processed; an accepted leaf it never ran is fed by the next catch-up, so
+its KV is computed, never left as zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from specexec_cli.decoding.forward import cache_length, causal_pattern, forward
+from specexec_cli.decoding.kv import keep_tail
+from specexec_cli.decoding.stats import PassStats
+from specexec_cli.decoding.tree import Tree
+
+
+def draft_catch_up(draft: torch.nn.Module, cache: DynamicCache, sequence: torch.Tensor,
+                   stats: PassStats) -> torch.Tensor:
+    """Feed the committed tokens the draft has not seen; returns the root's logits [V]."""
+    past, n = cache_length(cache), sequence.numel()
+    device = sequence.device
+    positions = torch.arange(past, n, device=device)
+    attend = causal_pattern(past, n - past, device)
+    logits = stats.timed("draft", draft.device,
+                         lambda: forward(draft, cache, sequence[past:], positions, attend))
+    return logits[-1]
+
+
+def draft_tree_pass(draft: torch.nn.Module, cache: DynamicCache, tree: Tree, nodes: torch.Tensor,
+                    n_committed: int, stats: PassStats) -> torch.Tensor:
+    """Run the draft on tree `nodes` [B] (their ancestors already processed); returns logits [B, V]."""
+    device = tree.device
+    slots = tree.slot_node  # [S] node held by each tree slot of the draft cache, -1 if trimmed
+    assert cache_length(cache) == n_committed + slots.numel()
+    sees_slot = tree.ancestors[nodes][:, slots.clamp(min=0)] & (slots >= 0)  # [B, S]
+    attend = torch.cat(
+        [
+            torch.ones(nodes.numel(), n_committed, dtype=torch.bool, device=device),
+            sees_slot,
+            torch.eye(nodes.numel(), dtype=torch.bool, device=device),
+        ],
+        dim=1,
+    )
+    positions = n_committed - 1 + tree.depths[nodes]
+    logits = stats.timed("draft", draft.device,
+                         lambda: forward(draft, cache, tree.tokens[nodes], positions, attend))
+    tree.mark_processed(nodes)
+    return logits
+
+
+def target_tree_pass(target: torch.nn.Module, cache: DynamicCache, sequence: torch.Tensor, tree: Tree,
+                     stats: PassStats) -> torch.Tensor:
+    """One target pass over the committed tokens it lacks plus the whole tree; logits [tree.size, V]."""
+    device = sequence.device
+    past, n, size = cache_length(cache), sequence.numel(), tree.size
+    pending = n - 1 - past  # committed tokens before the root that the target has not seen
+    ids = torch.cat([sequence[past : n - 1], tree.tokens[:size]])
+    positions = torch.cat([torch.arange(past, n - 1, device=device), n - 1 + tree.depths[:size]])
+    attend = torch.zeros(pending + size, past + pending + size, dtype=torch.bool, device=device)
+    attend[:, : past + pending] = True
+    attend[:pending, past : past + pending] = causal_pattern(0, pending, device)
+    attend[pending:, past + pending :] = tree.ancestors[:size, :size]
+    logits = stats.timed("target", target.device, lambda: forward(target, cache, ids, positions, attend))
+    return logits[pending:]
+
+
+def commit_path(target_cache: DynamicCache, draft_cache: DynamicCache, tree: Tree, path: list[int],
+                n_committed: int) -> None:
+    """Cut both caches back to the committed prefix plus the accepted `path` (tree nodes, root excluded)."""
+    device = tree.device
+    # Target: the root sits at n - 1, tree node i at n - 1 + i.
+    keep_tail(target_cache, n_committed - 1, torch.tensor([0, *path], dtype=torch.long, device=device))
+    # Draft: the processed part of the path is a prefix of it (a node is processed after its parent).
+    slots = tree.draft_slot[torch.tensor(path, dtype=torch.long, device=device)].tolist() if path else []
+    processed = []
+    for slot in slots:
+        if slot < 0:
+            break
+        processed.append(slot)
+    keep_tail(draft_cache, n_committed, torch.tensor(processed, dtype=torch.long, device=device))
+
+
+def greedy_walk(tree: Tree, target_logits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Follow the target's argmax from the root while a child matches.
+
+    Returns (accepted path as node indices, emitted tokens = path tokens + the bonus token).
+    """
+    draws = target_logits.argmax(dim=-1).tolist()
+    lookup = tree.children_lookup()
+    node, path, emitted = 0, [], []
+    while True:
+        token = draws[node]
+        emitted.append(token)
+        child = lookup.get((node, token))
+        if child is None:
+            return path, emitted
+        path.append(child)
+        node = child
