@@ -26,7 +26,8 @@ def prompts():
 def _greedy(target, draft, prompt, method, budget=8, max_new_tokens=40, **tree):
     # SpecInfer: 64 stems of length budget // 64 keep its draft passes few.
     beams = 64 if method == "specinfer" else 16
-    tree_cfg = TreeConfig(budget=budget, **{"max_n_beams": beams, "max_beam_len": 8, "max_branch_width": 4, **tree})
+    shape = {"max_n_beams": beams, "max_beam_len": 8, "max_branch_width": 4, **tree}
+    tree_cfg = TreeConfig(budget=budget, **shape)
     config = GenerationConfig(method=method, max_new_tokens=max_new_tokens, tree=tree_cfg)
     return generate(target, draft, prompt, config)
 

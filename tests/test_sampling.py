@@ -87,7 +87,9 @@ def test_sampled_output_matches_target_distribution(method):
     big = [c for c in cells if exact[c] * n_samples >= 5]
     small = [c for c in cells if exact[c] * n_samples < 5]
     observed = [counts[c] for c in big] + ([sum(counts[c] for c in small)] if small else [])
-    expected = [exact[c] * n_samples for c in big] + ([sum(exact[c] for c in small) * n_samples] if small else [])
+    expected = [exact[c] * n_samples for c in big]
+    if small:
+        expected.append(sum(exact[c] for c in small) * n_samples)
     scale = sum(observed) / sum(expected)
     assert len(big) >= 3, "the test distribution should not be degenerate"
     assert chisquare(observed, [e * scale for e in expected]).pvalue > ALPHA

@@ -1,0 +1,98 @@
+"""Read prompts from flags, a file or stdin (plain text or JSON Lines) and apply chat templates."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from specexec_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a batch; `id` comes from JSON Lines input or is its 1-based position."""
+
+    id: str
+    text: str
+
+
+def parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
+    """JSON Lines with an object per line holding `prompt` (and optionally `id`); blank lines skipped."""
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{source}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UsageError(f'{source}:{number}: expected an object with a "prompt" string')
+        prompt_id = record.get("id", len(prompts) + 1)
+        prompts.append(Prompt(str(prompt_id), record["prompt"]))
+    if not prompts:
+        raise UsageError(f"{source}: no prompts")
+    return prompts
+
+
+def looks_like_jsonl(text: str) -> bool:
+    """True when the first non-blank line is a JSON object with a "prompt" field."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return True  # meant as JSON Lines but broken: let the parser report the line
+    return isinstance(record, dict) and "prompt" in record
+
+
+def parse_text(text: str, source: str, input_format: str) -> list[Prompt]:
+    """A whole file or stdin: one plain-text prompt, or JSON Lines (by format or by detection)."""
+    if input_format == "jsonl" or (input_format == "auto" and looks_like_jsonl(text)):
+        return parse_jsonl(text.splitlines(), source)
+    if not text.strip():
+        raise UsageError(f"{source}: empty prompt")
+    return [Prompt("1", text.rstrip("\n"))]
+
+
+def collect_prompts(flag_prompts: tuple[str, ...], files: tuple[str, ...], stdin: TextIO,
+                    input_format: str = "auto") -> list[Prompt]:
+    """Prompts from --prompt flags (`-` reads stdin), then --file files; stdin when neither is given."""
+    prompts: list[Prompt] = []
+    for text in flag_prompts:
+        if text == "-":
+            prompts += parse_text(stdin.read(), "<stdin>", input_format)
+        else:
+            prompts.append(Prompt(str(len(prompts) + 1), text))
+    for name in files:
+        if name == "-":
+            prompts += parse_text(stdin.read(), "<stdin>", input_format)
+            continue
+        path = Path(name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read prompt file {name}: {exc.strerror}") from None
+        fmt = "jsonl" if input_format == "auto" and path.suffix in (".jsonl", ".ndjson") else input_format
+        prompts += parse_text(text, name, fmt)
+    if not flag_prompts and not files:
+        if stdin.isatty():
+            raise UsageError("no prompt: pass --prompt TEXT, --file FILE, or pipe text on stdin")
+        prompts = parse_text(stdin.read(), "<stdin>", input_format)
+    return prompts
+
+
+def encode_prompt(tokenizer: Any, text: str, system: str | None, chat_template: bool) -> list[int]:
+    """Token ids for one prompt, wrapped in the tokenizer's chat template when it has one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    if system:
+        text = f"{system}\n\n{text}"
+    return tokenizer(text)["input_ids"]

@@ -1,0 +1,159 @@
+"""Glue between the CLI and the library: load a target/draft pair, run a batch, write each result.
+
+Each finished prompt's result is written and flushed before the next prompt starts, so a failure or
+Ctrl-C later in a batch loses nothing already done.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import torch
+
+from specexec_cli.decoding.config import GenerationConfig
+from specexec_cli.decoding.generate import GenerationResult, generate
+from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.prompts import Prompt, encode_prompt
+
+DEFAULT_TARGET = "qwen2.5-coder-1.5b"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float32 on CPUs (bf16 is several times slower there); bf16 on GPUs that support it, else fp16."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def parse_dtype(name: str | None, device: str) -> torch.dtype:
+    if name is None:
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16")
+    return DTYPES[name]
+
+
+@dataclass
+class ModelPair:
+    """The loaded models and what generation needs from the tokenizer."""
+
+    target: torch.nn.Module
+    draft: torch.nn.Module | None
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+
+
+def default_draft_name(target_name: str) -> str:
+    from specexec_cli.models.registry import drafts_for
+
+    drafts = drafts_for(target_name)
+    if not drafts:
+        raise UsageError(f"no known draft for {target_name!r}; pass --draft NAME or --draft first-layers:N")
+    return drafts[0].name
+
+
+def load_draft(spec: str, target: torch.nn.Module, tokenizer: Any, device: str, dtype: torch.dtype):
+    """A draft by name or path, or `first-layers:N` for an early-exit draft sharing the target's weights."""
+    from specexec_cli.models.load import check_compatible, load_model, make_early_exit_draft
+
+    if spec.startswith("first-layers:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise UsageError(f"--draft first-layers:N needs a positive layer count, got {count!r}")
+        return make_early_exit_draft(target, int(count))
+    draft, draft_tokenizer = load_model(spec, device=device, dtype=dtype)
+    check_compatible(tokenizer, draft_tokenizer)
+    return draft
+
+
+def load_pair(target_name: str, draft_name: str | None, method: str, device: str,
+              dtype: torch.dtype, load_target: Callable[..., tuple[Any, Any]] | None = None) -> ModelPair:
+    """Load the target (by `load_target` when the runtime offloads it) and, unless decoding plainly,
+    a tokenizer-compatible draft."""
+    from specexec_cli.models.load import eos_token_ids, load_model
+
+    needs_draft = method != "autoregressive" and draft_name != "none"
+    if needs_draft and draft_name is None:
+        draft_name = default_draft_name(target_name)  # fail on a missing draft before loading weights
+    log(f"loading target {target_name} ({device}, {str(dtype).removeprefix('torch.')})")
+    target, tokenizer = (load_target or load_model)(target_name, device=device, dtype=dtype)
+    draft = None
+    if needs_draft:
+        log(f"loading draft {draft_name}")
+        draft = load_draft(draft_name, target, tokenizer, device, dtype)
+    elif method != "autoregressive":
+        raise UsageError(f"method {method!r} needs a draft; drop --draft none or use --method autoregressive")
+    return ModelPair(target, draft, tokenizer, eos_token_ids(target, tokenizer))
+
+
+def result_record(prompt: Prompt, result: GenerationResult, config: GenerationConfig) -> dict[str, Any]:
+    """The JSON Lines object written for one prompt."""
+    return {
+        "id": prompt.id,
+        "text": result.text,
+        "new_tokens": result.n_new_tokens,
+        "finish_reason": result.finish_reason,
+        "tokens_per_s": round(result.tokens_per_s, 3),
+        "tokens_per_target_pass": round(result.tokens_per_pass, 3),
+        "target_passes": result.n_target_passes,
+        "draft_passes": result.stats.draft_passes,
+        "elapsed_s": round(result.elapsed_s, 3),
+        "method": config.method,
+        "budget": config.tree.budget if config.method != "autoregressive" else None,
+    }
+
+
+def describe(prompt: Prompt, result: GenerationResult) -> str:
+    """One line of stats for --verbose."""
+    share = result.host_s / result.elapsed_s if result.elapsed_s else 0.0
+    return (f"[{prompt.id}] {result.n_new_tokens} tokens in {result.elapsed_s:.2f} s "
+            f"({result.tokens_per_s:.2f} tok/s), {result.tokens_per_pass:.2f} tokens/target pass, "
+            f"{result.n_target_passes} target + {result.stats.draft_passes} draft passes, "
+            f"host {share:.0%}, finish: {result.finish_reason}")
+
+
+def run_batch(pair: ModelPair, prompts: list[Prompt], config: GenerationConfig, *, system: str | None,
+              chat_template: bool, as_json: bool, stream: bool, verbose: bool, out: TextIO) -> int:
+    """Generate for every prompt in order, writing each result as soon as it is done; returns the count."""
+    done = 0
+    for prompt in prompts:
+        ids = encode_prompt(pair.tokenizer, prompt.text, system, chat_template)
+        if not ids:
+            raise UsageError(f"prompt {prompt.id} encodes to no tokens")
+        limit = getattr(pair.target.config, "max_position_embeddings", None)
+        if limit and len(ids) + config.max_new_tokens + config.tree.max_beam_len > limit:
+            raise SpecexecError(f"prompt {prompt.id} has {len(ids)} tokens; with --max-new-tokens "
+                                f"{config.max_new_tokens} it exceeds the model's context of {limit}")
+
+        def write_piece(piece: str) -> None:
+            out.write(piece)
+            out.flush()
+
+        result = generate(pair.target, pair.draft, torch.tensor([ids]), config,
+                          decode=lambda t: pair.tokenizer.decode(t, skip_special_tokens=True),
+                          on_text=write_piece if stream and not as_json else None)
+        if as_json:
+            out.write(json.dumps(result_record(prompt, result, config), ensure_ascii=False) + "\n")
+        elif stream:
+            out.write("\n")
+        else:
+            out.write(result.text + "\n")
+        out.flush()
+        done += 1
+        if verbose:
+            log(describe(prompt, result))
+    return done

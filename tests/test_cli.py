@@ -1,0 +1,149 @@
+"""The `specexec generate` command on tiny models saved to disk: output channels, inputs, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY_VOCAB, _word_tokenizer
+from tiny_pairs import tiny_pair
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specexec_cli.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Folders holding a tiny float32 target and draft with a word-level tokenizer (no download)."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB - 4)])
+    target, draft = tiny_pair("llama", vocab=TINY_VOCAB, dtype=torch.float32)
+    for name, model in (("target", target), ("draft", draft)):
+        model.config.max_position_embeddings = 64
+        model.config.eos_token_id = 1
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    other = _word_tokenizer([f"x{i}" for i in range(TINY_VOCAB - 4)])
+    torch.manual_seed(5)
+    stranger = LlamaForCausalLM(LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2))
+    stranger.save_pretrained(root / "stranger")
+    other.save_pretrained(root / "stranger")
+    return root
+
+
+def run(model_dirs, *args, input=None):
+    base = ["generate", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
+            "--no-chat-template", "-n", "6"]
+    return CliRunner().invoke(main, base + list(args), input=input)
+
+
+def test_text_goes_to_stdout_only(model_dirs):
+    result = run(model_dirs, "-p", "w1 w2 w3")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() and all(word.startswith("w") for word in result.stdout.split())
+    assert "loading target" in result.stderr and "loading" not in result.stdout
+
+
+def test_speculative_output_equals_autoregressive(model_dirs):
+    fast = run(model_dirs, "-p", "w5 w9", "--budget", "32")
+    plain = run(model_dirs, "-p", "w5 w9", "--method", "autoregressive")
+    assert fast.exit_code == plain.exit_code == 0
+    assert fast.stdout == plain.stdout
+
+
+def test_json_lines_from_jsonl_file(model_dirs, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "prompt": "w1 w2"}\n\n{"id": 7, "prompt": "w3"}\n')
+    result = run(model_dirs, "-f", str(source), "--json")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in records] == ["a", "7"]
+    for record in records:
+        assert {"text", "new_tokens", "finish_reason", "tokens_per_s", "tokens_per_target_pass",
+                "target_passes"} <= record.keys()
+        assert 1 <= record["new_tokens"] <= 6 and record["finish_reason"] in ("stop", "length")
+
+
+def test_stdin_plain_and_dash(model_dirs):
+    piped = run(model_dirs, input="w1 w2 w3\n")
+    dashed = run(model_dirs, "-p", "-", input="w1 w2 w3\n")
+    flagged = run(model_dirs, "-p", "w1 w2 w3")
+    assert piped.exit_code == dashed.exit_code == 0
+    assert piped.stdout == dashed.stdout == flagged.stdout
+
+
+def test_stop_string_is_honoured(model_dirs):
+    full = run(model_dirs, "-p", "w1 w2 w3", "-n", "12", "--method", "autoregressive").stdout.strip()
+    words = full.split()
+    assert len(words) >= 3
+    stopped = run(model_dirs, "-p", "w1 w2 w3", "-n", "12", "--stop", words[2])
+    assert stopped.exit_code == 0
+    assert stopped.stdout.strip() == full[: full.index(words[2])].strip()
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--budget", "-4"], 2, "--budget must be >= 1"),
+    (["--temperature", "-1"], 2, "--temperature"),
+    (["--top-p", "0"], 2, "--top-p"),
+])
+def test_bad_flags_give_usage_errors(model_dirs, args, code, needle):
+    result = run(model_dirs, "-p", "w1", *args)
+    assert result.exit_code == code
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
+
+
+def test_malformed_jsonl_names_the_line(model_dirs, tmp_path):
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"prompt": "w1"}\n{"prompt": "w2"\n')
+    result = run(model_dirs, "-f", str(source))
+    assert result.exit_code == 2
+    assert f"{source}:2:" in result.stderr and result.stdout == ""
+
+
+def test_unknown_model_is_one_line_error(model_dirs):
+    result = CliRunner().invoke(main, ["generate", "--target", "no-such-model-xyz", "-p", "hi"])
+    assert result.exit_code == 1
+    assert "no-such-model-xyz" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_incompatible_tokenizers_are_refused(model_dirs):
+    result = run(model_dirs, "-p", "w1", "--draft", str(model_dirs / "stranger"))
+    assert result.exit_code == 1
+    assert "tokenizer" in result.stderr.lower() and result.stdout == ""
+
+
+def test_finished_results_survive_a_later_failure(model_dirs, tmp_path):
+    too_long = " ".join(["w1"] * 80)  # beyond the tiny target's 64-token context
+    source = tmp_path / "batch.jsonl"
+    source.write_text(json.dumps({"id": "ok", "prompt": "w1 w2"}) + "\n" +
+                      json.dumps({"id": "long", "prompt": too_long}) + "\n")
+    result = run(model_dirs, "-f", str(source), "--json")
+    assert result.exit_code == 1
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["ok"]
+    assert "long" in result.stderr
+
+
+def test_closed_pipe_ends_quietly(model_dirs, tmp_path):
+    source = tmp_path / "many.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"w{i} w2"}) + "\n" for i in range(1, 6)))
+    command = [sys.executable, "-m", "specexec_cli", "generate", "--target", str(model_dirs / "target"),
+               "--draft", str(model_dirs / "draft"), "--no-chat-template", "-n", "4", "-f", str(source)]
+    producer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = producer.stdout.readline()
+    producer.stdout.close()  # like `| head -n 1`
+    stderr = producer.stderr.read().decode()
+    assert producer.wait(timeout=300) == 0
+    assert first.strip() and "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
+def test_stream_prints_the_same_text(model_dirs):
+    plain = run(model_dirs, "-p", "w4 w8")
+    streamed = run(model_dirs, "-p", "w4 w8", "--stream")
+    assert streamed.exit_code == 0 and streamed.stdout == plain.stdout
