@@ -1,0 +1,275 @@
+"""Benchmark the offloaded target runtime: forward time vs tokens per pass, streaming efficiency, and
+transformers + accelerate offloading of the same model in the same process. Prints markdown tables.
+
+Streaming efficiency = bytes streamed per forward / forward time, as a fraction of a plain copy
+benchmark run here: pinned host-to-device copy on CUDA (RAM tier), host memcpy on a CPU-only machine,
+cold sequential file read (disk tier). The model is random, built from a config of realistic shapes
+and saved as safetensors first.
+
+Examples:
+  python scripts/bench_offload.py                                   # CPU: TinyLlama shapes, 8 layers
+  python scripts/bench_offload.py --shape qwen2-1.5b --device cuda --dtype fp16 --tokens 1,64,256,1024,4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specexec_cli.runtime.disk import drop_cache, measure_read_bandwidth, safetensors_files  # noqa: E402
+from specexec_cli.runtime.offload import load_offloaded_target  # noqa: E402
+
+SHAPES = {
+    # name: (config class, kwargs)
+    "tinyllama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        ),
+    ),
+    "qwen2-1.5b": (
+        "Qwen2Config",
+        dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama-7b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        ),
+    ),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_checkpoint(shape: str, layers: int | None, dtype: torch.dtype, directory: Path) -> Path:
+    """A random model of the given shape saved with save_pretrained (reused if already there)."""
+    import transformers
+
+    cls_name, kw = SHAPES[shape]
+    kw = dict(kw, max_position_embeddings=8192)
+    if layers:
+        kw["num_hidden_layers"] = layers
+    config = getattr(transformers, cls_name)(**kw)
+    if (directory / "config.json").exists():
+        return directory
+    log(f"building a random {shape} with {config.num_hidden_layers} layers in {dtype} ...")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(directory)
+    del model
+    gc.collect()
+    return directory
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes/s of a plain copy: pinned host -> device on CUDA, host memcpy on CPU."""
+    if device.type == "cuda":
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    else:
+        src = torch.ones(nbytes, dtype=torch.uint8)
+        dst = torch.empty(nbytes, dtype=torch.uint8)
+    dst.copy_(src, non_blocking=True)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def time_forward(model, device: torch.device, tokens: int, repeats: int, before=None) -> float:
+    """Median seconds of one forward over `tokens` new tokens (no cache), after `before()` if given."""
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def drop_file_cache(directory: Path) -> None:
+    for f in safetensors_files(directory):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            drop_cache(fd, 0, os.path.getsize(f))
+        finally:
+            os.close(fd)
+
+
+def bench_ours(args, ckpt: Path, device, dtype, bw_ram: float, bw_disk: float) -> list[list[str]]:
+    rows = []
+    for tier in args.tiers:
+        model = load_offloaded_target(
+            ckpt,
+            device=device,
+            dtype=dtype,
+            offload=tier,
+            quant=args.quant,
+            buffers=args.buffers,
+            resident_layers=0 if tier != "none" else None,
+            offload_dir=args.workdir,
+        )
+        engine = model.offload_engine
+        per_forward = sum(engine.layers[i].layout.nbytes for i in engine.streamed)
+        time_forward(model, device, 1, 1)  # warm-up
+        bw = bw_disk if tier == "disk" else bw_ram
+        for t in args.tokens:
+            reps = args.repeats if t <= 256 else 1
+            before = engine.stats.load_wait_s
+            sec = time_forward(model, device, t, reps)
+            wait = (engine.stats.load_wait_s - before) / reps
+            eff = per_forward / sec / bw if per_forward else float("nan")
+            rows.append(
+                [
+                    f"specexec {tier}",
+                    str(t),
+                    f"{sec:.3f}",
+                    f"{per_forward / 1e9:.2f}",
+                    f"{per_forward / sec / 1e9:.2f}" if per_forward else "-",
+                    f"{eff:.0%}" if per_forward else "-",
+                    f"{wait:.3f}",
+                ]
+            )
+            log(" | ".join(rows[-1]))
+        engine.close()
+        del model, engine
+        gc.collect()
+    return rows
+
+
+def bench_accelerate(args, ckpt: Path, device, dtype) -> list[list[str]]:
+    """transformers + accelerate offloading of the same checkpoint: layers on 'cpu' (CUDA) or 'disk' (CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ckpt)
+    exec_dev = device.index if device.type == "cuda" else "cpu"
+    layer_home = "cpu" if device.type == "cuda" else "disk"
+    device_map = {
+        "model.embed_tokens": exec_dev,
+        "model.norm": exec_dev,
+        "model.rotary_emb": exec_dev,
+        "lm_head": exec_dev,
+    }
+    device_map.update({f"model.layers.{i}": layer_home for i in range(config.num_hidden_layers)})
+    with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
+        model = AutoModelForCausalLM.from_pretrained(
+            ckpt, device_map=device_map, offload_folder=folder, dtype=dtype
+        )
+        model.eval()
+        time_forward(model, device, 1, 1)
+        rows = []
+        for t in (1, 256):
+            cases = [("warm page cache", None)]
+            if layer_home == "disk":
+                cases.append(("cold (cache dropped)", lambda: drop_file_cache(ckpt)))
+            for label, before in cases:
+                sec = time_forward(model, device, t, args.repeats, before=before)
+                rows.append([f"accelerate {layer_home} offload, {label}", str(t), f"{sec:.3f}"])
+                log(" | ".join(rows[-1]))
+        del model
+        gc.collect()
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (0: the real model's count)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--quant", default=None, help="fp16|bf16|fp32|nf4|int8 (default: the dtype)")
+    p.add_argument("--tokens", default="1,16,64,256,1024", help="comma-separated tokens per pass")
+    p.add_argument("--tiers", default="none,ram,disk", help="comma-separated: none,ram,disk")
+    p.add_argument("--buffers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--no-accelerate", action="store_true")
+    p.add_argument("--workdir", default=None, help="where the checkpoint and blobs go (default: a tmp dir)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    args.tokens = [int(t) for t in args.tokens.split(",")]
+    args.tiers = args.tiers.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench-offload-")
+    ckpt = build_checkpoint(
+        args.shape, args.layers, dtype, Path(args.workdir) / f"{args.shape}-{args.layers}"
+    )
+
+    bw_ram = copy_bandwidth(device)
+    files = safetensors_files(ckpt)
+    bw_disk = measure_read_bandwidth(files[0], os.path.getsize(files[0]))
+    size = sum(os.path.getsize(f) for f in files)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"device={device} dtype={dtype} shape={args.shape} layers={args.layers or 'all'} "
+        f"checkpoint={size / 1e9:.2f} GB threads={torch.get_num_threads()} loadavg={load:.1f}"
+    )
+    kind = "pinned H2D" if device.type == "cuda" else "host memcpy"
+    print(
+        f"copy bandwidth ({kind}): {bw_ram / 1e9:.2f} GB/s; cold sequential read: {bw_disk / 1e9:.2f} GB/s\n"
+    )
+
+    rows = bench_ours(args, ckpt, device, dtype, bw_ram, bw_disk)
+    header = ["runtime", "tokens", "forward s", "streamed GB", "GB/s", "of copy bw", "load wait s"]
+    print(table(header, rows))
+    if not args.no_accelerate:
+        print()
+        print(table(["runtime", "tokens", "forward s"], bench_accelerate(args, ckpt, device, dtype)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Raw file access for the offloaded runtime: safetensors headers, positioned reads, layer blob files.
+
+Reads go through `os.preadv` into caller-owned buffers (a pinned staging buffer on CUDA, the ring
+slot itself on CPU) and are followed by `posix_fadvise(DONTNEED)` on the range just read, so that
+streaming a target from disk every forward does not grow the page cache without bound.
+
+A safetensors file is: 8 bytes little-endian header length N, N bytes of JSON
+(`{name: {"dtype": "F16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`),
+then the data; `data_offsets` count from the first byte after the header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specexec_cli.errors import SpecexecError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+_HAS_FADVISE = hasattr(os, "posix_fadvise")
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes are: absolute file offset and size, plus its dtype and shape."""
+
+    path: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ReadOp:
+    """Copy `nbytes` from `path` at `offset` to byte `dst_offset` of a layer buffer."""
+
+    path: str
+    offset: int
+    nbytes: int
+    dst_offset: int
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorLocation]:
+    """Parse one safetensors file's header into absolute tensor locations (no tensor data is read)."""
+    path = str(path)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data_start = 8 + header_len
+    out: dict[str, TensorLocation] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise SpecexecError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        out[name] = TensorLocation(
+            path, data_start + begin, end - begin, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        )
+    return out
+
+
+def safetensors_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory (sharded or not)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise SpecexecError(
+            f"no .safetensors files in {directory}; only safetensors checkpoints can be offloaded"
+        )
+    return files
+
+
+def drop_cache(fd: int, offset: int, nbytes: int) -> None:
+    """Tell the kernel the range will not be needed again (keeps the page cache bounded)."""
+    if _HAS_FADVISE and nbytes > 0:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+
+class FileReader:
+    """Positioned reads from a fixed set of files, with open descriptors kept for the reader's life."""
+
+    def __init__(self, drop_page_cache: bool = True) -> None:
+        self._fds: dict[str, int] = {}
+        self.drop_page_cache = drop_page_cache
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def read_into(self, path: str, offset: int, dst: torch.Tensor) -> None:
+        """Fill the CPU uint8 tensor `dst` [n] from `path` at `offset`."""
+        fd = self._fd(path)
+        view = memoryview(dst.numpy()).cast("B")
+        total, done = len(view), 0
+        while done < total:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"short read from {path} at byte {offset + done}: wanted {total - done} more")
+            done += n
+        if self.drop_page_cache:
+            drop_cache(fd, offset, total)
+
+    def run(self, ops: Iterable[ReadOp], dst: torch.Tensor) -> None:
+        """Execute read ops into the CPU uint8 buffer `dst` [>= max(dst_offset + nbytes)]."""
+        for op in ops:
+            self.read_into(op.path, op.offset, dst[op.dst_offset : op.dst_offset + op.nbytes])
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class CheckpointIndex:
+    """All tensors of a safetensors checkpoint directory, by name, read on demand without mmap."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.files = safetensors_files(self.directory)
+        self.locations: dict[str, TensorLocation] = {}
+        for file in self.files:
+            self.locations.update(read_safetensors_header(file))
+        self._reader = FileReader()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.locations
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor as a fresh CPU tensor in its stored dtype and shape."""
+        loc = self.locations[name]
+        raw = torch.empty(loc.nbytes, dtype=torch.uint8)
+        self._reader.read_into(loc.path, loc.offset, raw)
+        return raw.view(loc.dtype).reshape(loc.shape)
+
+    def total_bytes(self) -> int:
+        return sum(loc.nbytes for loc in self.locations.values())
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class BlobWriter:
+    """Append-only file of layer blobs at 4096-byte aligned offsets (the disk tier's converted cache)."""
+
+    ALIGN = 4096
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._end = 0
+
+    def append(self, data: torch.Tensor) -> int:
+        """Write the CPU uint8 tensor `data` [n]; return its file offset. Written pages are dropped."""
+        offset = -(-self._end // self.ALIGN) * self.ALIGN
+        view = memoryview(data.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        os.fdatasync(self._fd)
+        drop_cache(self._fd, offset, len(view))
+        self._end = offset + len(view)
+        return offset
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def measure_read_bandwidth(path: str | os.PathLike, nbytes: int, chunk: int = 64 << 20) -> float:
+    """Sequential cold read bandwidth of a file in bytes/s (drops its cache first); for benchmarks."""
+    import time
+
+    path = str(path)
+    nbytes = min(nbytes, os.path.getsize(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop_cache(fd, 0, nbytes)
+        buf = torch.empty(min(chunk, nbytes), dtype=torch.uint8)
+        reader = FileReader()
+        start = time.perf_counter()
+        done = 0
+        while done < nbytes:
+            n = min(chunk, nbytes - done)
+            reader.read_into(path, done, buf[:n])
+            done += n
+        elapsed = time.perf_counter() - start
+        reader.close()
+    finally:
+        os.close(fd)
+    return nbytes / elapsed
