@@ -76,10 +76,20 @@ def main() -> None:
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="[default: fp32 on CPU, bf16/fp16 on GPU].")
+@click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
+              help="Stream the target's layers from host RAM or disk; auto picks the first tier that fits "
+              "[default: keep the target resident, unless another offload flag is given].")
+@click.option("--quant", type=click.Choice(["fp16", "bf16", "fp32", "gptq", "nf4", "int8"]), default=None,
+              help="Target weight format when offloading (gptq loads the registry's GPTQ checkpoint).")
+@click.option("--buffers", type=int, default=None, help="Device-side layer buffers in the ring (>= 2).")
+@click.option("--resident-layers", type=int, default=None,
+              help="First layers kept on the device [default: as many as fit].")
+@click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers.")
 @friendly_errors
 def generate(prompts, files, input_format, target, draft, method, budget, max_n_beams, max_beam_len,
              max_branch_width, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
-             no_chat_template, stream, as_json, verbose, device, dtype) -> None:
+             no_chat_template, stream, as_json, verbose, device, dtype, offload, quant, buffers,
+             resident_layers, offload_dir) -> None:
     """Generate text; only the generated text (or JSON Lines with --json) goes to stdout.
 
     \b
@@ -90,7 +100,15 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     """
     from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
     from specexec_cli.prompts import collect_prompts
-    from specexec_cli.run import DEFAULT_TARGET, default_device, load_pair, parse_dtype, run_batch
+    from specexec_cli.run import (
+        DEFAULT_TARGET,
+        OffloadOptions,
+        default_device,
+        load_pair,
+        offloaded_loader,
+        parse_dtype,
+        run_batch,
+    )
 
     tree = TreeConfig(budget=64 if budget is None else budget,
                       max_n_beams=16 if max_n_beams is None else max_n_beams,
@@ -102,7 +120,12 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     config.validate()
     batch = collect_prompts(prompts, files, sys.stdin, input_format)
     device = device or default_device()
-    pair = load_pair(target or DEFAULT_TARGET, draft, method, device, parse_dtype(dtype, device))
+    load_target = None
+    if any(flag is not None for flag in (offload, quant, buffers, resident_layers, offload_dir)):
+        options = OffloadOptions(offload or "auto", quant, 2 if buffers is None else buffers, resident_layers,
+                                 offload_dir)
+        load_target = offloaded_loader(options, budget, max_new_tokens + 2048)
+    pair = load_pair(target or DEFAULT_TARGET, draft, method, device, parse_dtype(dtype, device), load_target)
     config = GenerationConfig(**{**config.__dict__, "eos_token_ids": pair.eos_token_ids})
     run_batch(pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,
               stream=stream, verbose=verbose, out=sys.stdout)

@@ -100,6 +100,41 @@ def load_pair(target_name: str, draft_name: str | None, method: str, device: str
     return ModelPair(target, draft, tokenizer, eos_token_ids(target, tokenizer))
 
 
+@dataclass(frozen=True)
+class OffloadOptions:
+    """How the target's layers are held: --offload, --quant, --buffers, --resident-layers, --offload-dir."""
+
+    offload: str = "auto"
+    quant: str | None = None
+    buffers: int = 2
+    resident_layers: int | None = None
+    offload_dir: str | None = None
+
+
+def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: int):
+    """A `load_target` for `load_pair` that streams the target's layers (specexec_cli.runtime)."""
+
+    def load(name: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+        from specexec_cli.models.load import load_tokenizer, local_source
+        from specexec_cli.models.registry import resolve
+        from specexec_cli.runtime.offload import load_offloaded_target
+
+        spec = resolve(name)
+        if options.quant == "gptq" and spec.gptq_hub_id:
+            spec = spec.gptq_variant()
+        folder = local_source(spec)
+        source = str(folder) if folder is not None else spec.hub_id
+        model = load_offloaded_target(source, device=device, dtype=dtype, offload=options.offload,
+                                      quant=options.quant, buffers=options.buffers,
+                                      resident_layers=options.resident_layers,
+                                      offload_dir=options.offload_dir, budget=budget, context_len=context_len)
+        plan = model.offload_engine.plan
+        log(f"offload plan: {plan.summary()}")
+        return model, load_tokenizer(spec)
+
+    return load
+
+
 def result_record(prompt: Prompt, result: GenerationResult, config: GenerationConfig) -> dict[str, Any]:
     """The JSON Lines object written for one prompt."""
     return {

@@ -147,3 +147,13 @@ def test_stream_prints_the_same_text(model_dirs):
     plain = run(model_dirs, "-p", "w4 w8")
     streamed = run(model_dirs, "-p", "w4 w8", "--stream")
     assert streamed.exit_code == 0 and streamed.stdout == plain.stdout
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_offloaded_target_gives_the_same_text(model_dirs, tier, tmp_path):
+    plain = run(model_dirs, "-p", "w2 w7", "--method", "autoregressive")
+    offloaded = run(model_dirs, "-p", "w2 w7", "--offload", tier, "--buffers", "2", "--offload-dir",
+                    str(tmp_path))
+    assert offloaded.exit_code == 0, offloaded.stderr
+    assert offloaded.stdout == plain.stdout
+    assert "offload plan" in offloaded.stderr
