@@ -132,6 +132,35 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
 
 # --- models -----------------------------------------------------------------------------------
 
+
+def format_params(count: int | None) -> str:
+    if not count:
+        return "-"
+    return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model on stdout.")
+@click.option("--local", is_flag=True, help="Only models whose weights are on this machine.")
+@friendly_errors
+def models(as_json: bool, local: bool) -> None:
+    """List known targets and drafts; `*` marks weights available on this machine."""
+    import json
+
+    from specexec_cli.models.registry import list_models
+
+    rows = [row for row in list_models() if row["available_locally"] or not local]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    click.echo(f"  {'name':<22} {'role':<7} {'params':>7}  {'drafts / source'}")
+    for row in rows:
+        mark = "*" if row["available_locally"] else " "
+        extra = ", ".join(row["drafts"]) if row["drafts"] else (row["hub_id"] or row["source"])
+        size = format_params(row["params"])
+        click.echo(f"{mark} {row['name']:<22} {row['role'] or '':<7} {size:>7}  {extra}")
+
 # --- offload / runtime ------------------------------------------------------------------------
 
 # --- probe / tune / profiles ------------------------------------------------------------------

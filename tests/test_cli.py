@@ -157,3 +157,12 @@ def test_offloaded_target_gives_the_same_text(model_dirs, tier, tmp_path):
     assert offloaded.exit_code == 0, offloaded.stderr
     assert offloaded.stdout == plain.stdout
     assert "offload plan" in offloaded.stderr
+
+
+def test_models_lists_the_registry():
+    result = CliRunner().invoke(main, ["models", "--json"])
+    assert result.exit_code == 0
+    names = {json.loads(line)["name"] for line in result.stdout.splitlines()}
+    assert {"llama-3-70b", "llama-2-70b", "mixtral-8x7b", "qwen2.5-72b", "qwen2.5-coder-1.5b"} <= names
+    table = CliRunner().invoke(main, ["models"])
+    assert "llama-3-70b" in table.stdout and "llama-3.2-1b" in table.stdout
