@@ -74,7 +74,7 @@ def test_sampled_output_matches_target_distribution(method):
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     sampling = SamplingConfig(temperature=0.6, top_p=0.9)
     exact = exact_two_token_distribution(target, prompt, sampling)
-    n_samples = 2000
+    n_samples = 1500  # a 4-point shift in a cell of probability 0.3 is ~3.4 standard errors
     counts = dict.fromkeys(exact, 0)
     tree = TreeConfig(budget=6, max_n_beams=3, max_beam_len=3, max_branch_width=3)
     for seed in range(n_samples):
