@@ -22,6 +22,7 @@ from specexec_cli.decoding.tree_passes import (
     draft_tree_pass,
     greedy_walk,
     target_tree_pass,
+    walk,
 )
 
 
@@ -65,16 +66,7 @@ def validate(tree: Tree, target_logits: torch.Tensor, sampling: SamplingConfig,
     """
     if sampling.greedy:
         return greedy_walk(tree, target_logits)
-    lookup = tree.children_lookup()
-    node, path, emitted = 0, [], []
-    while True:
-        token = int(draw(target_logits[node], sampling, generator))
-        emitted.append(token)
-        child = lookup.get((node, token))
-        if child is None:
-            return path, emitted
-        path.append(child)
-        node = child
+    return walk(tree, lambda node: int(draw(target_logits[node], sampling, generator)))
 
 
 def acceptance_curve(tree: Tree, target_logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

@@ -13,6 +13,8 @@ its KV is computed, never left as zeros).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import DynamicCache
 
@@ -88,19 +90,21 @@ def commit_path(target_cache: DynamicCache, draft_cache: DynamicCache, tree: Tre
     keep_tail(draft_cache, n_committed, torch.tensor(processed, dtype=torch.long, device=device))
 
 
-def greedy_walk(tree: Tree, target_logits: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Follow the target's argmax from the root while a child matches.
-
-    Returns (accepted path as node indices, emitted tokens = path tokens + the bonus token).
-    """
-    draws = target_logits.argmax(dim=-1).tolist()
+def walk(tree: Tree, draw_at: Callable[[int], int]) -> tuple[list[int], list[int]]:
+    """From the root, take the target's token `draw_at(node)` and move to the child carrying it, while
+    one exists. Returns (accepted path as node indices, emitted tokens = path tokens + the bonus)."""
     lookup = tree.children_lookup()
     node, path, emitted = 0, [], []
     while True:
-        token = draws[node]
+        token = draw_at(node)
         emitted.append(token)
         child = lookup.get((node, token))
         if child is None:
             return path, emitted
         path.append(child)
         node = child
+
+
+def greedy_walk(tree: Tree, target_logits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """`walk` with the target's argmax at every node, fetched to the host in one transfer."""
+    return walk(tree, target_logits.argmax(dim=-1).tolist().__getitem__)
