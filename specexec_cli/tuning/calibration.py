@@ -1,0 +1,283 @@
+"""Calibration for the tuner: the prompts, and the short measurements that feed the cost model.
+
+- Prompts: a small packaged set (`specexec_cli/data/calibration_prompts.json`) taken from MT-Bench and
+  OASST, with the Llama-2 `[INST]` wrappers stripped to the user's text; `--prompts FILE` reads the
+  same format or the shared `[[id, text], ...]` files.
+- `measure_forward_curve`: a model's forward time at a few batch sizes behind a fixed context (the
+  target's knee, the draft's pass time).
+- `measure_acceptance`: the pair's acceptance curve G(K) for every K up to one large budget, from
+  one SpecExec run (every smaller budget's tree is the top-K subset of it), and the tree depth of the
+  top-K subset (a lower bound on draft passes), plus host overhead per iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from specexec_cli.decoding.config import GenerationConfig
+from specexec_cli.decoding.forward import causal_pattern, forward, new_cache
+from specexec_cli.decoding.kv import keep_tail
+from specexec_cli.decoding.specexec import SpecExecDecoder, acceptance_curve, grow_tree, validate
+from specexec_cli.decoding.tree import Tree
+from specexec_cli.decoding.tree_passes import commit_path, target_tree_pass
+from specexec_cli.errors import SpecexecError
+from specexec_cli.tuning.cost_model import AcceptanceCurve, LatencyCurve
+
+PROMPTS_RESOURCE = "data/calibration_prompts.json"
+PROMPTS_SCHEMA_VERSION = 1
+
+# --- prompts ----------------------------------------------------------------------------------
+
+_SYSTEM = re.compile(r"<<SYS>>.*?<</SYS>>?", re.DOTALL)
+_TURN = re.compile(r"\[INST\](.*?)\[[/\\]INST\]", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+
+
+def llama2_user_turns(text: str) -> list[str]:
+    """The user messages inside a Llama-2 chat wrapper (`[INST] ... [/INST]`, also `[\\INST]`),
+    without the `<<SYS>>` block; [] when the text carries no wrapper."""
+    return [turn.strip() for turn in _TURN.findall(_SYSTEM.sub("", text)) if turn.strip()]
+
+
+def strip_llama2_wrapper(text: str) -> str:
+    """The last user message of a Llama-2 wrapped prompt, or the text itself when unwrapped."""
+    turns = llama2_user_turns(text)
+    return turns[-1] if turns else text.strip()
+
+
+def _parse_prompts(data: object, origin: str) -> list[Prompt]:
+    if isinstance(data, dict):
+        if data.get("schema_version") != PROMPTS_SCHEMA_VERSION:
+            raise SpecexecError(
+                f"{origin}: prompt file schema version {data.get('schema_version')!r}, expected 1"
+            )
+        items = [(p.get("id"), p.get("text")) for p in data.get("prompts", []) if isinstance(p, dict)]
+    elif isinstance(data, list):
+        items = [tuple(p) if isinstance(p, list) and len(p) == 2 else (None, p) for p in data]
+    else:
+        items = []
+    prompts = [
+        Prompt(str(i if i is not None else n), strip_llama2_wrapper(text))
+        for n, (i, text) in enumerate(items)
+        if isinstance(text, str) and text.strip()
+    ]
+    if not prompts:
+        raise SpecexecError(
+            f"{origin}: no prompts found; expected a JSON list of [id, text] pairs (or of strings)"
+        )
+    return prompts
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """Prompts from a JSON file: [[id, text], ...], [text, ...] or the packaged format."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecexecError(f"cannot read prompts {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpecexecError(f"prompts file {path} is not valid JSON ({exc})") from None
+    return _parse_prompts(data, f"prompts file {path}")
+
+
+def packaged_prompts() -> list[Prompt]:
+    """The calibration prompts that ship with specexec (MT-Bench and OASST, interleaved)."""
+    text = resources.files("specexec_cli").joinpath(PROMPTS_RESOURCE).read_text(encoding="utf-8")
+    return _parse_prompts(json.loads(text), "packaged calibration prompts")
+
+
+def build_calibration_set(mtbench: Path, oasst: Path, per_set: int = 8, max_chars: int = 400) -> dict:
+    """The packaged prompt file from the shared MT-Bench and OASST sets: single-turn prompts of at
+    most `max_chars` characters of user text, spread evenly over each set, interleaved."""
+    chosen = []
+    for name, path in (("mtbench", mtbench), ("oasst", oasst)):
+        pairs = json.loads(Path(path).read_text(encoding="utf-8"))
+        usable = [
+            (pid, turns[0])
+            for pid, text in pairs
+            if len(turns := llama2_user_turns(text)) == 1 and len(turns[0]) <= max_chars
+        ]
+        step = max(1, len(usable) // per_set)
+        chosen.append([{"id": f"{name}-{pid}", "text": text} for pid, text in usable[::step][:per_set]])
+    interleaved = [p for pair in zip(*chosen, strict=True) for p in pair]
+    return {
+        "schema_version": PROMPTS_SCHEMA_VERSION,
+        "source": (
+            "MT-Bench first turns and OpenAssistant (OASST) conversations, as evaluated in the SpecExec "
+            f"paper; single-turn prompts of at most {max_chars} characters, Llama-2 [INST] wrapper and "
+            "system prompt removed (specexec_cli.tuning.calibration.build_calibration_set)"
+        ),
+        "prompts": interleaved,
+    }
+
+
+def encode_prompt(tokenizer, text: str) -> torch.Tensor:
+    """Token ids [1, L] of a user message, through the tokenizer's chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        if hasattr(ids, "keys"):  # transformers may hand back a BatchEncoding
+            ids = ids["input_ids"]
+        ids = torch.as_tensor(ids, dtype=torch.long)
+    else:
+        ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return ids.reshape(1, -1)
+
+
+# --- latency ----------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_forward_curve(
+    model: torch.nn.Module,
+    batches: list[int],
+    context: int = 64,
+    repeats: int = 2,
+    time_limit_s: float = 20.0,
+) -> LatencyCurve:
+    """Best-of-`repeats` forward time for each batch size (new tokens behind `context` cached ones).
+
+    Batch sizes are measured in increasing order until `time_limit_s` is spent; the curve extrapolates
+    linearly beyond the last one measured.
+    """
+    device = model.device
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    cache = new_cache()
+    prefix = torch.randint(vocab, (context,), generator=generator).to(device)
+    forward(model, cache, prefix, torch.arange(context, device=device), causal_pattern(0, context, device))
+    points: dict[int, float] = {}
+    kept_none = torch.zeros(0, dtype=torch.long, device=device)
+    start = time.perf_counter()
+    for batch in sorted(set(batches)):
+        ids = torch.randint(vocab, (batch,), generator=generator).to(device)
+        positions = torch.arange(context, context + batch, device=device)
+        attend = causal_pattern(context, batch, device)
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            forward(model, cache, ids, positions, attend)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+            keep_tail(cache, context, kept_none)
+        points[batch] = best
+        if time.perf_counter() - start > time_limit_s:
+            break
+    return LatencyCurve.from_points(points)
+
+
+# --- acceptance -------------------------------------------------------------------------------
+
+
+def depth_curve(tree: Tree) -> torch.Tensor:
+    """For K = 1..size-1: the depth of the subtree made of the K best nodes by draft score."""
+    size = tree.size
+    order = torch.sort(tree.scores[1:size], descending=True, stable=True).indices + 1
+    return torch.cummax(tree.depths[order].double(), dim=0).values
+
+
+class _CalibrationDecoder(SpecExecDecoder):
+    """SpecExecDecoder.step, also recording for each iteration G(K) and the top-K tree depth."""
+
+    def __init__(self, target, draft, config: GenerationConfig) -> None:
+        super().__init__(target, draft, config, generator=None, record_curves=True)
+        self.depth_curves: list[torch.Tensor] = []
+
+    @torch.inference_mode()
+    def step(self, sequence: torch.Tensor) -> list[int]:
+        n = sequence.numel()
+        tree = grow_tree(self.draft, self.draft_cache, sequence, self.config, self.stats)
+        logits = target_tree_pass(self.target, self.target_cache, sequence, tree, self.stats)
+        self.curves.append(acceptance_curve(tree, logits, self.config.sampling).cpu())
+        self.depth_curves.append(depth_curve(tree).cpu())
+        path, emitted = validate(tree, logits, self.config.sampling, self.generator)
+        commit_path(self.target_cache, self.draft_cache, tree, path, n)
+        self.stats.iterations += 1
+        return emitted
+
+
+@dataclass(frozen=True)
+class AcceptanceMeasurement:
+    curve: AcceptanceCurve
+    iterations: int
+    host_s_per_iteration: float
+    draft_passes_per_iteration: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            **self.curve.to_dict(),
+            "iterations": self.iterations,
+            "host_s_per_iteration": self.host_s_per_iteration,
+            "draft_passes_per_iteration": self.draft_passes_per_iteration,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AcceptanceMeasurement:
+        return cls(
+            AcceptanceCurve.from_dict(data),
+            int(data["iterations"]),
+            float(data["host_s_per_iteration"]),
+            float(data["draft_passes_per_iteration"]),
+            float(data["seconds"]),
+        )
+
+
+def measure_acceptance(
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    config: GenerationConfig,
+    iterations_per_prompt: int = 4,
+) -> AcceptanceMeasurement:
+    """G(K) for K = 0..config.tree.budget, averaged over iterations of SpecExec on `prompts` [1, L].
+
+    Greedy configs score a node 1 where the target's argmax at its parent is its token; sampling
+    configs use the target probability of the node's token (the brief's expected-tokens formula).
+    """
+    curves, depths = [], []
+    iterations = 0
+    host = draft_passes = 0.0
+    start = time.perf_counter()
+    for ids in prompts:
+        decoder = _CalibrationDecoder(target, draft, config)
+        sequence = ids.reshape(-1).to(target.device)
+        t0 = time.perf_counter()
+        for _ in range(iterations_per_prompt):
+            emitted = decoder.step(sequence)
+            sequence = torch.cat(
+                [sequence, torch.tensor(emitted, dtype=sequence.dtype, device=sequence.device)]
+            )
+        elapsed = time.perf_counter() - t0
+        stats = decoder.stats
+        host += max(0.0, elapsed - stats.target_s - stats.draft_s)
+        draft_passes += stats.draft_passes
+        iterations += stats.iterations
+        curves += [c.tolist() for c in decoder.curves]
+        depths += [d.tolist() for d in decoder.depth_curves]
+    return AcceptanceMeasurement(
+        curve=AcceptanceCurve.from_iterations(curves, depths),
+        iterations=iterations,
+        host_s_per_iteration=host / max(1, iterations),
+        draft_passes_per_iteration=draft_passes / max(1, iterations),
+        seconds=time.perf_counter() - start,
+    )

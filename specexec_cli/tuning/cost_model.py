@@ -1,0 +1,440 @@
+"""The SpecExec cost model: predicted tokens/s of a configuration before any weights are loaded.
+
+    S(K) = G(K) / (T_draft(K) + T_target(K + 1) + T_host)
+
+- T_target(B): target forward time for B new tokens. Measured at a few batch sizes where possible (a
+  `LatencyCurve`); otherwise the roofline n_layers * max(layer_bytes / bandwidth, layer_flops(B) / F).
+  Flat up to a knee, then linear in B.
+- T_draft(K): (draft passes per iteration) * t_draft(batch <= max_n_beams).
+- G(K): expected tokens per iteration, the pair's acceptance curve (`AcceptanceCurve`), measured from
+  one large-budget run on calibration prompts, or a prior when nothing is measured.
+- T_host: per-iteration host overhead.
+
+Plain decoding is the K = 0 point: S = 1 / (T_target(1) + T_host).
+
+Everything here is a pure function of plain numbers, so it is cheap enough to rule out infeasible
+(memory) and hopeless (predicted far below the best measured) trials and to seed the search.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Bytes per weight for each quantization the tuner knows. 4-bit formats carry per-group scales:
+# NF4 (bitsandbytes, blocks of 64, double-quantized absmax) and GPTQ (groups of 128, fp16 scales and
+# packed zeros) both land near 4.1-4.25 bits.
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "nf4": 0.53, "gptq": 0.53, "int8": 1.03}
+# Quantized weights are dequantized to a 16-bit copy before the matmul: written once, read once.
+DEQUANT_BYTES_PER_PARAM = {"nf4": 4.0, "gptq": 4.0, "int8": 4.0}
+# Embeddings and the LM head are not quantized; they stay at this many bytes per weight.
+UNQUANTIZED_BYTES = {"fp32": 4.0}
+DEFAULT_HOST_OVERHEAD_S = 0.005
+
+
+def embedding_bytes_per_param(quantization: str) -> float:
+    """Bytes per embedding / LM-head weight: 4 for float32 models, else 2 (kept 16-bit)."""
+    return UNQUANTIZED_BYTES.get(quantization, 2.0)
+
+
+def bytes_per_param(quantization: str) -> float:
+    try:
+        return BYTES_PER_PARAM[quantization]
+    except KeyError:
+        raise ValueError(
+            f"unknown quantization {quantization!r}; known: {', '.join(BYTES_PER_PARAM)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only transformer that the cost model needs."""
+
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    tied_embeddings: bool = False
+    mlp_matrices: int = 3  # gated MLP (gate, up, down)
+    n_experts: int = 1  # mixture of experts: intermediate_size is per expert
+    experts_per_token: int = 1
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelShape:
+        """From a transformers PretrainedConfig (Llama, Qwen2, Mistral and alike)."""
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return cls(
+            n_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            n_experts=getattr(config, "num_local_experts", None) or 1,
+            experts_per_token=getattr(config, "num_experts_per_tok", None) or 1,
+        )
+
+    def truncated(self, n_layers: int) -> ModelShape:
+        """The shape of an early-exit draft made of the first n_layers layers (same embeddings/head)."""
+        if not 1 <= n_layers <= self.n_layers:
+            raise ValueError(f"early exit after {n_layers} layers of a {self.n_layers}-layer model")
+        return ModelShape(**{**self.__dict__, "n_layers": n_layers})
+
+    def _layer_params(self, experts: int) -> int:
+        h, kv = self.hidden_size, self.n_kv_heads * self.head_dim
+        q_out = self.n_heads * self.head_dim
+        attention = h * q_out + 2 * h * kv + q_out * h
+        return attention + self.mlp_matrices * h * self.intermediate_size * experts
+
+    @property
+    def layer_params(self) -> int:
+        """Weights of one decoder layer (all experts): what has to be read or streamed."""
+        return self._layer_params(self.n_experts)
+
+    @property
+    def layer_active_params(self) -> int:
+        """Weights one token multiplies with in a layer (its experts only): what costs FLOPs."""
+        return self._layer_params(self.experts_per_token)
+
+    @property
+    def head_params(self) -> int:
+        """Weights of the LM head (read on every forward)."""
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def params(self) -> int:
+        embeddings = self.vocab_size * self.hidden_size
+        return (
+            self.n_layers * self.layer_params + embeddings + (0 if self.tied_embeddings else self.head_params)
+        )
+
+    def layer_bytes(self, quantization: str) -> float:
+        return self.layer_params * bytes_per_param(quantization)
+
+    def weight_bytes(self, quantization: str) -> float:
+        """All weights in memory: decoder layers at the quantized size, embeddings and head unquantized."""
+        embed = self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+        return self.n_layers * self.layer_bytes(quantization) + embed * embedding_bytes_per_param(
+            quantization
+        )
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+
+def layer_time_s(
+    shape: ModelShape,
+    quantization: str,
+    batch: int,
+    bandwidth: float,
+    flops: float,
+    device_bandwidth: float | None = None,
+) -> float:
+    """One decoder layer: max(bytes / bandwidth, flops / F) (a batch of MoE tokens reads every expert,
+    each token multiplies with its own), plus, for 4-bit / int8 weights, writing and reading the
+    dequantized 16-bit copy at `device_bandwidth` (default: `bandwidth`)."""
+    move = max(shape.layer_bytes(quantization) / bandwidth, 2.0 * shape.layer_active_params * batch / flops)
+    decode = DEQUANT_BYTES_PER_PARAM.get(quantization, 0.0) * shape.layer_params
+    return move + decode / (device_bandwidth or bandwidth)
+
+
+def head_time_s(shape: ModelShape, quantization: str, batch: int, bandwidth: float, flops: float) -> float:
+    head_bytes = shape.head_params * embedding_bytes_per_param(quantization)
+    return max(head_bytes / bandwidth, 2.0 * shape.head_params * batch / flops)
+
+
+def roofline_forward_s(
+    shape: ModelShape, quantization: str, batch: int, bandwidth: float, flops: float
+) -> float:
+    """Roofline forward time of a resident model for `batch` new tokens (weights read at `bandwidth`)."""
+    return shape.n_layers * layer_time_s(shape, quantization, batch, bandwidth, flops) + head_time_s(
+        shape, quantization, batch, bandwidth, flops
+    )
+
+
+def offloaded_forward_s(
+    shape: ModelShape,
+    quantization: str,
+    batch: int,
+    h2d_bandwidth: float,
+    device_bandwidth: float,
+    flops: float,
+    resident_layers: int = 0,
+) -> float:
+    """Roofline forward time of an offloaded target: streamed layers at the pinned host-to-device
+    bandwidth, resident layers and the LM head at device memory bandwidth."""
+    streamed = shape.n_layers - resident_layers
+    return (
+        streamed * layer_time_s(shape, quantization, batch, h2d_bandwidth, flops, device_bandwidth)
+        + resident_layers * layer_time_s(shape, quantization, batch, device_bandwidth, flops)
+        + head_time_s(shape, quantization, batch, device_bandwidth, flops)
+    )
+
+
+@dataclass(frozen=True)
+class LatencyCurve:
+    """Forward time (s) at a few batch sizes: piecewise linear between them, linear beyond the last."""
+
+    batches: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.batches or len(self.batches) != len(self.seconds):
+            raise ValueError("a latency curve needs as many times as batch sizes, at least one")
+        if list(self.batches) != sorted(set(self.batches)):
+            raise ValueError("latency curve batch sizes must be strictly increasing")
+
+    @classmethod
+    def from_points(cls, points: dict[int, float] | Sequence[tuple[int, float]]) -> LatencyCurve:
+        items = sorted(dict(points).items())
+        return cls(tuple(int(b) for b, _ in items), tuple(float(s) for _, s in items))
+
+    @classmethod
+    def roofline(
+        cls,
+        shape: ModelShape,
+        quantization: str,
+        bandwidth: float,
+        flops: float,
+        batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    ) -> LatencyCurve:
+        return cls.from_points(
+            [(b, roofline_forward_s(shape, quantization, b, bandwidth, flops)) for b in batches]
+        )
+
+    def at(self, batch: float) -> float:
+        xs, ys = self.batches, self.seconds
+        if len(xs) == 1 or batch <= xs[0]:
+            return ys[0]
+        i = bisect.bisect_left(xs, batch)
+        if i < len(xs) and xs[i] == batch:
+            return ys[i]
+        lo, hi = (i - 1, i) if i < len(xs) else (len(xs) - 2, len(xs) - 1)
+        slope = max(0.0, (ys[hi] - ys[lo]) / (xs[hi] - xs[lo]))
+        return ys[lo] + slope * (batch - xs[lo])
+
+    def knee(self, tolerance: float = 1.25) -> int:
+        """The largest measured batch whose time is within `tolerance` x the single-token time."""
+        base = self.at(1)
+        inside = [b for b, s in zip(self.batches, self.seconds, strict=True) if s <= tolerance * base]
+        return max(inside) if inside else self.batches[0]
+
+    def to_dict(self) -> dict:
+        return {"batches": list(self.batches), "seconds": list(self.seconds)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatencyCurve:
+        return cls(tuple(int(b) for b in data["batches"]), tuple(float(s) for s in data["seconds"]))
+
+
+@dataclass(frozen=True)
+class AcceptanceCurve:
+    """G(K) for K = 0..len-1 (values[0] = G(0) = 1: plain decoding emits one token per pass).
+
+    Beyond the measured range the curve is held flat, which never overstates a larger tree.
+    `depths[K]`, when known, is the mean depth of the top-K tree: a lower bound on draft passes.
+    """
+
+    values: tuple[float, ...]
+    depths: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.values or abs(self.values[0] - 1.0) > 1e-6:
+            raise ValueError("an acceptance curve starts at G(0) = 1")
+
+    @property
+    def max_budget(self) -> int:
+        return len(self.values) - 1
+
+    def at(self, budget: int) -> float:
+        return self.values[min(max(budget, 0), len(self.values) - 1)]
+
+    def depth_at(self, budget: int) -> float | None:
+        if self.depths is None:
+            return None
+        return self.depths[min(max(budget, 0), len(self.depths) - 1)]
+
+    @classmethod
+    def from_iterations(
+        cls, curves: Sequence[Sequence[float]], depth_curves: Sequence[Sequence[float]] | None = None
+    ) -> AcceptanceCurve:
+        """Mean over iterations of per-iteration curves c, where c[k - 1] = G(k) for k = 1..len(c).
+
+        A tree can stop short of its budget; its curve is held at its last value past its end.
+        """
+        if not curves:
+            raise ValueError("no acceptance curves to average")
+        values = [1.0] + _mean_padded([[float(v) for v in c] for c in curves])
+        depths = None
+        if depth_curves:
+            depths = tuple([0.0] + _mean_padded([[float(v) for v in c] for c in depth_curves]))
+        return cls(tuple(values), depths)
+
+    @classmethod
+    def prior(cls, scale: float = 2.1, k0: float = 3.5, max_budget: int = 4096) -> AcceptanceCurve:
+        """G(K) = 1 + scale * log2(1 + K / k0): a smooth prior, not a measurement.
+
+        The defaults pass through the paper's Llama-2 7B/70B figures (G(128) ~ 12, G(2048) ~ 20.6);
+        a weaker pair has a smaller scale (top-1 agreement p gives roughly G(1) = 1 + p). The assumed
+        tree depth is min(K, 2 (G(K) - 1)): twice the expected accepted length, at least one.
+        """
+        values = tuple(1.0 + scale * math.log2(1.0 + k / k0) for k in range(max_budget + 1))
+        depths = tuple(float(min(k, max(1.0, 2.0 * (g - 1.0)))) for k, g in enumerate(values))
+        return cls(values, depths)
+
+    def to_dict(self) -> dict:
+        data: dict = {"values": [round(v, 5) for v in self.values]}
+        if self.depths is not None:
+            data["depths"] = [round(v, 4) for v in self.depths]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AcceptanceCurve:
+        depths = data.get("depths")
+        return cls(
+            tuple(float(v) for v in data["values"]), tuple(float(v) for v in depths) if depths else None
+        )
+
+
+def _mean_padded(rows: list[list[float]]) -> list[float]:
+    rows = [r for r in rows if r]
+    if not rows:
+        return []
+    length = max(len(r) for r in rows)
+    padded = [r + [r[-1]] * (length - len(r)) for r in rows]
+    return [sum(col) / len(padded) for col in zip(*padded, strict=True)]
+
+
+def draft_passes(budget: int, max_n_beams: int, max_beam_len: int, depth: float | None = None) -> float:
+    """Draft passes per iteration for a tree of `budget` nodes.
+
+    Reaching depth d takes d passes, and a tree of K nodes needs about K / 2 expansions at most
+    max_n_beams per pass, so passes are at least max(depth, K / (2 max_n_beams)); at most
+    max_beam_len. Without a known depth the tree is assumed as deep as allowed (min(budget,
+    max_beam_len)): an upper bound on draft cost.
+    """
+    if budget <= 0:
+        return 0.0
+    deep = min(float(budget), float(max_beam_len)) if depth is None else depth
+    return min(float(max_beam_len), max(1.0, deep, math.ceil(budget / (2 * max_n_beams))))
+
+
+@dataclass(frozen=True)
+class PairCosts:
+    """Everything the model needs about one (target variant, draft) pair on one machine."""
+
+    target: LatencyCurve
+    draft: LatencyCurve | None = None
+    acceptance: AcceptanceCurve | None = None
+    host_s: float = DEFAULT_HOST_OVERHEAD_S
+
+
+def draft_time_s(costs: PairCosts, budget: int, max_n_beams: int, max_beam_len: int) -> float:
+    if costs.draft is None or budget <= 0:
+        return 0.0
+    depth = costs.acceptance.depth_at(budget) if costs.acceptance else None
+    passes = draft_passes(budget, max_n_beams, max_beam_len, depth)
+    return passes * costs.draft.at(min(max_n_beams, budget))
+
+
+def predict_tokens_per_s(
+    costs: PairCosts, budget: int, max_n_beams: int = 32, max_beam_len: int = 16
+) -> float:
+    """S(K) = G(K) / (T_draft(K) + T_target(K + 1) + T_host); budget 0 is plain decoding.
+
+    The tree the draft can grow is limited by its shape: at most max_beam_len deep, so no iteration
+    emits more than max_beam_len + 1 tokens; and at most max_n_beams * max_beam_len expansions, which
+    hold the best ~2x that many nodes (a best-first tree has about one internal node per two), so G
+    is read at min(K, effective_budget(...)).
+    """
+    if budget <= 0 or costs.draft is None:
+        return 1.0 / (costs.target.at(1) + costs.host_s)
+    acceptance = costs.acceptance or AcceptanceCurve.prior()
+    seconds = (
+        draft_time_s(costs, budget, max_n_beams, max_beam_len) + costs.target.at(budget + 1) + costs.host_s
+    )
+    reachable = acceptance.at(min(budget, effective_budget(max_n_beams, max_beam_len)))
+    return min(reachable, max_beam_len + 1.0) / seconds
+
+
+def effective_budget(max_n_beams: int, max_beam_len: int) -> int:
+    """The most tree nodes a draft of this shape can make that are as good as the best-first top-K."""
+    return 2 * max_n_beams * max_beam_len
+
+
+def best_budget(
+    costs: PairCosts, budgets: Sequence[int], max_n_beams: int = 32, max_beam_len: int = 16
+) -> tuple[int, float]:
+    """(budget, predicted tokens/s) that maximizes S over `budgets` (Sequoia's pick)."""
+    scored = [(predict_tokens_per_s(costs, b, max_n_beams, max_beam_len), -b) for b in budgets]
+    speed, neg_budget = max(scored)
+    return -neg_budget, speed
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def tree_activation_bytes(shape: ModelShape, budget: int, context: int, dtype_bytes: int = 4) -> int:
+    """Peak working memory of one target pass over budget + 1 tree tokens behind `context` tokens:
+    the logits, one layer's attention scores and MLP activations, and the KV cache."""
+    tokens = budget + 1
+    logits = tokens * shape.vocab_size * 4
+    scores = shape.n_heads * tokens * (context + tokens) * dtype_bytes
+    mlp = 2 * tokens * shape.intermediate_size * dtype_bytes
+    kv = (context + tokens) * shape.kv_bytes_per_token(dtype_bytes)
+    mask = tokens * (context + tokens) * dtype_bytes
+    return int(logits + scores + mlp + kv + mask)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Memory the run may use: free GPU bytes (None on a CPU-only run) and available host RAM."""
+
+    device_free: int | None
+    host_available: int
+    headroom: float = 0.9  # use at most this share of either
+
+
+def memory_problem(
+    budget_mem: MemoryBudget,
+    target_bytes: float,
+    draft_bytes: float,
+    activation_bytes: float,
+    offloaded: bool = False,
+    buffer_bytes: float = 0.0,
+) -> str | None:
+    """Why a configuration cannot fit, or None when it fits.
+
+    CPU-only: target, draft and activations share host RAM. GPU resident: all of it on the GPU.
+    GPU offloaded: the target's layers sit in host RAM; the draft, the layer buffers and the
+    activations on the GPU.
+    """
+    host_cap = budget_mem.host_available * budget_mem.headroom
+    if budget_mem.device_free is None:
+        need = target_bytes + draft_bytes + activation_bytes
+        return (
+            None if need <= host_cap else f"needs {need / 1e9:.1f} GB of RAM, {host_cap / 1e9:.1f} GB usable"
+        )
+    device_cap = budget_mem.device_free * budget_mem.headroom
+    if offloaded:
+        if target_bytes > host_cap:
+            return f"target needs {target_bytes / 1e9:.1f} GB of host RAM, {host_cap / 1e9:.1f} GB usable"
+        need = draft_bytes + buffer_bytes + activation_bytes
+    else:
+        need = target_bytes + draft_bytes + activation_bytes
+    if need > device_cap:
+        return f"needs {need / 1e9:.1f} GB of GPU memory, {device_cap / 1e9:.1f} GB usable"
+    return None
+
+
+def is_hopeless(predicted: float, best_measured: float | None, ratio: float = 0.5) -> bool:
+    """A trial is hopeless when even its prediction is below `ratio` x the best measured so far."""
+    return best_measured is not None and predicted < ratio * best_measured
