@@ -1,0 +1,612 @@
+"""End-to-end decoding benchmark: SpecExec and SpecInfer across budgets, plain autoregressive decoding,
+and transformers' assisted generation with the same draft/target pair, all in one process.
+
+For each temperature every method decodes the same prompts (MT-Bench by default, the Llama-2 `[INST]`
+wrapper stripped and the conversation re-wrapped in the target's chat template) and one row reports:
+tokens per target pass, tok/s, speedup over the autoregressive row of the same run, the share of time
+spent outside model forwards (host overhead) and draft passes per iteration. At temperature 0 each row
+also says how many prompts gave exactly the autoregressive output (the methods are lossless).
+
+`run_benchmark` is the entry point of `specexec bench` and `scripts/bench.py`; it prints one markdown
+table per temperature to stdout (or JSON Lines with `json_lines=True`) and progress to stderr.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
+from specexec_cli.decoding.generate import GenerationResult, generate
+from specexec_cli.errors import UsageError
+
+DEFAULT_PROMPTS = "../shared/data/prompts/mtbench.json"
+DEFAULT_TARGET = "qwen2.5-coder-1.5b"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
+SPECEXEC_BUDGETS = (1, 16, 64, 256, 1024)
+SPECINFER_BUDGETS = (16, 64, 256)
+TREE_METHODS = ("specexec", "specinfer")
+ALL_METHODS = ("autoregressive", "specexec", "specinfer", "assisted")
+DEFAULT_TREE = TreeConfig(budget=1, max_n_beams=32, max_beam_len=8, max_branch_width=8)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# --- prompts -----------------------------------------------------------------------------------
+
+_INST_OPEN = r"\[\s*INST\s*\]"
+_INST_CLOSE = r"\[\s*[/\\]\s*INST\s*\]"
+_SYS_BLOCK = re.compile(r"<{1,2}\s*SYS\s*>{1,2}(.*?)<{1,2}\s*[/\\]\s*SYS\s*>{0,2}", re.DOTALL | re.IGNORECASE)
+_MARKER = re.compile(f"({_INST_OPEN}|{_INST_CLOSE})", re.IGNORECASE)
+_SEQ_TOKENS = re.compile(r"</?s>")
+_ROLE_LABEL = re.compile(r"^\s*(?:USER|ASSISTANT)\s*:\s*|\s*(?:USER|ASSISTANT)\s*:\s*$", re.IGNORECASE)
+
+
+def _clean(text: str) -> str:
+    """Drop `<s>`/`</s>` markers and a leading or trailing `USER:`/`ASSISTANT:` label."""
+    text = _SEQ_TOKENS.sub("", text).strip()
+    previous = None
+    while previous != text:
+        previous, text = text, _ROLE_LABEL.sub("", text).strip()
+    return text
+
+
+def parse_llama2_chat(text: str) -> list[dict[str, str]]:
+    """Chat messages (system, then alternating user/assistant, ending with a user turn) of a prompt in
+    the Llama-2 format `[INST] <<SYS>>..<</SYS>> user [/INST] answer [INST] ... [/INST]`.
+
+    Tolerates the misspelled markers found in the shared OASST file (`<</SYS>`, `[\\INST]`), a trailing
+    `ASSISTANT:` cue and `<s>`/`</s>` markers. Text without any marker is one user message.
+    """
+    system = None
+    sys_match = _SYS_BLOCK.search(text)
+    if sys_match:
+        system = sys_match.group(1).strip() or None
+        text = text[: sys_match.start()] + text[sys_match.end() :]
+    messages: list[dict[str, str]] = []
+    inside, pending = False, ""
+    for piece in _MARKER.split(text):
+        if _MARKER.fullmatch(piece):
+            is_open = re.fullmatch(_INST_OPEN, piece, re.IGNORECASE) is not None
+            if is_open != inside:  # a real transition; a repeated marker just continues the segment
+                content = _clean(pending)
+                if content:
+                    messages.append({"role": "user" if inside else "assistant", "content": content})
+                inside, pending = is_open, ""
+            continue
+        pending += piece
+    content = _clean(pending)
+    if content:
+        messages.append({"role": "user" if inside or not messages else "assistant", "content": content})
+    while messages and messages[-1]["role"] != "user":
+        messages.pop()
+    merged: list[dict[str, str]] = []
+    for message in messages:  # two user turns in a row (an answer-less turn) become one message
+        if merged and merged[-1]["role"] == message["role"]:
+            joined = merged[-1]["content"] + "\n\n" + message["content"]
+            merged[-1] = {"role": message["role"], "content": joined}
+        else:
+            merged.append(message)
+    if system:
+        merged.insert(0, {"role": "system", "content": system})
+    return merged
+
+
+def strip_llama2_wrapper(text: str) -> str:
+    """The last user message of a Llama-2 wrapped prompt (the whole text, cleaned, when unwrapped)."""
+    users = [m["content"] for m in parse_llama2_chat(text) if m["role"] == "user"]
+    return users[-1] if users else _clean(text)
+
+
+def resolve_prompt_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The prompt file: `path` as given if it exists, else relative to the repository root."""
+    name = Path(path if path is not None else DEFAULT_PROMPTS)
+    for candidate in (name, REPO_ROOT / name):
+        if candidate.is_file():
+            return candidate
+    raise UsageError(
+        f"prompt file not found: {name} (looked in {Path.cwd()} and {REPO_ROOT}); use --prompts FILE"
+    )
+
+
+def _read_prompt_file(path: Path) -> list[tuple[str, str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"prompt file {path} is not valid JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise UsageError(f"prompt file {path}: expected a JSON list of [id, text] pairs")
+    items = []
+    for index, item in enumerate(data):
+        if isinstance(item, str):
+            items.append((str(index), item))
+        elif isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[1], str):
+            items.append((str(item[0]), item[1]))
+        else:
+            raise UsageError(f"prompt file {path}: item {index} is not an [id, text] pair")
+    return items
+
+
+Messages = list[dict[str, str]]
+
+
+def load_conversations(path: str | os.PathLike[str] | None, n: int | None) -> list[tuple[str, Messages]]:
+    """The first `n` prompts of a [id, text] JSON file (None: all) as (id, chat messages)."""
+    items = _read_prompt_file(resolve_prompt_path(path))
+    conversations = [(pid, parse_llama2_chat(text)) for pid, text in items]
+    conversations = [(pid, messages) for pid, messages in conversations if messages]
+    return conversations if n is None else conversations[:n]
+
+
+def load_prompt_set(path: str | os.PathLike[str] | None, n: int | None) -> list[tuple[str, str]]:
+    """The first `n` prompts of a [id, text] JSON file (None: all) as (id, last user message)."""
+    return [(pid, messages[-1]["content"]) for pid, messages in load_conversations(path, n)]
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> torch.Tensor:
+    """Token ids [L] of a conversation in the tokenizer's chat template, ready for the assistant's turn."""
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# --- measurement -------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchRow:
+    """Totals of one (method, budget, temperature) over all prompts, and the figures derived from them."""
+
+    method: str
+    budget: int | None
+    temperature: float
+    n_prompts: int = 0
+    new_tokens: int = 0
+    target_passes: int = 0
+    draft_passes: int = 0
+    iterations: int = 0
+    elapsed_s: float = 0.0
+    target_s: float = 0.0
+    draft_s: float = 0.0
+    greedy_matches: int | None = None  # prompts whose output equals autoregressive decoding (t=0 only)
+    speedup: float | None = None  # tok/s over the autoregressive row of the same run
+    settings: str = ""
+    outputs: list[list[int]] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.new_tokens / max(1, self.target_passes)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def host_s(self) -> float:
+        return max(0.0, self.elapsed_s - self.target_s - self.draft_s)
+
+    @property
+    def host_share(self) -> float:
+        """Share of the wall time spent outside model forwards."""
+        return self.host_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def draft_passes_per_iteration(self) -> float:
+        return self.draft_passes / max(1, self.iterations)
+
+    @property
+    def target_s_per_pass(self) -> float:
+        return self.target_s / max(1, self.target_passes)
+
+    def add(self, tokens: list[int], elapsed: float, target_passes: int, draft_passes: int, iterations: int,
+            target_s: float, draft_s: float) -> None:
+        self.n_prompts += 1
+        self.new_tokens += len(tokens)
+        self.outputs.append(list(tokens))
+        self.elapsed_s += elapsed
+        self.target_passes += target_passes
+        self.draft_passes += draft_passes
+        self.iterations += iterations
+        self.target_s += target_s
+        self.draft_s += draft_s
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "outputs"}
+        for name in ("tokens_per_pass", "tokens_per_s", "host_s", "host_share", "draft_passes_per_iteration",
+                     "target_s_per_pass"):
+            data[name] = getattr(self, name)
+        return data
+
+
+def add_result(row: BenchRow, result: GenerationResult) -> None:
+    """Fold one prompt's engine result into a row."""
+    s = result.stats
+    row.add(result.token_ids, result.elapsed_s, s.target_passes, s.draft_passes, s.iterations, s.target_s,
+            s.draft_s)
+
+
+class ForwardMeter:
+    """Counts and times a model's top-level forward calls with forward hooks (the model is not patched)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.calls, self.seconds = model, 0, 0.0
+        self._start = 0.0
+        self._handles: list[Any] = []
+
+    def _sync(self) -> None:
+        device = getattr(self.model, "device", torch.device("cpu"))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _before(self, module: torch.nn.Module, args: Any) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self._sync()
+        self.calls += 1
+        self.seconds += time.perf_counter() - self._start
+
+    def __enter__(self) -> ForwardMeter:
+        self._handles = [self.model.register_forward_pre_hook(self._before),
+                         self.model.register_forward_hook(self._after)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def assisted_settings(draft: torch.nn.Module) -> dict[str, Any]:
+    """The assisted-generation knobs transformers will use: the draft's generation config, with
+    transformers' global defaults filling what it leaves unset."""
+    config = copy.deepcopy(draft.generation_config)
+    defaults = getattr(config, "_get_default_generation_params", None)
+    if defaults is not None:
+        config.update(**defaults(), defaults_only=True)
+    names = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+    return {name: getattr(config, name, None) for name in names}
+
+
+def assisted_kwargs(sampling: SamplingConfig, eos_ids: Sequence[int], max_new_tokens: int) -> dict[str, Any]:
+    """`generate` arguments that make transformers decode like the engine: greedy, or plain temperature /
+    top-p / top-k sampling with nothing else (no repetition penalty, no default top-k of 50)."""
+    eos = list(eos_ids)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
+                                  eos_token_id=eos or None, pad_token_id=eos[0] if eos else None,
+                                  repetition_penalty=1.0)
+    if not sampling.greedy:  # top_k 0 disables top-k (None would mean transformers' default of 50)
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    return kwargs
+
+
+def assisted_generate(
+    target: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
+    eos_ids: Sequence[int], seed: int,
+) -> tuple[list[int], float, int, float, int, float]:
+    """One prompt through `target.generate(assistant_model=draft)`.
+
+    Returns (new tokens, wall s, target forwards, target s, draft forwards, draft s).
+    """
+    ids = input_ids.reshape(1, -1).to(target.device)
+    kwargs = assisted_kwargs(sampling, eos_ids, max_new_tokens)
+    torch.manual_seed(seed)
+    saved = copy.deepcopy(draft.generation_config)  # assisted generation may adapt it; keep runs independent
+    try:
+        with ForwardMeter(target) as t_meter, ForwardMeter(draft) as d_meter, torch.inference_mode():
+            start = time.perf_counter()
+            out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft, **kwargs)
+            elapsed = time.perf_counter() - start
+    finally:
+        draft.generation_config = saved
+    tokens = out[0, ids.shape[1] :].tolist()
+    eos = set(eos_ids)
+    for i, token in enumerate(tokens):  # generate pads after EOS; keep up to and including the first EOS
+        if token in eos:
+            tokens = tokens[: i + 1]
+            break
+    return tokens, elapsed, t_meter.calls, t_meter.seconds, d_meter.calls, d_meter.seconds
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What to run: methods, budgets, temperatures, tree shape and generation length."""
+
+    temperatures: tuple[float, ...] = (0.0, 0.6)
+    methods: tuple[str, ...] = ALL_METHODS
+    specexec_budgets: tuple[int, ...] = SPECEXEC_BUDGETS
+    specinfer_budgets: tuple[int, ...] = SPECINFER_BUDGETS
+    tree: TreeConfig = DEFAULT_TREE
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def runs(self) -> list[tuple[str, int | None]]:
+        """(method, budget) in the order they run; autoregressive first (it is the speedup reference)."""
+        runs: list[tuple[str, int | None]] = [("autoregressive", None)]
+        runs += [("specexec", b) for b in self.specexec_budgets if "specexec" in self.methods]
+        runs += [("specinfer", b) for b in self.specinfer_budgets if "specinfer" in self.methods]
+        if "assisted" in self.methods:
+            runs.append(("assisted", None))
+        return runs
+
+
+def tree_settings(method: str, tree: TreeConfig) -> str:
+    if method == "specexec":
+        return f"beams {tree.max_n_beams}, len {tree.max_beam_len}, width {tree.max_branch_width}"
+    if method == "specinfer":
+        n_stems = min(tree.max_n_beams, tree.budget)
+        return f"{n_stems} stems x {max(1, tree.budget // n_stems)}"
+    return ""
+
+
+def run_method(target: Any, draft: Any, prompts: Sequence[torch.Tensor], method: str, budget: int | None,
+               temperature: float, plan: BenchPlan, eos_ids: Sequence[int]) -> BenchRow:
+    """Decode every prompt with one method and fold the results into a row."""
+    sampling = SamplingConfig(temperature=temperature)
+    row = BenchRow(method, budget, temperature)
+    if method == "assisted":
+        row.settings = ", ".join(f"{k}={v}" for k, v in assisted_settings(draft).items())
+        for i, ids in enumerate(prompts):
+            tokens, elapsed, t_calls, t_s, d_calls, d_s = assisted_generate(
+                target, draft, ids, plan.max_new_tokens, sampling, eos_ids, plan.seed + i)
+            row.add(tokens, elapsed, t_calls, d_calls, t_calls, t_s, d_s)
+        return row
+    tree = TreeConfig(budget=budget or 1, max_n_beams=plan.tree.max_n_beams,
+                      max_beam_len=plan.tree.max_beam_len, max_branch_width=plan.tree.max_branch_width)
+    row.settings = tree_settings(method, tree)
+    for i, ids in enumerate(prompts):
+        config = GenerationConfig(method=method, max_new_tokens=plan.max_new_tokens, sampling=sampling,
+                                  tree=tree, eos_token_ids=tuple(eos_ids), seed=plan.seed + i)
+        add_result(row, generate(target, draft if method != "autoregressive" else None, ids, config))
+    return row
+
+
+def finish_rows(rows: list[BenchRow]) -> None:
+    """Fill speedup (vs the autoregressive row of the same temperature) and greedy matches."""
+    reference = next((r for r in rows if r.method == "autoregressive"), None)
+    for row in rows:
+        if reference is not None and reference.tokens_per_s > 0:
+            row.speedup = row.tokens_per_s / reference.tokens_per_s
+        if reference is not None and row.temperature == 0.0:
+            row.greedy_matches = sum(a == b for a, b in zip(row.outputs, reference.outputs, strict=False))
+
+
+def warm_up(target: Any, draft: Any, prompt: torch.Tensor, eos_ids: Sequence[int]) -> None:
+    """A few short generations so one-time costs (allocations, kernels) do not land in the first row."""
+    tree = TreeConfig(budget=8, max_n_beams=4, max_beam_len=2, max_branch_width=4)
+    for method in ("autoregressive", "specexec"):
+        config = GenerationConfig(method=method, max_new_tokens=2, eos_token_ids=tuple(eos_ids), tree=tree)
+        generate(target, draft if method != "autoregressive" else None, prompt[:32], config)
+
+
+def bench_rows(target: Any, draft: Any, prompts: Sequence[torch.Tensor], plan: BenchPlan,
+               eos_ids: Sequence[int], log: Callable[[str], None] = lambda _: None) -> list[BenchRow]:
+    """Run every (method, budget) of `plan` at every temperature; rows of one temperature are contiguous."""
+    rows: list[BenchRow] = []
+    for temperature in plan.temperatures:
+        group: list[BenchRow] = []
+        for method, budget in plan.runs():
+            label = method + (f" budget {budget}" if budget is not None else "")
+            log(f"t={temperature:g} {label}: {len(prompts)} prompts ...")
+            row = run_method(target, draft, prompts, method, budget, temperature, plan, eos_ids)
+            log(f"t={temperature:g} {label}: {row.new_tokens} tokens in {row.target_passes} target passes, "
+                f"{row.tokens_per_pass:.2f} tok/pass, {row.tokens_per_s:.3f} tok/s, "
+                f"host {100 * row.host_share:.1f}%, {row.draft_passes_per_iteration:.1f} draft/iter, "
+                f"{row.target_s_per_pass:.2f} s/target pass, {row.elapsed_s:.0f} s, "
+                f"load {os.getloadavg()[0]:.1f}")
+            group.append(row)
+        finish_rows(group)
+        rows += group
+    return rows
+
+
+# --- output ------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("method", "budget", "tok/pass", "tok/s", "speedup", "host %", "draft/iter", "target s/pass",
+                 "= AR", "settings")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_cells(row: BenchRow) -> list[str]:
+    matches = "-" if row.greedy_matches is None else f"{row.greedy_matches}/{row.n_prompts}"
+    return [row.method, "-" if row.budget is None else str(row.budget), f"{row.tokens_per_pass:.2f}",
+            f"{row.tokens_per_s:.2f}", _fmt(row.speedup, ".2f"), f"{100 * row.host_share:.1f}",
+            f"{row.draft_passes_per_iteration:.1f}", f"{row.target_s_per_pass:.2f}", matches, row.settings]
+
+
+def format_table(rows: Sequence[BenchRow], title: str | None = None) -> str:
+    """A markdown table of rows (one line per row), under an optional title line."""
+    lines = [title, ""] if title else []
+    lines.append("| " + " | ".join(TABLE_COLUMNS) + " |")
+    lines.append("|" + "|".join(" --- " for _ in TABLE_COLUMNS) + "|")
+    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_report(rows: Sequence[BenchRow], header: str) -> str:
+    """One table per temperature, each under the run's header."""
+    temperatures = list(dict.fromkeys(row.temperature for row in rows))
+    parts = [format_table([r for r in rows if r.temperature == t], f"{header}, t={t:g}")
+             for t in temperatures]
+    return "\n\n".join(parts) + "\n"
+
+
+def _parse_csv(text: str, kind: type) -> tuple:
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+def parse_budgets(text: str) -> tuple[int, ...]:
+    budgets = _parse_csv(text, int)
+    if not budgets or min(budgets) < 1:
+        raise UsageError(f"budgets must be integers >= 1, got {text!r}")
+    return budgets
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip().lower() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(ALL_METHODS)}")
+    return methods
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def run_benchmark(
+    *,
+    prompts: str | None = None,
+    n_prompts: int = 8,
+    max_new_tokens: int = 64,
+    temperatures: Sequence[float] = (0.0, 0.6),
+    budgets: Sequence[int] | None = None,
+    specinfer_budgets: Sequence[int] | None = None,
+    methods: Sequence[str] = ALL_METHODS,
+    assisted: bool = True,
+    target: str = DEFAULT_TARGET,
+    draft: str = DEFAULT_DRAFT,
+    threads: int | None = None,
+    max_n_beams: int = DEFAULT_TREE.max_n_beams,
+    max_beam_len: int = DEFAULT_TREE.max_beam_len,
+    max_branch_width: int = DEFAULT_TREE.max_branch_width,
+    seed: int = 0,
+    device: str = "cpu",
+    json_lines: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> list[BenchRow]:
+    """`specexec bench`: load the pair, decode the prompts with every method and print the results.
+
+    budgets: SpecExec budgets (default 1,16,64,256,1024) and, unless specinfer_budgets is given, the
+    SpecInfer ones too (default 16,64,256). Tables (or JSON Lines) go to `out` (stdout), progress to `err`.
+    """
+    from specexec_cli.models.load import check_compatible, eos_token_ids, load_model
+
+    out, err = out or sys.stdout, err or sys.stderr
+
+    def log(message: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=err, flush=True)
+
+    if threads:
+        torch.set_num_threads(threads)
+    if n_prompts < 1 or max_new_tokens < 1:
+        raise UsageError("--n-prompts and --max-new-tokens must be >= 1")
+    methods = tuple(m for m in methods if assisted or m != "assisted")
+    plan = BenchPlan(
+        temperatures=tuple(float(t) for t in temperatures),
+        methods=tuple(methods),
+        specexec_budgets=tuple(budgets or SPECEXEC_BUDGETS),
+        specinfer_budgets=tuple(specinfer_budgets or budgets or SPECINFER_BUDGETS),
+        tree=TreeConfig(budget=1, max_n_beams=max_n_beams, max_beam_len=max_beam_len,
+                        max_branch_width=max_branch_width),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
+    plan.tree.validate()
+    for t in plan.temperatures:
+        SamplingConfig(temperature=t).validate()
+    prompt_path = resolve_prompt_path(prompts)
+    conversations = load_conversations(prompt_path, n_prompts)
+    log(f"loading {target} and {draft} on {device}")
+    target_model, tokenizer = load_model(target, device=device)
+    draft_model, draft_tokenizer = load_model(draft, device=device)
+    check_compatible(tokenizer, draft_tokenizer)
+    eos_ids = eos_token_ids(target_model, tokenizer)
+    encoded = [encode_chat(tokenizer, messages) for _, messages in conversations]
+    n_tokens = sum(len(e) for e in encoded)
+    log(f"{len(encoded)} prompts from {prompt_path}, {n_tokens} prompt tokens; warming up")
+    warm_up(target_model, draft_model, encoded[0], eos_ids)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    rows = bench_rows(target_model, draft_model, encoded, plan, eos_ids, log)
+    load_after = os.getloadavg()
+    log(f"done in {time.perf_counter() - start:.0f} s; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after (1 min), {load_after[2]:.2f} (15 min)")
+    if json_lines:
+        for row in rows:
+            record = row.to_dict() | {"target": target, "draft": draft, "prompts": str(prompt_path),
+                                      "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
+                                      "load_avg_1m": load_after[0]}
+            print(json.dumps(record), file=out)
+    else:
+        header = (f"{target} / draft {draft}, {len(encoded)} prompts of {prompt_path.name}, "
+                  f"{max_new_tokens} new tokens, {torch.get_num_threads()} threads, "
+                  f"load avg {load_before[0]:.1f}->{load_after[0]:.1f}")
+        print(format_report(rows, header), file=out, end="", flush=True)
+    return rows
+
+
+def build_parser():
+    """argparse flags of `scripts/bench.py` (the same names as `specexec bench`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", default=None, help=f"[id, text] JSON file (default {DEFAULT_PROMPTS})")
+    parser.add_argument("--n-prompts", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, action="append", default=None,
+                        help="repeatable (default: 0 and 0.6)")
+    parser.add_argument("--budgets", default=None,
+                        help="comma-separated tree budgets "
+                             "(default: SpecExec 1,16,64,256,1024; SpecInfer 16,64,256)")
+    parser.add_argument("--specinfer-budgets", default=None,
+                        help="SpecInfer budgets when they should differ from --budgets")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS),
+                        help="comma-separated subset of " + ",".join(ALL_METHODS))
+    parser.add_argument("--no-assisted", action="store_true", help="skip transformers' assisted generation")
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-n-beams", type=int, default=DEFAULT_TREE.max_n_beams)
+    parser.add_argument("--max-beam-len", type=int, default=DEFAULT_TREE.max_beam_len)
+    parser.add_argument("--max-branch-width", type=int, default=DEFAULT_TREE.max_branch_width)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON Lines instead of tables")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry of scripts/bench.py."""
+    from specexec_cli.errors import SpecexecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        run_benchmark(
+            prompts=args.prompts, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
+            temperatures=args.temperature or (0.0, 0.6),
+            budgets=parse_budgets(args.budgets) if args.budgets else None,
+            specinfer_budgets=parse_budgets(args.specinfer_budgets) if args.specinfer_budgets else None,
+            methods=parse_methods(args.methods), assisted=not args.no_assisted,
+            target=args.target, draft=args.draft, threads=args.threads, max_n_beams=args.max_n_beams,
+            max_beam_len=args.max_beam_len, max_branch_width=args.max_branch_width, seed=args.seed,
+            device=args.device, json_lines=args.json,
+        )
+    except SpecexecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
