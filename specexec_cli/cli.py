@@ -161,8 +161,147 @@ def models(as_json: bool, local: bool) -> None:
         size = format_params(row["params"])
         click.echo(f"{mark} {row['name']:<22} {row['role'] or '':<7} {size:>7}  {extra}")
 
-# --- offload / runtime ------------------------------------------------------------------------
-
 # --- probe / tune / profiles ------------------------------------------------------------------
 
+
+def csv_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="The probe as JSON on stdout.")
+@click.option("--refresh", is_flag=True, help="Measure again instead of using the cached probe.")
+@friendly_errors
+def probe(as_json: bool, refresh: bool) -> None:
+    """Probe GPUs (NVML), RAM, disk and measured bandwidths; a table on stderr, or --json on stdout."""
+    import json
+
+    from specexec_cli import hardware
+
+    result = hardware.cached_probe(refresh=refresh)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(hardware.format_probe(result), err=True)
+
+
+@main.command()
+@click.option("-t", "--target", required=True, help="Target model (registry name, hub id or folder).")
+@click.option("-d", "--draft", "drafts", multiple=True,
+              help="Draft candidates (repeatable; 'none' and 'first-layers:N' allowed) [default: registry].")
+@click.option("--quant", "quants", multiple=True,
+              help="Target formats to try (fp32, fp16, bf16, gptq, nf4, int8).")
+@click.option("--early-exit", default=None, help="Comma-separated layer counts for early-exit drafts.")
+@click.option("--budgets", default=None, help="Comma-separated budgets to search [default: 1,2,4,...,4096].")
+@click.option("--trials", type=int, default=24, show_default=True)
+@click.option("--timeout", type=float, default=None, help="Seconds for the whole search.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
+              help="Calibration prompts (text or JSON Lines) [default: packaged MT-Bench/OASST prompts].")
+@click.option("--n-prompts", type=int, default=2, show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--study", default=None, help="Study name; the same name resumes an interrupted search.")
+@click.option("--device", default=None)
+@click.option("--no-save", is_flag=True, help="Do not write a profile.")
+@friendly_errors
+def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_file, n_prompts,
+         max_new_tokens, study, device, no_save) -> None:
+    """Search draft, quantization and tree budget for the most tokens/s here; save a profile."""
+    from pathlib import Path
+
+    from specexec_cli.tuning.tune import TuneOptions
+    from specexec_cli.tuning.tune import tune as run_tune
+
+    options = TuneOptions(target=target, drafts=tuple(drafts) or None, quantizations=tuple(quants) or None,
+                          early_exit_layers=csv_ints(early_exit, "--early-exit"), n_trials=trials,
+                          timeout=timeout, prompts_file=Path(prompts_file) if prompts_file else None,
+                          n_prompts=n_prompts, max_new_tokens=max_new_tokens, study=study, device=device,
+                          save=not no_save)
+    parsed_budgets = csv_ints(budgets, "--budgets")
+    if parsed_budgets:
+        options = TuneOptions(**{**options.__dict__, "budgets": parsed_budgets})
+    report = run_tune(options)
+    click.echo(report.summary(), err=True)
+
+
+@main.group()
+def profiles() -> None:
+    """List, show or remove tuned profiles."""
+
+
+@profiles.command("list")
+@friendly_errors
+def profiles_list() -> None:
+    """Tuned profiles in the user config folder."""
+    from specexec_cli import hardware
+    from specexec_cli import profiles as store
+
+    click.echo(store.format_profile_list(store.list_profiles(), hardware.fingerprint()))
+
+
+@profiles.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def profiles_show(ref: str, as_json: bool) -> None:
+    """Show a profile by file name, path or target name."""
+    from specexec_cli import hardware
+    from specexec_cli import profiles as store
+
+    path = store.resolve_profile(ref, fingerprint=hardware.fingerprint())
+    profile = store.load_profile(path)
+    click.echo(store.profile_json(profile) if as_json else store.format_profile(profile, path))
+
+
+@profiles.command("rm")
+@click.argument("ref")
+@friendly_errors
+def profiles_rm(ref: str) -> None:
+    """Remove a profile by file name, path or target name."""
+    from specexec_cli import hardware
+    from specexec_cli import profiles as store
+
+    path = store.remove_profile(ref, fingerprint=hardware.fingerprint())
+    click.echo(f"removed {path}", err=True)
+
+
 # --- bench ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--prompts", default=None, help="Prompt set [default: ../shared/data/prompts/mtbench.json].")
+@click.option("--n-prompts", type=int, default=8, show_default=True)
+@click.option("-n", "--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", "temperatures", type=float, multiple=True,
+              help="Repeatable [default: 0 and 0.6].")
+@click.option("--budgets", default=None, help="SpecExec budgets [default: 1,16,64,256,1024].")
+@click.option("--specinfer-budgets", default=None, help="SpecInfer budgets [default: 16,64,256].")
+@click.option("--methods", default="specexec,specinfer,autoregressive,assisted", show_default=True)
+@click.option("--no-assisted", is_flag=True, help="Skip transformers' assisted generation.")
+@click.option("-t", "--target", default=None, help="[default: qwen2.5-coder-1.5b]")
+@click.option("-d", "--draft", default=None, help="[default: qwen2.5-coder-0.5b]")
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Rows as JSON Lines instead of tables.")
+@friendly_errors
+def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_budgets, methods, no_assisted,
+          target, draft, threads, device, as_json) -> None:
+    """Measure SpecExec, SpecInfer, plain and assisted decoding in one process; tables on stdout."""
+    from specexec_cli import bench as benchmark
+
+    kwargs = {}
+    if target:
+        kwargs["target"] = target
+    if draft:
+        kwargs["draft"] = draft
+    benchmark.run_benchmark(prompts=prompts, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+                            temperatures=temperatures or (0.0, 0.6),
+                            budgets=benchmark.parse_budgets(budgets) if budgets else None,
+                            specinfer_budgets=benchmark.parse_budgets(specinfer_budgets) if specinfer_budgets
+                            else None,
+                            methods=benchmark.parse_methods(methods), assisted=not no_assisted,
+                            threads=threads, device=device, json_lines=as_json, **kwargs)
