@@ -56,8 +56,8 @@ def main() -> None:
               "[default: qwen2.5-coder-1.5b, the bundled pair].")
 @click.option("-d", "--draft", default=None,
               help="Draft model name or path, 'first-layers:N' (the target's first N layers) or 'none'.")
-@click.option("-m", "--method", type=click.Choice(["specexec", "specinfer", "autoregressive"]),
-              default="specexec", show_default=True)
+@click.option("-m", "--method", type=click.Choice(["specexec", "specinfer", "autoregressive"]), default=None,
+              help="[default: the profile's, else specexec]")
 @click.option("--budget", type=int, default=None, help="Tree tokens checked per target pass [default: 64].")
 @click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 16].")
 @click.option("--max-beam-len", type=int, default=None, help="Draft passes per iteration [default: 8].")
@@ -85,11 +85,12 @@ def main() -> None:
 @click.option("--resident-layers", type=int, default=None,
               help="First layers kept on the device [default: as many as fit].")
 @click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers.")
+@click.option("--no-profile", is_flag=True, help="Ignore tuned and starting profiles.")
 @friendly_errors
 def generate(prompts, files, input_format, target, draft, method, budget, max_n_beams, max_beam_len,
              max_branch_width, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
              no_chat_template, stream, as_json, verbose, device, dtype, offload, quant, buffers,
-             resident_layers, offload_dir) -> None:
+             resident_layers, offload_dir, no_profile) -> None:
     """Generate text; only the generated text (or JSON Lines with --json) goes to stdout.
 
     \b
@@ -102,30 +103,41 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     from specexec_cli.prompts import collect_prompts
     from specexec_cli.run import (
         DEFAULT_TARGET,
+        FLOAT_FORMATS,
+        TREE_DEFAULTS,
         OffloadOptions,
         default_device,
         load_pair,
         offloaded_loader,
         parse_dtype,
+        resolve_settings,
         run_batch,
     )
 
-    tree = TreeConfig(budget=64 if budget is None else budget,
-                      max_n_beams=16 if max_n_beams is None else max_n_beams,
-                      max_beam_len=8 if max_beam_len is None else max_beam_len,
-                      max_branch_width=8 if max_branch_width is None else max_branch_width)
-    config = GenerationConfig(method=method, max_new_tokens=max_new_tokens,
-                              sampling=SamplingConfig(temperature, top_p, top_k), tree=tree,
-                              stop_strings=tuple(stops), seed=seed)
+    sampling = SamplingConfig(temperature, top_p, top_k)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stops),
+                              seed=seed)
     config.validate()
     batch = collect_prompts(prompts, files, sys.stdin, input_format)
+    target = target or DEFAULT_TARGET
+    flags = dict(method=method, draft=draft, budget=budget, max_n_beams=max_n_beams,
+                 max_beam_len=max_beam_len, max_branch_width=max_branch_width, offload=offload,
+                 buffers=buffers, resident_layers=resident_layers, quantization=quant or dtype)
+    settings = resolve_settings(target, flags, use_profile=not no_profile)
+    tree = TreeConfig(**{key: settings[key] for key in TREE_DEFAULTS})
+    config = GenerationConfig(**{**config.__dict__, "method": settings["method"], "tree": tree})
+    config.validate()
     device = device or default_device()
+    fmt = settings.get("quantization")
+    weight_quant = fmt if fmt and fmt not in FLOAT_FORMATS else None
     load_target = None
-    if any(flag is not None for flag in (offload, quant, buffers, resident_layers, offload_dir)):
-        options = OffloadOptions(offload or "auto", quant, 2 if buffers is None else buffers, resident_layers,
-                                 offload_dir)
-        load_target = offloaded_loader(options, budget, max_new_tokens + 2048)
-    pair = load_pair(target or DEFAULT_TARGET, draft, method, device, parse_dtype(dtype, device), load_target)
+    if weight_quant or settings.get("offload", "none") != "none" or buffers or resident_layers or offload_dir:
+        options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
+                                 settings.get("resident_layers"), offload_dir)
+        load_target = offloaded_loader(options, tree.budget, max_new_tokens + 2048)
+    dtype_name = fmt if fmt in FLOAT_FORMATS else dtype
+    pair = load_pair(target, settings.get("draft"), config.method, device, parse_dtype(dtype_name, device),
+                     load_target)
     config = GenerationConfig(**{**config.__dict__, "eos_token_ids": pair.eos_token_ids})
     run_batch(pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,
               stream=stream, verbose=verbose, out=sys.stdout)

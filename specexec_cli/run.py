@@ -135,6 +135,27 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
     return load
 
 
+FLOAT_FORMATS = ("fp32", "fp16", "bf16")
+TREE_DEFAULTS = {"budget": 64, "max_n_beams": 16, "max_beam_len": 8, "max_branch_width": 8}
+
+
+def resolve_settings(target_name: str, flags: dict[str, Any], use_profile: bool) -> dict[str, Any]:
+    """Generation settings: the best profile for this target on this machine (tuned, else a shipped
+    starting profile) with the explicit flags on top; built-in defaults fill what is left."""
+    settings = {key: value for key, value in flags.items() if value is not None}
+    if use_profile:
+        from specexec_cli.models.registry import resolve
+        from specexec_cli.profiles import describe_settings, settings_for_generate
+
+        settings, match = settings_for_generate(resolve(target_name).name, flags)
+        if match is not None:
+            origin = match.path.name if match.path else f"starting profile for {match.profile.target}"
+            log(f"profile: {origin}: {describe_settings(match.profile.settings)}")
+            if match.warning:
+                log(f"warning: {match.warning}")
+    return {**TREE_DEFAULTS, "method": "specexec", **settings}
+
+
 def result_record(prompt: Prompt, result: GenerationResult, config: GenerationConfig) -> dict[str, Any]:
     """The JSON Lines object written for one prompt."""
     return {

@@ -166,3 +166,22 @@ def test_models_lists_the_registry():
     assert {"llama-3-70b", "llama-2-70b", "mixtral-8x7b", "qwen2.5-72b", "qwen2.5-coder-1.5b"} <= names
     table = CliRunner().invoke(main, ["models"])
     assert "llama-3-70b" in table.stdout and "llama-3.2-1b" in table.stdout
+
+
+def test_tuned_profile_supplies_settings_and_flags_override(model_dirs, tmp_path, monkeypatch):
+    from specexec_cli import hardware, profiles
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    profile = profiles.Profile(target="target", settings={"method": "autoregressive", "budget": 4},
+                               fingerprint=hardware.fingerprint())
+    profiles.save_profile(profile)
+    from_profile = run(model_dirs, "-p", "w3 w4", "--json")
+    assert from_profile.exit_code == 0, from_profile.stderr
+    assert "profile:" in from_profile.stderr
+    assert json.loads(from_profile.stdout)["method"] == "autoregressive"
+    overridden = run(model_dirs, "-p", "w3 w4", "--json", "--method", "specexec")
+    record = json.loads(overridden.stdout)
+    assert record["method"] == "specexec" and record["budget"] == 4
+    ignored = run(model_dirs, "-p", "w3 w4", "--json", "--no-profile")
+    assert json.loads(ignored.stdout)["method"] == "specexec" and "profile:" not in ignored.stderr
+    assert record["text"] == json.loads(from_profile.stdout)["text"]
