@@ -338,8 +338,11 @@ class BenchPlan:
     seed: int = 0
 
     def runs(self) -> list[tuple[str, int | None]]:
-        """(method, budget) in the order they run; autoregressive first (it is the speedup reference)."""
-        runs: list[tuple[str, int | None]] = [("autoregressive", None)]
+        """(method, budget) in the order they run; autoregressive first (it is the speedup reference and
+        the output the others must equal at t=0; without it those columns stay empty)."""
+        runs: list[tuple[str, int | None]] = []
+        if "autoregressive" in self.methods:
+            runs.append(("autoregressive", None))
         runs += [("specexec", b) for b in self.specexec_budgets if "specexec" in self.methods]
         runs += [("specinfer", b) for b in self.specinfer_budgets if "specinfer" in self.methods]
         if "assisted" in self.methods:

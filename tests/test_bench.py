@@ -171,6 +171,15 @@ def test_assisted_kwargs_match_the_engine_sampling() -> None:
     assert sampled["top_k"] == 0 and sampled["top_p"] == 1.0 and sampled["repetition_penalty"] == 1.0
 
 
+def test_without_autoregressive_speedup_and_matches_stay_empty() -> None:
+    target, draft = tiny_pair("qwen2")
+    plan = BenchPlan(temperatures=(0.0,), methods=("specexec",), specexec_budgets=(4,), max_new_tokens=4,
+                     tree=TreeConfig(budget=1, max_n_beams=2, max_beam_len=2, max_branch_width=2))
+    rows = bench_rows(target, draft, [torch.tensor([1, 2, 3])], plan, eos_ids=())
+    assert [(r.method, r.speedup, r.greedy_matches) for r in rows] == [("specexec", None, None)]
+    assert "| specexec | 4 |" in format_table(rows)
+
+
 def test_tiny_bench_run_has_every_method_and_reference_speedup_one() -> None:
     target, draft = tiny_pair("llama")
     prompt = torch.tensor([5, 17, 42, 9, 77, 3], dtype=torch.long)
