@@ -15,7 +15,7 @@ from specexec_cli.models.load import eos_token_ids, make_early_exit_draft
 from specexec_cli.prompts import encode_prompt
 
 pytestmark = pytest.mark.slow
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def smol(smollm2):
 @pytest.mark.parametrize("budget", [1, 8, 64, 512])
 def test_greedy_equals_plain_decoding_on_smollm2(smol, method, budget):
     target, draft, ids, eos, reference = smol
-    tree = TreeConfig(budget=budget, max_n_beams=64 if method == "specinfer" else 16, max_beam_len=8,
+    # SpecInfer: 128 stems of length budget // 128 keep its draft passes few on this CPU.
+    tree = TreeConfig(budget=budget, max_n_beams=128 if method == "specinfer" else 16, max_beam_len=8,
                       max_branch_width=8)
     config = GenerationConfig(method=method, tree=tree, max_new_tokens=NEW_TOKENS, eos_token_ids=eos)
     result = generate(target, draft, ids, config)
