@@ -283,7 +283,7 @@ class ProfileMatch:
 def find_profile(
     target: str,
     fingerprint: str,
-    hardware_class: Mapping | None = None,
+    machine_class: Mapping | None = None,
     directory: Path | None = None,
     starting_dir: Path | None = None,
 ) -> ProfileMatch | None:
@@ -309,8 +309,8 @@ def find_profile(
             f"run `specexec tune --target {target}` on this machine for settings that fit it",
         )
     starting = [p for p in load_starting_profiles(starting_dir) if p.target == target]
-    if hardware_class is not None:
-        starting = [p for p in starting if class_fits(p.hardware, hardware_class)]
+    if machine_class is not None:
+        starting = [p for p in starting if class_fits(p.hardware, machine_class)]
     if not starting:
         return None
     chosen = max(starting, key=lambda p: (p.hardware.get("gpu_memory_gib", 0), p.hardware.get("ram_gib", 0)))
@@ -339,8 +339,8 @@ def settings_for_generate(
     """What `specexec generate --target` runs with: the best profile for this machine (find_profile)
     with the explicit flags on top, and the match (its `.warning` is for stderr); ({flags}, None)
     when no profile applies. `target_key` is the registry's name for the target (resolve(t).name)."""
-    fingerprint, hw_class = current_hardware()
-    match = find_profile(target_key, fingerprint, hw_class, directory, starting_dir)
+    fingerprint, machine_class = current_hardware()
+    match = find_profile(target_key, fingerprint, machine_class, directory, starting_dir)
     return apply_profile(match.profile.settings if match else {}, overrides), match
 
 

@@ -167,7 +167,12 @@ SPACE = SearchSpace(
 
 
 def test_early_exit_keys():
+    from specexec_cli.tuning.search import generate_draft_name, normalize_draft
+
     assert parse_early_exit(early_exit_key("org/model-1.5b", 6)) == ("org/model-1.5b", 6)
+    assert normalize_draft("first-layers:4", "t") == "t[:4]" and normalize_draft("d", "t") == "d"
+    assert generate_draft_name("t[:4]", "t") == "first-layers:4"
+    assert generate_draft_name("d[:4]", "t") == "d[:4]" and generate_draft_name("d", "t") == "d"
     assert parse_early_exit("qwen2.5-coder-0.5b") is None
     assert parse_early_exit("x[:y]") is None
 
@@ -503,7 +508,7 @@ def test_a_small_real_tune_on_tiny_models(tmp_path, make_word_tokenizer):
     prompts.write_text(json.dumps([[0, "[INST] w1 w5 w9 w2 [/INST]"], [1, "w7 w3 w3 w8 w1"]]))
     options = TuneOptions(
         target="tiny-target",
-        drafts=("tiny-draft", "tiny-target[:1]"),
+        drafts=("tiny-draft", "first-layers:1"),  # the CLI's spelling of the target's early exit
         quantizations=("fp32",),
         budgets=(1, 4),
         n_beams=(4,),
@@ -531,6 +536,8 @@ def test_a_small_real_tune_on_tiny_models(tmp_path, make_word_tokenizer):
     assert saved.target == "tiny-target" and saved.fingerprint == probe.fingerprint
     assert saved.measured["tokens_per_s"] == result.best.tokens_per_s
     assert saved.settings["method"] in ("specexec", "autoregressive")
+    assert saved.settings.get("draft") in (None, "tiny-draft", "first-layers:1")
+    assert "tiny-target[:1]" in report.space.drafts
     assert "x plain decoding" in report.summary() or "plain autoregressive" in report.summary()
     # Resuming the same study measures nothing new.
     again = tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target")
@@ -538,20 +545,6 @@ def test_a_small_real_tune_on_tiny_models(tmp_path, make_word_tokenizer):
 
 
 # --- calibration prompts and starting profiles ------------------------------------------------
-
-
-def test_llama2_wrappers_are_stripped_to_user_text():
-    from specexec_cli.tuning.calibration import llama2_user_turns, strip_llama2_wrapper
-
-    mtbench = "[INST]Compose a haiku about tea.[/INST]\n\nASSISTANT:"
-    oasst = (
-        "[INST] <<SYS>>\nYou are helpful.\n<</SYS>\n\n\nWhat is a Dyson Sphere? [\\INST]\nA shell.\n"
-        "[INST] And who proposed it? [\\INST]\n"
-    )
-    assert strip_llama2_wrapper(mtbench) == "Compose a haiku about tea."
-    assert llama2_user_turns(oasst) == ["What is a Dyson Sphere?", "And who proposed it?"]
-    assert strip_llama2_wrapper(oasst) == "And who proposed it?"
-    assert strip_llama2_wrapper("  plain text ") == "plain text"
 
 
 def test_packaged_prompts_are_clean_and_mixed():
@@ -568,12 +561,22 @@ def test_prompt_files_in_every_accepted_format(tmp_path):
     from specexec_cli.tuning.calibration import read_prompts
 
     shared = tmp_path / "shared.json"
-    shared.write_text(json.dumps([[3, "[INST] Hi there [/INST]"], [4, "Plain"]]))
-    assert [(p.id, p.text) for p in read_prompts(shared)] == [("3", "Hi there"), ("4", "Plain")]
+    oasst = "[INST] <<SYS>>\nBe nice.\n<</SYS>\n\n\nWhat is a Dyson Sphere? [\\INST]\n"
+    shared.write_text(json.dumps([[3, "[INST]Hi there[/INST]\n\nASSISTANT:"], [4, oasst]]))
+    assert [(p.id, p.text) for p in read_prompts(shared)] == [
+        ("3", "Hi there"),
+        ("4", "What is a Dyson Sphere?"),
+    ]
     strings = tmp_path / "strings.json"
     strings.write_text(json.dumps(["one", "two"]))
     assert [p.text for p in read_prompts(strings)] == ["one", "two"]
-    for bad, message in (("{", "not valid JSON"), ("[]", "no prompts found"), ('{"prompts": []}', "schema")):
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"id": "a", "prompt": "[INST] first [/INST]"}\n{"prompt": "second"}\n')
+    assert [(p.id, p.text) for p in read_prompts(lines)] == [("a", "first"), ("2", "second")]
+    plain = tmp_path / "p.txt"
+    plain.write_text("Write a poem.\n")
+    assert [p.text for p in read_prompts(plain)] == ["Write a poem."]
+    for bad, message in (("{", "not valid JSON"), ('{"prompts": []}', "schema"), ('[{"x": 1}]', "not an")):
         path = tmp_path / "bad.json"
         path.write_text(bad)
         with pytest.raises(SpecexecError, match=message):

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from specexec_cli.bench import load_prompt_set, parse_llama2_chat, strip_llama2_wrapper
 from specexec_cli.decoding.config import GenerationConfig
 from specexec_cli.decoding.forward import causal_pattern, forward, new_cache
 from specexec_cli.decoding.kv import keep_tail
@@ -28,6 +28,8 @@ from specexec_cli.decoding.specexec import SpecExecDecoder, acceptance_curve, gr
 from specexec_cli.decoding.tree import Tree
 from specexec_cli.decoding.tree_passes import commit_path, target_tree_pass
 from specexec_cli.errors import SpecexecError
+from specexec_cli.prompts import Prompt, parse_text
+from specexec_cli.prompts import encode_prompt as encode_chat_prompt
 from specexec_cli.tuning.cost_model import AcceptanceCurve, LatencyCurve
 
 PROMPTS_RESOURCE = "data/calibration_prompts.json"
@@ -35,66 +37,50 @@ PROMPTS_SCHEMA_VERSION = 1
 
 # --- prompts ----------------------------------------------------------------------------------
 
-_SYSTEM = re.compile(r"<<SYS>>.*?<</SYS>>?", re.DOTALL)
-_TURN = re.compile(r"\[INST\](.*?)\[[/\\]INST\]", re.DOTALL)
 
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    text: str
-
-
-def llama2_user_turns(text: str) -> list[str]:
-    """The user messages inside a Llama-2 chat wrapper (`[INST] ... [/INST]`, also `[\\INST]`),
-    without the `<<SYS>>` block; [] when the text carries no wrapper."""
-    return [turn.strip() for turn in _TURN.findall(_SYSTEM.sub("", text)) if turn.strip()]
-
-
-def strip_llama2_wrapper(text: str) -> str:
-    """The last user message of a Llama-2 wrapped prompt, or the text itself when unwrapped."""
-    turns = llama2_user_turns(text)
-    return turns[-1] if turns else text.strip()
-
-
-def _parse_prompts(data: object, origin: str) -> list[Prompt]:
-    if isinstance(data, dict):
-        if data.get("schema_version") != PROMPTS_SCHEMA_VERSION:
-            raise SpecexecError(
-                f"{origin}: prompt file schema version {data.get('schema_version')!r}, expected 1"
-            )
-        items = [(p.get("id"), p.get("text")) for p in data.get("prompts", []) if isinstance(p, dict)]
-    elif isinstance(data, list):
-        items = [tuple(p) if isinstance(p, list) and len(p) == 2 else (None, p) for p in data]
-    else:
-        items = []
+def _packaged_format(data: dict, origin: str) -> list[Prompt]:
+    if data.get("schema_version") != PROMPTS_SCHEMA_VERSION:
+        raise SpecexecError(
+            f"{origin}: prompt file schema version {data.get('schema_version')!r}, expected 1"
+        )
     prompts = [
-        Prompt(str(i if i is not None else n), strip_llama2_wrapper(text))
-        for n, (i, text) in enumerate(items)
-        if isinstance(text, str) and text.strip()
+        Prompt(str(p["id"]), p["text"])
+        for p in data.get("prompts", [])
+        if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"].strip()
     ]
     if not prompts:
-        raise SpecexecError(
-            f"{origin}: no prompts found; expected a JSON list of [id, text] pairs (or of strings)"
-        )
+        raise SpecexecError(f"{origin}: no prompts found")
     return prompts
 
 
 def read_prompts(path: Path) -> list[Prompt]:
-    """Prompts from a JSON file: [[id, text], ...], [text, ...] or the packaged format."""
+    """Calibration prompts from a file: a JSON list of [id, text] pairs or of strings (the shared
+    MT-Bench / OASST format), the packaged format, JSON Lines with a "prompt" field, or plain text
+    (one prompt). Llama-2 `[INST]` wrappers are reduced to the last user message."""
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SpecexecError(f"cannot read prompts {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpecexecError(f"prompts file {path} is not valid JSON ({exc})") from None
-    return _parse_prompts(data, f"prompts file {path}")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecexecError(f"cannot read prompts {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecexecError(f"prompts file {path} is not valid JSON ({exc.msg})") from None
+        if isinstance(data, dict):
+            return _packaged_format(data, f"prompts file {path}")
+        prompts = [Prompt(pid, user) for pid, user in load_prompt_set(path, None)]
+    else:
+        prompts = [Prompt(p.id, strip_llama2_wrapper(p.text)) for p in parse_text(text, str(path), "auto")]
+    if not prompts:
+        raise SpecexecError(f"prompts file {path}: no prompts found")
+    return prompts
 
 
 def packaged_prompts() -> list[Prompt]:
     """The calibration prompts that ship with specexec (MT-Bench and OASST, interleaved)."""
     text = resources.files("specexec_cli").joinpath(PROMPTS_RESOURCE).read_text(encoding="utf-8")
-    return _parse_prompts(json.loads(text), "packaged calibration prompts")
+    return _packaged_format(json.loads(text), "packaged calibration prompts")
 
 
 def build_calibration_set(mtbench: Path, oasst: Path, per_set: int = 8, max_chars: int = 400) -> dict:
@@ -102,12 +88,11 @@ def build_calibration_set(mtbench: Path, oasst: Path, per_set: int = 8, max_char
     most `max_chars` characters of user text, spread evenly over each set, interleaved."""
     chosen = []
     for name, path in (("mtbench", mtbench), ("oasst", oasst)):
-        pairs = json.loads(Path(path).read_text(encoding="utf-8"))
-        usable = [
-            (pid, turns[0])
-            for pid, text in pairs
-            if len(turns := llama2_user_turns(text)) == 1 and len(turns[0]) <= max_chars
-        ]
+        usable = []
+        for pid, text in json.loads(Path(path).read_text(encoding="utf-8")):
+            turns = [m for m in parse_llama2_chat(text) if m["role"] != "system"]
+            if len(turns) == 1 and len(turns[0]["content"]) <= max_chars:
+                usable.append((pid, turns[0]["content"]))
         step = max(1, len(usable) // per_set)
         chosen.append([{"id": f"{name}-{pid}", "text": text} for pid, text in usable[::step][:per_set]])
     interleaved = [p for pair in zip(*chosen, strict=True) for p in pair]
@@ -124,16 +109,7 @@ def build_calibration_set(mtbench: Path, oasst: Path, per_set: int = 8, max_char
 
 def encode_prompt(tokenizer, text: str) -> torch.Tensor:
     """Token ids [1, L] of a user message, through the tokenizer's chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(ids, "keys"):  # transformers may hand back a BatchEncoding
-            ids = ids["input_ids"]
-        ids = torch.as_tensor(ids, dtype=torch.long)
-    else:
-        ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    return ids.reshape(1, -1)
+    return torch.tensor([encode_chat_prompt(tokenizer, text, None, True)], dtype=torch.long)
 
 
 # --- latency ----------------------------------------------------------------------------------
@@ -154,8 +130,9 @@ def measure_forward_curve(
 ) -> LatencyCurve:
     """Best-of-`repeats` forward time for each batch size (new tokens behind `context` cached ones).
 
-    Batch sizes are measured in increasing order until `time_limit_s` is spent; the curve extrapolates
-    linearly beyond the last one measured.
+    Batch sizes are measured in increasing order until `time_limit_s` is spent; then the largest one
+    is still measured once, so that the curve interpolates over the whole range instead of
+    extrapolating from its first points.
     """
     device = model.device
     generator = torch.Generator().manual_seed(0)
@@ -166,12 +143,16 @@ def measure_forward_curve(
     points: dict[int, float] = {}
     kept_none = torch.zeros(0, dtype=torch.long, device=device)
     start = time.perf_counter()
-    for batch in sorted(set(batches)):
+    ordered = sorted(set(batches))
+    for batch in ordered:
+        out_of_time = time.perf_counter() - start > time_limit_s
+        if out_of_time and batch != ordered[-1]:
+            continue
         ids = torch.randint(vocab, (batch,), generator=generator).to(device)
         positions = torch.arange(context, context + batch, device=device)
         attend = causal_pattern(context, batch, device)
         best = float("inf")
-        for _ in range(repeats):
+        for _ in range(1 if out_of_time else repeats):
             _sync(device)
             t0 = time.perf_counter()
             forward(model, cache, ids, positions, attend)
@@ -179,8 +160,6 @@ def measure_forward_curve(
             best = min(best, time.perf_counter() - t0)
             keep_tail(cache, context, kept_none)
         points[batch] = best
-        if time.perf_counter() - start > time_limit_s:
-            break
     return LatencyCurve.from_points(points)
 
 

@@ -82,9 +82,27 @@ class Candidate:
         )
 
 
+TARGET_EARLY_EXIT = "first-layers:"  # how `specexec generate --draft` names the target's early exit
+
+
 def early_exit_key(base: str, n_layers: int) -> str:
     """The draft key of an early-exit draft: the first n_layers layers of `base` plus its head."""
     return f"{base}[:{n_layers}]"
+
+
+def normalize_draft(name: str, target: str) -> str:
+    """A draft as the search keys it: `first-layers:N` (the CLI's spelling) becomes target[:N]."""
+    if name.startswith(TARGET_EARLY_EXIT) and name[len(TARGET_EARLY_EXIT) :].isdigit():
+        return early_exit_key(target, int(name[len(TARGET_EARLY_EXIT) :]))
+    return name
+
+
+def generate_draft_name(key: str, target: str) -> str:
+    """A draft key as `specexec generate --draft` takes it: target[:N] becomes `first-layers:N`."""
+    early = parse_early_exit(key)
+    if early is not None and early[0] == target:
+        return f"{TARGET_EARLY_EXIT}{early[1]}"
+    return key
 
 
 def parse_early_exit(key: str) -> tuple[str, int] | None:

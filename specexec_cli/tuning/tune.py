@@ -46,6 +46,8 @@ from specexec_cli.tuning.search import (
     default_storage_path,
     early_exit_key,
     format_results,
+    generate_draft_name,
+    normalize_draft,
     open_study,
     parse_early_exit,
     run_search,
@@ -276,7 +278,10 @@ def default_drafts(target: str, early_exit_layers: tuple[int, ...] | None) -> tu
 
 
 def build_space(options: TuneOptions, target_name: str, device: torch.device) -> SearchSpace:
-    drafts = options.drafts or default_drafts(target_name, options.early_exit_layers)
+    if options.drafts:
+        drafts = tuple(normalize_draft(d, target_name) for d in options.drafts)
+    else:
+        drafts = default_drafts(target_name, options.early_exit_layers)
     if options.drafts and options.early_exit_layers:
         drafts = (*drafts, *(early_exit_key(target_name, n) for n in options.early_exit_layers))
     if NO_DRAFT not in drafts:
@@ -305,7 +310,7 @@ class TrialRecord:
     tokens_per_s: float
     tokens: int
     seconds: float
-    tokens_per_pass: float | None = None
+    tokens_per_pass: float | None = None  # decode tokens per target pass (prefill iteration excluded)
     draft_passes_per_iteration: float | None = None
     host_s_per_iteration: float | None = None
     truncated: bool = False
@@ -367,6 +372,7 @@ class GenerationObjective:
         return target, draft
 
     def _run(self, target, draft, ids: torch.Tensor, config: GenerationConfig, limit: float | None):
+        """(decode tokens, decode seconds, decode iterations, result or None when cut at `limit`)."""
         marks: list[tuple[float, int]] = []
         start = time.perf_counter()
 
@@ -382,36 +388,34 @@ class GenerationObjective:
         except _TimeUp:
             result = None
         (t0, n0), (t1, n1) = marks[0], marks[-1]
+        iterations = len({n for _, n in marks}) - 1  # every iteration adds a token; the last tick repeats
         if n1 <= n0 or t1 <= t0:  # one iteration made everything: time it whole
-            t0, n0 = start, 0
-        return n1 - n0, t1 - t0, result
+            t0, n0, iterations = start, 0, 1
+        return n1 - n0, t1 - t0, iterations, result
 
     def __call__(self, candidate: Candidate) -> float:
         target, draft = self._models(candidate)
         config = self.config(candidate)
-        tokens, seconds, passes, draft_passes, host, iterations = 0, 0.0, 0, 0, 0.0, 0
-        truncated = False
+        tokens, seconds, iterations = 0, 0.0, 0
+        draft_passes, host, stats_iterations, truncated = 0, 0.0, 0, False
         limit = self.time_limit_s / len(self.prompts) if self.time_limit_s else None
         for ids in self.prompts:
-            n, s, result = self._run(target, draft, ids, config, limit)
-            tokens, seconds = tokens + n, seconds + s
+            n, s, k, result = self._run(target, draft, ids, config, limit)
+            tokens, seconds, iterations = tokens + n, seconds + s, iterations + k
             if result is None:
                 truncated = True
             else:
-                passes += result.stats.target_passes
                 draft_passes += result.stats.draft_passes
-                iterations += result.stats.iterations
+                stats_iterations += result.stats.iterations
                 host += result.host_s
         rate = tokens / seconds
         self.records[candidate] = TrialRecord(
             tokens_per_s=rate,
             tokens=tokens,
             seconds=seconds,
-            tokens_per_pass=(self.max_new_tokens * len(self.prompts) / passes)
-            if passes and not truncated
-            else None,
-            draft_passes_per_iteration=draft_passes / iterations if iterations else None,
-            host_s_per_iteration=host / iterations if iterations else None,
+            tokens_per_pass=tokens / iterations if iterations else None,
+            draft_passes_per_iteration=draft_passes / stats_iterations if stats_iterations else None,
+            host_s_per_iteration=host / stats_iterations if stats_iterations else None,
             truncated=truncated,
         )
         return rate
@@ -697,7 +701,7 @@ def make_profile(
     settings["quantization"] = best.quantization
     if not best.autoregressive:
         settings.update(
-            draft=best.draft,
+            draft=generate_draft_name(best.draft, options.target),
             budget=best.budget,
             max_n_beams=best.max_n_beams,
             max_beam_len=best.max_beam_len,
