@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
         "--target-exit-layers", type=int, default=4, help="early-exit draft: target's first N"
     )
     parser.add_argument("--draft-exit-layers", type=int, default=12, help="early-exit draft: 0.5B's first N")
+    parser.add_argument("--no-early-exit", action="store_true", help="leave the early-exit drafts out")
+    parser.add_argument("--n-beams", default="8", help="max_n_beams choices")
+    parser.add_argument("--beam-lens", default="8", help="max_beam_len choices")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--n-prompts", type=int, default=2)
     parser.add_argument("--trial-time-limit", type=float, default=30.0, help="seconds per measurement")
@@ -103,20 +106,22 @@ def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)
     budgets = tuple(int(b) for b in args.budgets.split(","))
-    drafts = (
-        NO_DRAFT,
-        DRAFT,
-        early_exit_key(TARGET, args.target_exit_layers),
-        early_exit_key(DRAFT, args.draft_exit_layers),
-    )
+    drafts = (NO_DRAFT, DRAFT)
+    if not args.no_early_exit:
+        drafts += (
+            early_exit_key(TARGET, args.target_exit_layers),
+            early_exit_key(DRAFT, args.draft_exit_layers),
+        )
+    n_beams = tuple(int(b) for b in args.n_beams.split(","))
+    beam_lens = tuple(int(b) for b in args.beam_lens.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench-tune-"))
     options = TuneOptions(
         target=TARGET,
         drafts=drafts,
         quantizations=tuple(args.quantizations.split(",")),
         budgets=budgets,
-        n_beams=(8,),
-        beam_lens=(8,),
+        n_beams=n_beams,
+        beam_lens=beam_lens,
         n_prompts=args.n_prompts,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
@@ -159,8 +164,8 @@ def main() -> int:
             "drafts": list(drafts),
             "quantizations": list(options.quantizations),
             "budgets": list(budgets),
-            "max_n_beams": 8,
-            "max_beam_len": 8,
+            "max_n_beams": list(n_beams),
+            "max_beam_len": list(beam_lens),
             "max_new_tokens": args.max_new_tokens,
             "prompts": args.n_prompts,
             "trial_time_limit_s": args.trial_time_limit,
