@@ -37,6 +37,16 @@ class HardwareClass:
     device_bytes_per_s: float  # memory bandwidth of the compute device
     flops: float  # achieved matmul throughput in the compute dtype
     pcie: str | None = None
+    # Forward time of 2+ tokens as a multiple of 1 token, at least: on CPUs torch's matmul for 2+ rows
+    # (GEMM) runs far below its 1-row path (GEMV); 1.0 where the roofline holds.
+    multi_token_floor: float = 1.0
+
+    def curve(self, seconds_at: dict[int, float]) -> cm.LatencyCurve:
+        """A latency curve with the multi-token floor applied."""
+        one = seconds_at[1]
+        return cm.LatencyCurve.from_points(
+            {b: s if b == 1 else max(s, self.multi_token_floor * one) for b, s in seconds_at.items()}
+        )
 
     @property
     def has_gpu(self) -> bool:
@@ -51,6 +61,7 @@ class HardwareClass:
             "assumed_h2d_gb_per_s": self.h2d_bytes_per_s / 1e9,
             "assumed_device_gb_per_s": self.device_bytes_per_s / 1e9,
             "assumed_tflops": self.flops / 1e12,
+            "assumed_multi_token_floor": self.multi_token_floor,
         }
 
 
@@ -85,7 +96,16 @@ HARDWARE_CLASSES = (
         200e12,
         "4.0 x16",
     ),
-    HardwareClass("cpu-avx2-ram16", "CPU only (AVX2, 2+ cores), 16 GB RAM", 0, 16, 0.0, 15e9, 50e9),
+    HardwareClass(
+        "cpu-avx2-ram16",
+        "CPU only (AVX2, 2+ cores), 16 GB RAM",
+        0,
+        16,
+        0.0,
+        15e9,
+        50e9,
+        multi_token_floor=3.0,
+    ),
 )
 
 # Targets and the acceptance prior scale assumed for their drafts (the paper's Llama-2 7B/70B pair
@@ -135,14 +155,17 @@ def target_curve(
 ) -> cm.LatencyCurve:
     """Roofline target times: streamed layers at PCIe bandwidth, resident ones at device bandwidth."""
     if not hw.has_gpu or the_plan.resident_layers >= shape.n_layers:
-        return cm.LatencyCurve.roofline(shape, quant, hw.device_bytes_per_s, hw.flops, BATCHES)
-    seconds = [
-        cm.offloaded_forward_s(
-            shape, quant, b, hw.h2d_bytes_per_s, hw.device_bytes_per_s, hw.flops, the_plan.resident_layers
+        return hw.curve(
+            {b: cm.roofline_forward_s(shape, quant, b, hw.device_bytes_per_s, hw.flops) for b in BATCHES}
         )
-        for b in BATCHES
-    ]
-    return cm.LatencyCurve(BATCHES, tuple(seconds))
+    return hw.curve(
+        {
+            b: cm.offloaded_forward_s(
+                shape, quant, b, hw.h2d_bytes_per_s, hw.device_bytes_per_s, hw.flops, the_plan.resident_layers
+            )
+            for b in BATCHES
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -200,7 +223,12 @@ def best_settings(
         choices.append(Choice(_settings(NO_DRAFT, quant, 0, 0, 0, plain_plan), plain))
         for name, draft_shape, params in drafts:
             draft_bytes = int(draft_shape.weight_bytes(float_quant))
-            draft = cm.LatencyCurve.roofline(draft_shape, float_quant, hw.device_bytes_per_s, hw.flops)
+            draft = hw.curve(
+                {
+                    b: cm.roofline_forward_s(draft_shape, float_quant, b, hw.device_bytes_per_s, hw.flops)
+                    for b in BATCHES
+                }
+            )
             acceptance = cm.AcceptanceCurve.prior(scale=prior_scale(params, spec.params))
             for budget in budgets:
                 the_plan = _plan(hw, facts, budget, draft_bytes)
