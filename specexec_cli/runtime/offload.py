@@ -27,6 +27,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -474,18 +475,18 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def _prepare(
-    source,
-    device,
-    dtype,
-    offload,
-    quant,
-    buffers,
-    resident_layers,
-    offload_dir,
-    budget,
-    context_len,
-    draft,
-    hardware,
+    source: str | os.PathLike | nn.Module,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    offload: str = "ram",
+    quant: str | None = None,
+    buffers: int = 2,
+    resident_layers: int | None = 0,
+    offload_dir: str | os.PathLike | None = None,
+    budget: int | None = None,
+    context_len: int = 2048,
+    draft: nn.Module | None = None,
+    hardware: planner.HardwareFacts | None = None,
 ) -> _Prepared:
     if offload not in planner.OFFLOADS and offload != "auto":
         raise UsageError(f"--offload must be one of none, ram, disk, auto; got {offload!r}")
@@ -560,38 +561,11 @@ def _prepare(
     return _Prepared(model, index, prefix, layer_list, sources, device, dtype, quant, the_plan)
 
 
-def plan_target(
-    source: str | os.PathLike | nn.Module,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    offload: str = "ram",
-    quant: str | None = None,
-    buffers: int = 2,
-    resident_layers: int | None = 0,
-    offload_dir: str | os.PathLike | None = None,
-    budget: int | None = None,
-    context_len: int = 2048,
-    draft: nn.Module | None = None,
-    hardware: planner.HardwareFacts | None = None,
-) -> planner.Plan:
-    """The memory plan `load_offloaded_target` would follow, without loading any weights.
-
-    Same arguments; raises the same one-line SpecexecError when the run cannot fit.
-    """
-    prep = _prepare(
-        source,
-        device,
-        dtype,
-        offload,
-        quant,
-        buffers,
-        resident_layers,
-        offload_dir,
-        budget,
-        context_len,
-        draft,
-        hardware,
-    )
+def plan_target(source: str | os.PathLike | nn.Module, **options: Any) -> planner.Plan:
+    """The memory plan `load_offloaded_target(source, **options)` would follow, without loading any
+    weights. Takes the same keyword arguments; raises the same one-line SpecexecError when the run
+    cannot fit."""
+    prep = _prepare(source, **options)
     if prep.index is not None:
         prep.index.close()
     return prep.plan
@@ -629,18 +603,8 @@ def load_offloaded_target(
     The engine is `model.offload_engine` (plan, stats, close()). Do not call `.to()` on the model.
     """
     prep = _prepare(
-        source,
-        device,
-        dtype,
-        offload,
-        quant,
-        buffers,
-        resident_layers,
-        offload_dir,
-        budget,
-        context_len,
-        draft,
-        hardware,
+        source, device, dtype, offload, quant, buffers, resident_layers, offload_dir, budget, context_len,
+        draft, hardware,
     )
     model, index = prep.model, prep.index
     try:
