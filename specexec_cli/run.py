@@ -66,37 +66,45 @@ def default_draft_name(target_name: str) -> str:
     return drafts[0].name
 
 
-def load_draft(spec: str, target: torch.nn.Module, tokenizer: Any, device: str, dtype: torch.dtype):
-    """A draft by name or path, or `first-layers:N` for an early-exit draft sharing the target's weights."""
-    from specexec_cli.models.load import check_compatible, load_model, make_early_exit_draft
+def make_early_exit(spec: str, target: torch.nn.Module) -> torch.nn.Module:
+    """`first-layers:N`: an early-exit draft sharing the target's first N layers and its head."""
+    from specexec_cli.models.load import make_early_exit_draft
+    from specexec_cli.models.registry import EARLY_EXIT
 
-    if spec.startswith("first-layers:"):
-        count = spec.split(":", 1)[1]
-        if not count.isdigit() or int(count) < 1:
-            raise UsageError(f"--draft first-layers:N needs a positive layer count, got {count!r}")
-        return make_early_exit_draft(target, int(count))
-    draft, draft_tokenizer = load_model(spec, device=device, dtype=dtype)
-    check_compatible(tokenizer, draft_tokenizer)
-    return draft
+    count = spec.removeprefix(EARLY_EXIT)
+    if not count.isdigit() or int(count) < 1:
+        raise UsageError(f"--draft first-layers:N needs a positive layer count, got {count!r}")
+    return make_early_exit_draft(target, int(count))
 
 
 def load_pair(target_name: str, draft_name: str | None, method: str, device: str,
               dtype: torch.dtype, load_target: Callable[..., tuple[Any, Any]] | None = None) -> ModelPair:
-    """Load the target (by `load_target` when the runtime offloads it) and, unless decoding plainly,
-    a tokenizer-compatible draft."""
-    from specexec_cli.models.load import eos_token_ids, load_model
+    """Load the target and, unless decoding plainly, a tokenizer-compatible draft.
+
+    `load_target(name, device=, dtype=, draft=)` replaces the resident loader when the runtime offloads
+    the target; a separate draft is then loaded first, so that the memory plan counts it."""
+    from specexec_cli.models.load import check_compatible, eos_token_ids, load_model
+    from specexec_cli.models.registry import EARLY_EXIT
 
     needs_draft = method != "autoregressive" and draft_name != "none"
+    if not needs_draft and method != "autoregressive":
+        raise UsageError(f"method {method!r} needs a draft; drop --draft none or use --method autoregressive")
     if needs_draft and draft_name is None:
         draft_name = default_draft_name(target_name)  # fail on a missing draft before loading weights
-    log(f"loading target {target_name} ({device}, {str(dtype).removeprefix('torch.')})")
-    target, tokenizer = (load_target or load_model)(target_name, device=device, dtype=dtype)
-    draft = None
-    if needs_draft:
+    draft, draft_tokenizer = None, None
+    if needs_draft and not draft_name.startswith(EARLY_EXIT):
         log(f"loading draft {draft_name}")
-        draft = load_draft(draft_name, target, tokenizer, device, dtype)
-    elif method != "autoregressive":
-        raise UsageError(f"method {method!r} needs a draft; drop --draft none or use --method autoregressive")
+        draft, draft_tokenizer = load_model(draft_name, device=device, dtype=dtype)
+    log(f"loading target {target_name} ({device}, {str(dtype).removeprefix('torch.')})")
+    if load_target is None:
+        target, tokenizer = load_model(target_name, device=device, dtype=dtype)
+    else:
+        target, tokenizer = load_target(target_name, device=device, dtype=dtype, draft=draft)
+    if draft_tokenizer is not None:
+        check_compatible(tokenizer, draft_tokenizer)
+    elif needs_draft:
+        log(f"draft: the target's first {draft_name.removeprefix(EARLY_EXIT)} layers")
+        draft = make_early_exit(draft_name, target)
     return ModelPair(target, draft, tokenizer, eos_token_ids(target, tokenizer))
 
 
@@ -114,7 +122,8 @@ class OffloadOptions:
 def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: int):
     """A `load_target` for `load_pair` that streams the target's layers (specexec_cli.runtime)."""
 
-    def load(name: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    def load(name: str, device: str, dtype: torch.dtype,
+             draft: torch.nn.Module | None = None) -> tuple[Any, Any]:
         from specexec_cli.models.load import load_tokenizer, local_source
         from specexec_cli.models.registry import resolve
         from specexec_cli.runtime.offload import load_offloaded_target
@@ -127,7 +136,8 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
         model = load_offloaded_target(source, device=device, dtype=dtype, offload=options.offload,
                                       quant=options.quant, buffers=options.buffers,
                                       resident_layers=options.resident_layers,
-                                      offload_dir=options.offload_dir, budget=budget, context_len=context_len)
+                                      offload_dir=options.offload_dir, budget=budget, context_len=context_len,
+                                      draft=draft)
         plan = model.offload_engine.plan
         log(f"offload plan: {plan.summary()}")
         return model, load_tokenizer(spec)

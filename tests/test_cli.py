@@ -159,6 +159,31 @@ def test_offloaded_target_gives_the_same_text(model_dirs, tier, tmp_path):
     assert "offload plan" in offloaded.stderr
 
 
+def test_offload_plan_counts_the_draft(model_dirs, monkeypatch):
+    from specexec_cli.runtime import offload
+
+    seen = []
+    real = offload.load_offloaded_target
+
+    def recording(source, **kw):
+        seen.append(kw.get("draft"))
+        return real(source, **kw)
+
+    monkeypatch.setattr(offload, "load_offloaded_target", recording)
+    separate = run(model_dirs, "-p", "w2 w7", "--offload", "ram")
+    early = run(model_dirs, "-p", "w2 w7", "--offload", "ram", "--draft", "first-layers:1")
+    assert separate.exit_code == 0 and early.exit_code == 0, separate.stderr + early.stderr
+    assert isinstance(seen[0], torch.nn.Module) and seen[0].config.num_hidden_layers == 1
+    assert seen[1] is None  # an early-exit draft shares the target's weights: nothing extra to plan
+    assert "first 1 layers" in early.stderr
+    plain = run(model_dirs, "-p", "w2 w7", "--method", "autoregressive")
+    assert early.stdout == separate.stdout == plain.stdout
+    streamed = run(model_dirs, "-p", "w2", "--offload", "ram", "--resident-layers", "0",
+                   "--draft", "first-layers:1")
+    assert streamed.exit_code == 1 and "--resident-layers 1" in streamed.stderr
+    assert len(streamed.stderr.strip().splitlines()[-1]) < 200 and "Traceback" not in streamed.stderr
+
+
 def test_models_lists_the_registry():
     result = CliRunner().invoke(main, ["models", "--json"])
     assert result.exit_code == 0

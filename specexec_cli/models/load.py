@@ -246,6 +246,7 @@ def make_early_exit_draft(model: Any, n_layers: int) -> Any:
 
     Embeddings, those layers, the final norm, rotary embedding and LM head are shared with
     `model` (no copies): the draft costs no extra weight memory and follows in-place changes.
+    An offloaded target (specexec_cli.runtime) must keep those layers resident on the device.
     """
     config = model.config
     total = config.num_hidden_layers
@@ -255,6 +256,14 @@ def make_early_exit_draft(model: Any, n_layers: int) -> Any:
     base = getattr(model, base_name, None)
     if base is None or not isinstance(getattr(base, "layers", None), torch.nn.ModuleList):
         raise SpecexecError(f"cannot make an early-exit draft of {type(model).__name__}: no layer list")
+    engine = getattr(model, "offload_engine", None)  # a target whose layers the runtime binds per call
+    if engine is not None:
+        streamed = [i for i in range(n_layers) if i not in engine.resident]
+        if streamed:
+            raise SpecexecError(
+                f"an early-exit draft of {n_layers} layers needs them on the device, but the offloaded "
+                f"target streams layer {streamed[0]}; pass --resident-layers {n_layers} or a separate draft"
+            )
     draft_config = copy.deepcopy(config)
     draft_config.num_hidden_layers = n_layers
     if isinstance(getattr(draft_config, "layer_types", None), list):
@@ -268,7 +277,12 @@ def make_early_exit_draft(model: Any, n_layers: int) -> Any:
     for child_name, child in model.named_children():
         if child_name != base_name:
             setattr(draft, child_name, child)
-    leftover = [name for name, t in draft.state_dict(keep_vars=True).items() if t.is_meta]
+    bound_per_call = f"{base_name}.layers." if engine is not None else None
+    leftover = [
+        name
+        for name, t in draft.state_dict(keep_vars=True).items()
+        if t.is_meta and not (bound_per_call and name.startswith(bound_per_call))
+    ]
     leftover += [name for name, t in draft.named_buffers() if t.is_meta]
     if leftover:
         raise SpecexecError(f"early-exit draft of {type(model).__name__}: unshared tensors {leftover[:3]}")

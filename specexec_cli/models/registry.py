@@ -23,6 +23,7 @@ KINDS = ("bundled", "hub", "local", "gguf")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 GPTQ_GROUP = 128  # GPTQ group size assumed for the 4-bit size estimate
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+EARLY_EXIT = "first-layers:"  # `--draft first-layers:N`: the target's first N layers and its head
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from specexec_cli.errors import SpecexecError
+from specexec_cli.models.registry import EARLY_EXIT
 
 NO_DRAFT = "none"
 DEFAULT_BUDGETS = tuple(2**i for i in range(13))  # 1 .. 4096, log scale
@@ -82,9 +83,6 @@ class Candidate:
         )
 
 
-TARGET_EARLY_EXIT = "first-layers:"  # how `specexec generate --draft` names the target's early exit
-
-
 def early_exit_key(base: str, n_layers: int) -> str:
     """The draft key of an early-exit draft: the first n_layers layers of `base` plus its head."""
     return f"{base}[:{n_layers}]"
@@ -92,8 +90,8 @@ def early_exit_key(base: str, n_layers: int) -> str:
 
 def normalize_draft(name: str, target: str) -> str:
     """A draft as the search keys it: `first-layers:N` (the CLI's spelling) becomes target[:N]."""
-    if name.startswith(TARGET_EARLY_EXIT) and name[len(TARGET_EARLY_EXIT) :].isdigit():
-        return early_exit_key(target, int(name[len(TARGET_EARLY_EXIT) :]))
+    if name.startswith(EARLY_EXIT) and name[len(EARLY_EXIT) :].isdigit():
+        return early_exit_key(target, int(name[len(EARLY_EXIT) :]))
     return name
 
 
@@ -101,7 +99,7 @@ def generate_draft_name(key: str, target: str) -> str:
     """A draft key as `specexec generate --draft` takes it: target[:N] becomes `first-layers:N`."""
     early = parse_early_exit(key)
     if early is not None and early[0] == target:
-        return f"{TARGET_EARLY_EXIT}{early[1]}"
+        return f"{EARLY_EXIT}{early[1]}"
     return key
 
 
