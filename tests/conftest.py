@@ -17,37 +17,25 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from tiny_pairs import tiny_model
 
 TINY_VOCAB = 320
 TINY_SPECIALS = ("<s>", "</s>", "<pad>", "<unk>")
 
 
-def _tiny_config_kwargs() -> dict[str, object]:
-    return dict(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.25, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )
+TINY_CONFIG = dict(initializer_range=0.25, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
 
 @pytest.fixture
 def tiny_llama() -> torch.nn.Module:
     """A seeded random 2-layer LlamaForCausalLM in float64 (untied LM head)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**_tiny_config_kwargs(), tie_word_embeddings=False)
-    return LlamaForCausalLM(config).to(torch.float64).eval()
+    return tiny_model("llama", 2, seed=0, vocab=TINY_VOCAB, **TINY_CONFIG)
 
 
 @pytest.fixture
 def tiny_qwen2() -> torch.nn.Module:
     """A seeded random 2-layer Qwen2ForCausalLM in float64 (tied LM head, qkv biases)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    config = Qwen2Config(**_tiny_config_kwargs(), tie_word_embeddings=True)
-    return Qwen2ForCausalLM(config).to(torch.float64).eval()
+    return tiny_model("qwen2", 2, seed=1, vocab=TINY_VOCAB, tie_word_embeddings=True, **TINY_CONFIG)
 
 
 def _word_tokenizer(words: Sequence[str], specials: Sequence[str] = TINY_SPECIALS, **special_tokens: str):

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from test_quant import write_gptq_checkpoint
+from tiny_pairs import tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from specexec_cli.errors import SpecexecError, UsageError
@@ -29,26 +30,9 @@ def _one_thread():
 
 
 def tiny(family: str, n_layers: int = 3, seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
-
-    kw = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.1,
-    )
-    if family == "mixtral":
-        kw.update(num_local_experts=4, num_experts_per_tok=2)
-    if family == "qwen2":
-        kw.update(tie_word_embeddings=True)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "mixtral": MixtralConfig}[
-        family
-    ]
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cls(**kw)).eval()
+    """A float32 random model, vocab 256; qwen2 ties its embeddings and LM head."""
+    return tiny_model(family, n_layers, seed, vocab=256, dtype=torch.float32, initializer_range=0.1,
+                      tie_word_embeddings=family == "qwen2")
 
 
 def additive(attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

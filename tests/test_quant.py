@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_pairs import tiny_model
 
 from specexec_cli.errors import UsageError
 from specexec_cli.runtime import quant
@@ -215,22 +216,7 @@ def test_int8_roundtrip_on_cpu():
 
 
 def _tiny(family: str, n_layers: int = 2) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config
-
-    kw = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.1,
-    )
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mixtral": MixtralConfig}[family]
-    if family == "mixtral":
-        kw.update(num_local_experts=4, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg(**kw)).eval()
+    return tiny_model(family, n_layers, seed=0, vocab=256, dtype=torch.float32, initializer_range=0.1)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
