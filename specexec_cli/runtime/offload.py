@@ -17,6 +17,7 @@ Errors in a load or a layer propagate to the caller; the next forward drains the
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -475,18 +476,8 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def _prepare(
-    source: str | os.PathLike | nn.Module,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    offload: str = "ram",
-    quant: str | None = None,
-    buffers: int = 2,
-    resident_layers: int | None = 0,
-    offload_dir: str | os.PathLike | None = None,
-    budget: int | None = None,
-    context_len: int = 2048,
-    draft: nn.Module | None = None,
-    hardware: planner.HardwareFacts | None = None,
+    source, device, dtype, offload, quant, buffers, resident_layers, offload_dir, budget, context_len, draft,
+    hardware,
 ) -> _Prepared:
     if offload not in planner.OFFLOADS and offload != "auto":
         raise UsageError(f"--offload must be one of none, ram, disk, auto; got {offload!r}")
@@ -565,7 +556,9 @@ def plan_target(source: str | os.PathLike | nn.Module, **options: Any) -> planne
     """The memory plan `load_offloaded_target(source, **options)` would follow, without loading any
     weights. Takes the same keyword arguments; raises the same one-line SpecexecError when the run
     cannot fit."""
-    prep = _prepare(source, **options)
+    call = inspect.signature(load_offloaded_target).bind(source, **options)
+    call.apply_defaults()  # load_offloaded_target's signature holds the defaults for both
+    prep = _prepare(*call.args)
     if prep.index is not None:
         prep.index.close()
     return prep.plan
