@@ -213,11 +213,12 @@ def probe(as_json: bool, refresh: bool) -> None:
 @click.option("--trials", type=int, default=24, show_default=True)
 @click.option("--timeout", type=float, default=None, help="Seconds for the whole search.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
-              help="Calibration prompts (text or JSON Lines) [default: packaged MT-Bench/OASST prompts].")
+              help="Calibration prompts: JSON list, JSON Lines or text "
+              "[default: packaged MT-Bench/OASST prompts].")
 @click.option("--n-prompts", type=int, default=2, show_default=True)
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--study", default=None, help="Study name; the same name resumes an interrupted search.")
-@click.option("--device", default=None)
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--no-save", is_flag=True, help="Do not write a profile.")
 @friendly_errors
 def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_file, n_prompts,
