@@ -423,3 +423,25 @@ def test_specexec_through_the_offloaded_target_equals_greedy(tmp_path, offload):
     assert spec.token_ids == plain.token_ids
     assert offloaded.offload_engine.stats.forwards == spec.n_target_passes
     offloaded.offload_engine.close()
+
+
+def test_early_exit_draft_shares_the_resident_layers_of_an_offloaded_target(tmp_path):
+    from tiny_pairs import tiny_pair
+
+    from specexec_cli.decoding.config import GenerationConfig, TreeConfig
+    from specexec_cli.decoding.generate import generate
+    from specexec_cli.models.load import make_early_exit_draft
+
+    target, _ = tiny_pair("llama")
+    prompt = torch.tensor([[5, 17, 3, 99, 42]])
+    plain = generate(target, None, prompt, GenerationConfig(method="autoregressive", max_new_tokens=24))
+    streamed_from_0 = load(copy.deepcopy(target), offload="ram", buffers=2, resident_layers=0)
+    with pytest.raises(SpecexecError, match="--resident-layers 1"):
+        make_early_exit_draft(streamed_from_0, 1)
+    offloaded = load(copy.deepcopy(target), offload="ram", buffers=2, resident_layers=1)
+    draft = make_early_exit_draft(offloaded, 1)
+    config = GenerationConfig(method="specexec", max_new_tokens=24, tree=TreeConfig(budget=16, max_n_beams=4))
+    spec = generate(offloaded, draft, prompt, config)
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.draft_passes > 0
+    assert offloaded.offload_engine.stats.forwards == spec.n_target_passes  # draft calls are not counted

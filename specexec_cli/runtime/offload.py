@@ -215,7 +215,7 @@ class OffloadEngine:
         return post_hook
 
     def _before(self, layer: int) -> None:
-        if layer == 0:
+        if layer == len(self.layers) - 1:  # the last layer: an early-exit draft's calls do not count
             self.stats.forwards += 1
         bound = self.layers[layer]
         if layer in self.resident:
