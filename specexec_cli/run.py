@@ -160,7 +160,9 @@ def resolve_settings(target_name: str, flags: dict[str, Any], use_profile: bool)
         settings, match = settings_for_generate(resolve(target_name).name, flags)
         if match is not None:
             origin = match.path.name if match.path else f"starting profile for {match.profile.target}"
-            log(f"profile: {origin}: {describe_settings(match.profile.settings)}")
+            explicit = ", ".join(f"{k}={v}" for k, v in flags.items() if v is not None)
+            on_top = f"; flags on top: {explicit}" if explicit else ""
+            log(f"profile: {origin}: {describe_settings(match.profile.settings)}{on_top}")
             if match.warning:
                 log(f"warning: {match.warning}")
     return {**TREE_DEFAULTS, "method": "specexec", **settings}

@@ -207,6 +207,7 @@ def test_tuned_profile_supplies_settings_and_flags_override(model_dirs, tmp_path
     overridden = run(model_dirs, "-p", "w3 w4", "--json", "--method", "specexec")
     record = json.loads(overridden.stdout)
     assert record["method"] == "specexec" and record["budget"] == 4
+    assert "flags on top: method=specexec" in overridden.stderr
     ignored = run(model_dirs, "-p", "w3 w4", "--json", "--no-profile")
     assert json.loads(ignored.stdout)["method"] == "specexec" and "profile:" not in ignored.stderr
     assert record["text"] == json.loads(from_profile.stdout)["text"]
