@@ -95,12 +95,10 @@ class SpecExecDecoder:
     """Holds both KV caches across iterations; `step` commits at least one token per target pass."""
 
     def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, config: GenerationConfig,
-                 generator: torch.Generator | None, record_curves: bool = False) -> None:
+                 generator: torch.Generator | None) -> None:
         self.target, self.draft, self.config, self.generator = target, draft, config, generator
         self.target_cache, self.draft_cache = new_cache(), new_cache()
         self.stats = PassStats()
-        self.record_curves = record_curves
-        self.curves: list[torch.Tensor] = []
 
     @torch.inference_mode()
     def step(self, sequence: torch.Tensor) -> list[int]:
@@ -108,9 +106,12 @@ class SpecExecDecoder:
         n = sequence.numel()
         tree = grow_tree(self.draft, self.draft_cache, sequence, self.config, self.stats)
         logits = target_tree_pass(self.target, self.target_cache, sequence, tree, self.stats)
-        if self.record_curves:
-            self.curves.append(acceptance_curve(tree, logits, self.config.sampling).cpu())
+        self.observe(tree, logits)
         path, emitted = validate(tree, logits, self.config.sampling, self.generator)
         commit_path(self.target_cache, self.draft_cache, tree, path, n)
         self.stats.iterations += 1
         return emitted
+
+    def observe(self, tree: Tree, logits: torch.Tensor) -> None:
+        """Called with every grown tree and the target's logits over it, before validation; for
+        subclasses that measure (the tuner's calibration)."""

@@ -24,9 +24,8 @@ from specexec_cli.bench import load_prompt_set, parse_llama2_chat, strip_llama2_
 from specexec_cli.decoding.config import GenerationConfig
 from specexec_cli.decoding.forward import causal_pattern, forward, new_cache
 from specexec_cli.decoding.kv import keep_tail
-from specexec_cli.decoding.specexec import SpecExecDecoder, acceptance_curve, grow_tree, validate
+from specexec_cli.decoding.specexec import SpecExecDecoder, acceptance_curve
 from specexec_cli.decoding.tree import Tree
-from specexec_cli.decoding.tree_passes import commit_path, target_tree_pass
 from specexec_cli.errors import SpecexecError
 from specexec_cli.prompts import Prompt, parse_text
 from specexec_cli.prompts import encode_prompt as encode_chat_prompt
@@ -174,23 +173,16 @@ def depth_curve(tree: Tree) -> torch.Tensor:
 
 
 class _CalibrationDecoder(SpecExecDecoder):
-    """SpecExecDecoder.step, also recording for each iteration G(K) and the top-K tree depth."""
+    """SpecExecDecoder recording, for each iteration, G(K) and the top-K tree depth."""
 
     def __init__(self, target, draft, config: GenerationConfig) -> None:
-        super().__init__(target, draft, config, generator=None, record_curves=True)
+        super().__init__(target, draft, config, generator=None)
+        self.curves: list[torch.Tensor] = []
         self.depth_curves: list[torch.Tensor] = []
 
-    @torch.inference_mode()
-    def step(self, sequence: torch.Tensor) -> list[int]:
-        n = sequence.numel()
-        tree = grow_tree(self.draft, self.draft_cache, sequence, self.config, self.stats)
-        logits = target_tree_pass(self.target, self.target_cache, sequence, tree, self.stats)
+    def observe(self, tree: Tree, logits: torch.Tensor) -> None:
         self.curves.append(acceptance_curve(tree, logits, self.config.sampling).cpu())
         self.depth_curves.append(depth_curve(tree).cpu())
-        path, emitted = validate(tree, logits, self.config.sampling, self.generator)
-        commit_path(self.target_cache, self.draft_cache, tree, path, n)
-        self.stats.iterations += 1
-        return emitted
 
 
 @dataclass(frozen=True)
