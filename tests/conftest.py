@@ -6,6 +6,8 @@
 - `tiny_tokenizer`: a word-level tokenizer whose 320 ids match the tiny models' vocabulary
   (`<s>`=0, `</s>`=1, `<pad>`=2, `<unk>`=3, then `w0` .. `w315`; text is space-separated words).
 - `make_word_tokenizer`: builds such tokenizers from any word list, for vocabulary tests.
+- `one_thread`: torch on one thread for the test (modules of tiny-model tests opt in with
+  `pytestmark = pytest.mark.usefixtures("one_thread")`).
 - `smollm2` (session scope, slow): the converted real SmolLM2-135M-Instruct, float32, as
   (model, tokenizer). The first run converts it into the user cache (~40 s); later runs reuse it.
   Tests using it must be marked `@pytest.mark.slow`; it skips when the package is not installed.
@@ -61,6 +63,16 @@ def make_word_tokenizer() -> Callable[..., object]:
 def tiny_tokenizer():
     """Word-level tokenizer with the tiny models' 320 ids."""
     return _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB - len(TINY_SPECIALS))])
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny matmuls on a shared 2-core machine are much faster
+    without OpenMP spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

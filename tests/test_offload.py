@@ -20,13 +20,7 @@ from specexec_cli.runtime.plan import HardwareFacts
 BIG = HardwareFacts(device_mem_free=64 << 30, host_ram_available=64 << 30, disk_free=1 << 40)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine are much faster without OpenMP spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(family: str, n_layers: int = 3, seed: int = 0) -> torch.nn.Module:

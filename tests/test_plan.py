@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,16 +33,8 @@ LLAMA70 = ModelFacts(
     intermediate_size=28672,
 )
 # the same in GPTQ 4-bit: ~4x fewer streamed bytes, one dequantized fp16 layer of scratch
-LLAMA70_GPTQ = ModelFacts(
-    n_layers=80,
-    layer_bytes=450_000_000,
-    total_layer_bytes=80 * 450_000_000,
-    resident_bytes=2_100_000_000,
-    kv_bytes_per_token=2 * 80 * 8 * 128 * 2,
-    vocab_size=32000,
-    hidden_size=8192,
-    intermediate_size=28672,
-    decode_bytes=1_711_000_000,
+LLAMA70_GPTQ = replace(
+    LLAMA70, layer_bytes=450_000_000, total_layer_bytes=80 * 450_000_000, decode_bytes=1_711_000_000
 )
 A100 = HardwareFacts(device_mem_free=78 * GB, host_ram_available=200 * GB, disk_free=2000 * GB)
 RTX4090_SMALL_HOST = HardwareFacts(

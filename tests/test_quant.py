@@ -20,14 +20,7 @@ from specexec_cli.runtime.disk import CheckpointIndex, FileReader
 from specexec_cli.runtime.layout import build_param
 from specexec_cli.runtime.loader import LayerBuilder, checkpoint_param_refs, empty_skeleton, find_layers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine are much faster without OpenMP spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_gptq_checkpoint(
