@@ -66,33 +66,23 @@ def default_draft_name(target_name: str) -> str:
     return drafts[0].name
 
 
-def make_early_exit(spec: str, target: torch.nn.Module) -> torch.nn.Module:
-    """`first-layers:N`: an early-exit draft sharing the target's first N layers and its head."""
-    from specexec_cli.models.load import make_early_exit_draft
-    from specexec_cli.models.registry import EARLY_EXIT
-
-    count = spec.removeprefix(EARLY_EXIT)
-    if not count.isdigit() or int(count) < 1:
-        raise UsageError(f"--draft first-layers:N needs a positive layer count, got {count!r}")
-    return make_early_exit_draft(target, int(count))
-
-
 def load_pair(target_name: str, draft_name: str | None, method: str, device: str,
               dtype: torch.dtype, load_target: Callable[..., tuple[Any, Any]] | None = None) -> ModelPair:
     """Load the target and, unless decoding plainly, a tokenizer-compatible draft.
 
     `load_target(name, device=, dtype=, draft=)` replaces the resident loader when the runtime offloads
     the target; a separate draft is then loaded first, so that the memory plan counts it."""
-    from specexec_cli.models.load import check_compatible, eos_token_ids, load_model
-    from specexec_cli.models.registry import EARLY_EXIT
+    from specexec_cli.models.load import check_compatible, eos_token_ids, load_model, make_early_exit_draft
+    from specexec_cli.models.registry import early_exit_layers
 
     needs_draft = method != "autoregressive" and draft_name != "none"
     if not needs_draft and method != "autoregressive":
         raise UsageError(f"method {method!r} needs a draft; drop --draft none or use --method autoregressive")
     if needs_draft and draft_name is None:
         draft_name = default_draft_name(target_name)  # fail on a missing draft before loading weights
+    early_exit = early_exit_layers(draft_name) if needs_draft else None  # bad N fails before any load
     draft, draft_tokenizer = None, None
-    if needs_draft and not draft_name.startswith(EARLY_EXIT):
+    if needs_draft and early_exit is None:
         log(f"loading draft {draft_name}")
         draft, draft_tokenizer = load_model(draft_name, device=device, dtype=dtype)
     log(f"loading target {target_name} ({device}, {str(dtype).removeprefix('torch.')})")
@@ -103,8 +93,8 @@ def load_pair(target_name: str, draft_name: str | None, method: str, device: str
     if draft_tokenizer is not None:
         check_compatible(tokenizer, draft_tokenizer)
     elif needs_draft:
-        log(f"draft: the target's first {draft_name.removeprefix(EARLY_EXIT)} layers")
-        draft = make_early_exit(draft_name, target)
+        log(f"draft: the target's first {early_exit} layers")
+        draft = make_early_exit_draft(target, early_exit)
     return ModelPair(target, draft, tokenizer, eos_token_ids(target, tokenizer))
 
 

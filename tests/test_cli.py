@@ -90,6 +90,7 @@ def test_stop_string_is_honoured(model_dirs):
     (["--budget", "-4"], 2, "--budget must be >= 1"),
     (["--temperature", "-1"], 2, "--temperature"),
     (["--top-p", "0"], 2, "--top-p"),
+    (["--draft", "first-layers:0"], 2, "positive layer count"),
 ])
 def test_bad_flags_give_usage_errors(model_dirs, args, code, needle):
     result = run(model_dirs, "-p", "w1", *args)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from specexec_cli.errors import SpecexecError
+from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.models import bundled
 
 KINDS = ("bundled", "hub", "local", "gguf")
@@ -141,6 +141,16 @@ class ModelSpec:
             return None
         per_weight = 0.5 + (2 + 0.5) / GPTQ_GROUP
         return int(linear * per_weight) + 2 * other
+
+
+def early_exit_layers(draft: str) -> int | None:
+    """N for the draft spelling `first-layers:N`, None for any other draft name."""
+    if not draft.startswith(EARLY_EXIT):
+        return None
+    count = draft.removeprefix(EARLY_EXIT)
+    if not count.isdigit() or int(count) < 1:
+        raise UsageError(f"--draft first-layers:N needs a positive layer count, got {count!r}")
+    return int(count)
 
 
 @functools.cache

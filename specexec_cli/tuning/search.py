@@ -32,7 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from specexec_cli.errors import SpecexecError
-from specexec_cli.models.registry import EARLY_EXIT
+from specexec_cli.models.registry import EARLY_EXIT, early_exit_layers
 
 NO_DRAFT = "none"
 DEFAULT_BUDGETS = tuple(2**i for i in range(13))  # 1 .. 4096, log scale
@@ -90,9 +90,8 @@ def early_exit_key(base: str, n_layers: int) -> str:
 
 def normalize_draft(name: str, target: str) -> str:
     """A draft as the search keys it: `first-layers:N` (the CLI's spelling) becomes target[:N]."""
-    if name.startswith(EARLY_EXIT) and name[len(EARLY_EXIT) :].isdigit():
-        return early_exit_key(target, int(name[len(EARLY_EXIT) :]))
-    return name
+    n_layers = early_exit_layers(name)
+    return name if n_layers is None else early_exit_key(target, n_layers)
 
 
 def generate_draft_name(key: str, target: str) -> str:
