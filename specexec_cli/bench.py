@@ -29,6 +29,7 @@ import torch
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
 from specexec_cli.decoding.generate import GenerationResult, generate
 from specexec_cli.errors import UsageError
+from specexec_cli.prompts import encode_messages
 
 DEFAULT_PROMPTS = "../shared/data/prompts/mtbench.json"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
@@ -155,12 +156,7 @@ def load_prompt_set(path: str | os.PathLike[str] | None, n: int | None) -> list[
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> torch.Tensor:
     """Token ids [L] of a conversation in the tokenizer's chat template, ready for the assistant's turn."""
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(encode_messages(tokenizer, messages), dtype=torch.long)
 
 
 # --- measurement -------------------------------------------------------------------------------

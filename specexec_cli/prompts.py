@@ -85,14 +85,16 @@ def collect_prompts(flag_prompts: tuple[str, ...], files: tuple[str, ...], stdin
     return prompts
 
 
-def encode_prompt(tokenizer: Any, text: str, system: str | None, chat_template: bool) -> list[int]:
-    """Token ids for one prompt, wrapped in the tokenizer's chat template when it has one."""
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]], chat_template: bool = True) -> list[int]:
+    """Token ids of a conversation in the tokenizer's chat template, ready for the assistant's turn;
+    without a template (or with chat_template False) the contents joined by blank lines."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": text}
-        ]
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    if system:
-        text = f"{system}\n\n{text}"
-    return tokenizer(text)["input_ids"]
+    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+
+
+def encode_prompt(tokenizer: Any, text: str, system: str | None, chat_template: bool) -> list[int]:
+    """Token ids for one prompt, wrapped in the tokenizer's chat template when it has one."""
+    system_turn = [{"role": "system", "content": system}] if system else []
+    return encode_messages(tokenizer, [*system_turn, {"role": "user", "content": text}], chat_template)

@@ -27,8 +27,7 @@ from specexec_cli.decoding.kv import keep_tail
 from specexec_cli.decoding.specexec import SpecExecDecoder, acceptance_curve
 from specexec_cli.decoding.tree import Tree
 from specexec_cli.errors import SpecexecError
-from specexec_cli.prompts import Prompt, parse_text
-from specexec_cli.prompts import encode_prompt as encode_chat_prompt
+from specexec_cli.prompts import Prompt, encode_messages, parse_text
 from specexec_cli.tuning.cost_model import AcceptanceCurve, LatencyCurve
 
 PROMPTS_RESOURCE = "data/calibration_prompts.json"
@@ -108,7 +107,7 @@ def build_calibration_set(mtbench: Path, oasst: Path, per_set: int = 8, max_char
 
 def encode_prompt(tokenizer, text: str) -> torch.Tensor:
     """Token ids [1, L] of a user message, through the tokenizer's chat template when it has one."""
-    return torch.tensor([encode_chat_prompt(tokenizer, text, None, True)], dtype=torch.long)
+    return torch.tensor([encode_messages(tokenizer, [{"role": "user", "content": text}])], dtype=torch.long)
 
 
 # --- latency ----------------------------------------------------------------------------------
