@@ -14,6 +14,9 @@ from specexec_cli import __version__
 from specexec_cli.errors import SpecexecError
 
 EXIT_INTERRUPTED = 130
+MAX_MEMORY_HELP = ("Memory the run may plan with, like accelerate's max_memory: 'cpu=4GiB', 'cuda:0=20GiB', "
+                   "or a bare size for the compute device (repeatable). The planner uses the smaller of the "
+                   "cap and what it measures, and streams the layers that do not fit.")
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,20 +80,23 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="[default: fp32 on CPU, bf16/fp16 on GPU].")
 @click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
-              help="Stream the target's layers from host RAM or disk; auto picks the first tier that fits "
-              "[default: keep the target resident, unless another offload flag is given].")
+              help="Where the target's layers live: none (resident), ram or disk; auto picks the first "
+              "tier that fits. The planner keeps as many layers resident as memory allows (streaming "
+              "only the rest), so on a big machine nothing may stream: use --max-memory or "
+              "--resident-layers [default: resident, unless another offload flag is given].")
 @click.option("--quant", type=click.Choice(["fp16", "bf16", "fp32", "gptq", "nf4", "int8"]), default=None,
               help="Target weight format when offloading (gptq loads the registry's GPTQ checkpoint).")
 @click.option("--buffers", type=int, default=None, help="Device-side layer buffers in the ring (>= 2).")
 @click.option("--resident-layers", type=int, default=None,
               help="First layers kept on the device [default: as many as fit].")
 @click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers.")
+@click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP)
 @click.option("--no-profile", is_flag=True, help="Ignore tuned and starting profiles.")
 @friendly_errors
 def generate(prompts, files, input_format, target, draft, method, budget, max_n_beams, max_beam_len,
              max_branch_width, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
              no_chat_template, stream, as_json, verbose, device, dtype, offload, quant, buffers,
-             resident_layers, offload_dir, no_profile) -> None:
+             resident_layers, offload_dir, max_memory, no_profile) -> None:
     """Generate text; only the generated text (or JSON Lines with --json) goes to stdout.
 
     \b
@@ -113,6 +119,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
         resolve_settings,
         run_batch,
     )
+    from specexec_cli.runtime.caps import parse_caps
 
     sampling = SamplingConfig(temperature, top_p, top_k)
     config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stops),
@@ -122,7 +129,8 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     target = target or DEFAULT_TARGET
     flags = dict(method=method, draft=draft, budget=budget, max_n_beams=max_n_beams,
                  max_beam_len=max_beam_len, max_branch_width=max_branch_width, offload=offload,
-                 buffers=buffers, resident_layers=resident_layers, quantization=quant or dtype)
+                 buffers=buffers, resident_layers=resident_layers, quantization=quant or dtype,
+                 max_memory=list(max_memory) or None)
     settings = resolve_settings(target, flags, use_profile=not no_profile)
     tree = TreeConfig(**{key: settings[key] for key in TREE_DEFAULTS})
     config = GenerationConfig(**{**config.__dict__, "method": settings["method"], "tree": tree})
@@ -130,10 +138,13 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     device = device or default_device()
     fmt = settings.get("quantization")
     weight_quant = fmt if fmt and fmt not in FLOAT_FORMATS else None
+    caps = tuple(settings.get("max_memory") or ())
+    parse_caps(caps)  # a bad size fails before any weights load
     load_target = None
-    if weight_quant or settings.get("offload", "none") != "none" or buffers or resident_layers or offload_dir:
+    if (weight_quant or settings.get("offload", "none") != "none" or buffers or resident_layers is not None
+            or offload_dir or caps):
         options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
-                                 settings.get("resident_layers"), offload_dir)
+                                 settings.get("resident_layers"), offload_dir, caps)
         load_target = offloaded_loader(options, tree.budget, max_new_tokens + 2048)
     dtype_name = fmt if fmt in FLOAT_FORMATS else dtype
     pair = load_pair(target, settings.get("draft"), config.method, device, parse_dtype(dtype_name, device),

@@ -50,6 +50,7 @@ SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
     "offload": str,  # "none" (resident), "ram" or "disk"
     "buffers": int,  # GPU layer buffers in the prefetch ring
     "resident_layers": int,
+    "max_memory": list,  # --max-memory values, e.g. ["cpu=4GiB"]
 }
 POSITIVE_INTS = ("budget", "max_n_beams", "max_beam_len", "max_branch_width", "buffers")
 
@@ -359,6 +360,8 @@ def describe_settings(settings: Mapping) -> str:
         parts.append(f"beams={settings.get('max_n_beams', '-')}x{settings.get('max_beam_len', '-')}")
     if settings.get("offload", "none") != "none":
         parts.append(f"offload={settings['offload']}/{settings.get('buffers', '-')}")
+    if settings.get("max_memory"):
+        parts.append("max-memory=" + ",".join(settings["max_memory"]))
     return " ".join(p for p in parts if p)
 
 

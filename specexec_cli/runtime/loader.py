@@ -25,7 +25,7 @@ from torch import nn
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.runtime import quant
 from specexec_cli.runtime.disk import CheckpointIndex, FileReader, ReadOp, TensorLocation
-from specexec_cli.runtime.layout import LayerLayout, ParamRecipe, WeightSpec, align
+from specexec_cli.runtime.layout import LayerLayout, ParamRecipe, WeightSpec, align, dtype_bytes
 
 QUANTS = ("fp16", "bf16", "fp32", "gptq", "nf4", "int8")
 # fp64 is not offered on the command line; it lets tests stream float64 models exactly
@@ -150,12 +150,14 @@ class LayerBuilder:
         dtype: torch.dtype,
         gptq: quant.GPTQConfig | None,
         direct: bool,
+        keep_narrow: bool = False,
     ) -> None:
         self.index = index
         self.quant = quant_name
         self.dtype = dtype
         self.gptq = gptq
         self.direct = direct
+        self.keep_narrow = keep_narrow  # store checkpoint floats narrower than dtype as they are
         self._g_idx_trivial: dict[str, bool] = {}
 
     # one dense weight -> stored tensors + spec
@@ -172,6 +174,10 @@ class LayerBuilder:
                 out.append(_Stored(key, loc.dtype, shape, location=loc))
             else:
                 dtype = self.dtype if loc.dtype.is_floating_point else loc.dtype
+                if self.keep_narrow and loc.dtype.is_floating_point and (
+                    dtype_bytes(loc.dtype) < dtype_bytes(self.dtype)
+                ):
+                    dtype = loc.dtype  # e.g. float16 files computed in float32: upcast per call
                 idx, k = self.index, ref.key
                 out.append(_Stored(key, dtype, shape, make=lambda: idx.read(k).to(dtype)))
         return WeightSpec("raw", (key,), shape)

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.runtime import caps
 from specexec_cli.runtime import plan as planner
-from specexec_cli.runtime.disk import BlobWriter, CheckpointIndex, FileReader, ReadOp
+from specexec_cli.runtime.disk import READ_THREADS, BlobWriter, CheckpointIndex, FileReader, ReadOp
 from specexec_cli.runtime.layout import LayerLayout, build_param, dtype_bytes
 from specexec_cli.runtime.loader import (
     FLOAT_QUANTS,
@@ -169,7 +170,7 @@ class OffloadEngine:
         if self.pinned is None:
             self.pinned = PinnedPool(self._cuda)
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (layer, slot) -> typed views
-        self._reader = FileReader()
+        self._reader = FileReader(threads=READ_THREADS if self.reads else 1)
         self._queue: deque[_Pending] = deque()
         self._free: deque[_Slot] = deque()
         self._active: dict[int, _Slot] = {}
@@ -477,7 +478,7 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 def _prepare(
     source, device, dtype, offload, quant, buffers, resident_layers, offload_dir, budget, context_len, draft,
-    hardware,
+    hardware, max_memory,
 ) -> _Prepared:
     if offload not in planner.OFFLOADS and offload != "auto":
         raise UsageError(f"--offload must be one of none, ram, disk, auto; got {offload!r}")
@@ -514,9 +515,12 @@ def _prepare(
         prefix, layer_list = find_layers(model)
         # plan from headers and shapes only (nothing is read yet except GPTQ g_idx)
         disk_root = Path(offload_dir) if offload_dir else Path(tempfile.gettempdir())
+        if offload_dir and not disk_root.is_dir():
+            raise UsageError(f"--offload-dir {offload_dir}: not a directory")
         hw = hardware or planner.probe_hardware(
             device, str(disk_root if disk_root.exists() else disk_root.parent)
         )
+        hw = caps.apply_caps(hw, max_memory or {}, device.type, device.index)
         reserve = 256 << 20
         if device.type == "cuda":
             reserve += int(0.05 * torch.cuda.mem_get_info(device)[1])
@@ -534,9 +538,14 @@ def _prepare(
         )
         error = None
         for tier in planner.OFFLOADS if offload == "auto" else (offload,):
-            # the disk tier reads checkpoint files in place unless layers need converting (nf4/int8, objects)
-            direct = tier == "disk" and index is not None and quant not in ("nf4", "int8")
-            sources = _layer_sources(model, layer_list, prefix, index, quant, dtype, gptq, direct)
+            # the disk tier reads checkpoint files in place unless layers need converting (nf4/int8,
+            # model objects, or weights stored wider than the compute dtype)
+            direct = (
+                tier == "disk" and index is not None and quant not in ("nf4", "int8")
+                and not _stored_wider(index, prefix, dtype)
+            )
+            sources = _layer_sources(model, layer_list, prefix, index, quant, dtype, gptq, direct,
+                                     keep_narrow=tier != "none")
             facts = _model_facts(model, sources, dtype, prefix, direct)
             try:
                 the_plan = planner.plan(hw, facts, replace(request, offload=tier))
@@ -577,6 +586,7 @@ def load_offloaded_target(
     context_len: int = 2048,
     draft: nn.Module | None = None,
     hardware: planner.HardwareFacts | None = None,
+    max_memory: dict[str, int] | None = None,
 ) -> nn.Module:
     """Load a causal LM whose decoder layers stream from host RAM or disk; a drop-in for the resident model.
 
@@ -592,12 +602,16 @@ def load_offloaded_target(
     budget, context_len, draft: what else must fit on the device, for the memory plan (budget None:
       the plan picks the largest that fits, `model.offload_engine.plan.budget`).
     hardware: override the probed HardwareFacts (tests).
+    max_memory: caps per memory pool ({"cpu": bytes, "cuda:0": bytes, "device": bytes}, see
+      runtime/caps.py); the plan uses the smaller of each cap and the probe.
+    Streamed layers are stored in the checkpoint's float dtype when it is narrower than the compute
+      dtype (e.g. float16 files computed in float32 on a CPU) and upcast on the device per call.
     Raises SpecexecError (one line) before loading any weights when the run cannot fit.
     The engine is `model.offload_engine` (plan, stats, close()). Do not call `.to()` on the model.
     """
     prep = _prepare(
         source, device, dtype, offload, quant, buffers, resident_layers, offload_dir, budget, context_len,
-        draft, hardware,
+        draft, hardware, max_memory,
     )
     model, index = prep.model, prep.index
     try:
@@ -616,10 +630,24 @@ def load_offloaded_target(
     return model
 
 
-def _layer_sources(model, layer_list, prefix, index, quant, dtype, gptq, direct) -> list[LayerSource]:
-    """Layouts of every decoder layer, from checkpoint headers or from the layers' own tensors."""
+def _stored_wider(index: CheckpointIndex, prefix: str, dtype: torch.dtype) -> bool:
+    """True when the checkpoint stores decoder-layer floats wider than `dtype` (reading them in place
+    would stream more bytes than the computation needs)."""
+    size = dtype_bytes(dtype)
+    return any(
+        loc.dtype.is_floating_point and dtype_bytes(loc.dtype) > size
+        for name, loc in index.locations.items()
+        if name.startswith(prefix + ".")
+    )
+
+
+def _layer_sources(
+    model, layer_list, prefix, index, quant, dtype, gptq, direct, keep_narrow=False
+) -> list[LayerSource]:
+    """Layouts of every decoder layer, from checkpoint headers or from the layers' own tensors.
+    keep_narrow: keep checkpoint floats narrower than `dtype` as stored (upcast per call)."""
     sources = []
-    builder = LayerBuilder(index, quant, dtype, gptq, direct=direct)
+    builder = LayerBuilder(index, quant, dtype, gptq, direct=direct, keep_narrow=keep_narrow)
     for i, layer in enumerate(layer_list):
         named = list(layer.named_parameters())
         params = [(n, tuple(p.shape)) for n, p in named]
