@@ -310,14 +310,37 @@ def profiles_rm(ref: str) -> None:
 @click.option("-d", "--draft", default=None, help="[default: qwen2.5-coder-0.5b]")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 16].")
+@click.option("--max-beam-len", type=int, default=None, help="Draft passes per iteration [default: 8].")
+@click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
+              help="Stream the target (every method runs on the same streamed target) [default: resident].")
+@click.option("--resident-layers", type=int, default=None, help="With --offload: layers kept in memory.")
+@click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers.")
+@click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Rows as JSON Lines instead of tables.")
 @friendly_errors
 def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_budgets, methods, no_assisted,
-          target, draft, threads, device, as_json) -> None:
-    """Measure SpecExec, SpecInfer, plain and assisted decoding in one process; tables on stdout."""
+          target, draft, threads, device, max_n_beams, max_beam_len, offload, resident_layers, offload_dir,
+          max_memory, as_json) -> None:
+    """Measure SpecExec, SpecInfer, plain and assisted decoding in one process; tables on stdout.
+
+    \b
+    The streamed regime (the target read from disk for every pass, memory capped):
+      specexec bench --offload disk --max-memory cpu=4GiB --no-assisted
+    """
     from specexec_cli import bench as benchmark
+    from specexec_cli.run import OffloadOptions
+    from specexec_cli.runtime.caps import parse_caps
 
     kwargs = {}
+    parse_caps(max_memory)
+    if offload or max_memory or resident_layers is not None or offload_dir:
+        kwargs["offload"] = OffloadOptions(offload or "auto", None, 2, resident_layers, offload_dir,
+                                           tuple(max_memory))
+    if max_n_beams:
+        kwargs["max_n_beams"] = max_n_beams
+    if max_beam_len:
+        kwargs["max_beam_len"] = max_beam_len
     if target:
         kwargs["target"] = target
     if draft:
