@@ -247,47 +247,42 @@ def _merge_eos(generation_config: object, extra_eos: tuple[int, ...]) -> None:
     generation_config.eos_token_id = merged[0] if len(merged) == 1 else merged
 
 
+def tokenizer_cache_dir() -> Path:
+    """Tokenizers built from GGUF vocabularies, one folder per vocabulary digest (shared by a pair)."""
+    return cache_root() / "tokenizers"
+
+
 def convert_gguf(
     gguf_dir: Path, gguf_name: str, dest: Path, source: dict[str, object], extra_eos: tuple[int, ...] = ()
 ) -> Path:
     """Convert one GGUF file into a float16 safetensors folder at `dest`, atomically.
 
-    Loads the GGUF with transformers (slow: it dequantizes), rebuilds a plain model from the config
-    around the same tensors, and saves model, tokenizer and generation config into a temporary
-    folder next to `dest`, renamed into place only when complete. `source` is stored in the marker;
-    `extra_eos` ids are added to the saved generation config.
+    Architectures stored without permutation (Qwen2) go through models/gguf_convert.py (one fast
+    parse, parallel dequantization, the tokenizer built once per vocabulary); others through
+    transformers' GGUF loader. Everything is written into a temporary folder next to `dest`, renamed
+    into place only when complete. `source` is stored in the marker; `extra_eos` ids are added to the
+    saved generation config.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from specexec_cli.models import gguf_convert
+    from specexec_cli.models.gguf_file import read_gguf
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(dest)
     work = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "converting"), dir=dest.parent))
     try:
         start = time.perf_counter()
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
-        config = copy.deepcopy(gguf_model.config)
-        for attr in ("quantization_config", "_model_name_or_path"):
-            if hasattr(config, attr):
-                delattr(config, attr)
-        with torch.device("meta"):  # no second copy of the weights: the GGUF model's are assigned
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
-        model.to(getattr(torch, STORE_DTYPE))  # round to nearest; see the module docstring
-        model.generation_config = gguf_model.generation_config
-        _merge_eos(model.generation_config, extra_eos)
-        del gguf_model
-        model.save_pretrained(str(work))
-        tokenizer.save_pretrained(str(work))
+        gguf = read_gguf(gguf_dir / gguf_name)
+        if gguf.architecture in gguf_convert.FAST_ARCHITECTURES:
+            generation_config = gguf_convert.convert(gguf, work, tokenizer_cache_dir())
+        else:
+            generation_config = _convert_with_transformers(gguf_dir, gguf_name, work)
+        _merge_eos(generation_config, extra_eos)
+        generation_config.save_pretrained(str(work))
         marker = dict(source, format=STORE_FORMAT, dtype=STORE_DTYPE,
                       converted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         marker["seconds"] = round(time.perf_counter() - start, 1)
         (work / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         _make_readable(work)
-        del model
         if dest.exists() and not is_converted(dest):
             shutil.rmtree(dest)  # not ours to keep: a finished conversion always has the marker
         try:
@@ -301,6 +296,29 @@ def convert_gguf(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _convert_with_transformers(gguf_dir: Path, gguf_name: str, work: Path):
+    """transformers' GGUF loader (slow: it dequantizes into a float32 model first); saves the model in
+    STORE_DTYPE and the tokenizer into `work`, returns the generation config."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
+    config = copy.deepcopy(gguf_model.config)
+    for attr in ("quantization_config", "_model_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with torch.device("meta"):  # no second copy of the weights: the GGUF model's are assigned
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    model.to(getattr(torch, STORE_DTYPE))  # round to nearest; see the module docstring
+    generation_config = gguf_model.generation_config
+    del gguf_model
+    model.save_pretrained(str(work))
+    tokenizer.save_pretrained(str(work))
+    return generation_config
 
 
 def _gguf_source(model: BundledModel, workdir: Path) -> Path:
@@ -325,7 +343,7 @@ def bundled_folder(name: str) -> Path:
         return dest
     _require_installed(model)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    log(f"converting {name} to safetensors in {dest} (first use, ~2 min)")
+    log(f"converting {name} to safetensors in {dest} (first use, about a minute)")
     start = time.perf_counter()
     remove_stale_temp_dirs(dest)
     joined = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "gguf"), dir=dest.parent))
