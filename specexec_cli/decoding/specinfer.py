@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
-from specexec_cli.decoding.forward import new_cache
+from specexec_cli.decoding.forward import new_cache, use_tree_attention
 from specexec_cli.decoding.sampling import draw_from, probabilities
 from specexec_cli.decoding.stats import PassStats
 from specexec_cli.decoding.tree import Tree
@@ -115,6 +115,8 @@ class SpecInferDecoder:
                  generator: torch.Generator | None) -> None:
         self.target, self.draft, self.config, self.generator = target, draft, config, generator
         self.target_cache, self.draft_cache = new_cache(), new_cache()
+        use_tree_attention(target)
+        use_tree_attention(draft)
         self.stats = PassStats()
 
     @torch.inference_mode()

@@ -32,7 +32,7 @@ def draft_catch_up(draft: torch.nn.Module, cache: DynamicCache, sequence: torch.
     positions = torch.arange(past, n, device=device)
     attend = causal_pattern(past, n - past, device)
     logits = stats.timed("draft", draft.device,
-                         lambda: forward(draft, cache, sequence[past:], positions, attend))
+                         lambda: forward(draft, cache, sequence[past:], positions, attend, keep=1))
     return logits[-1]
 
 
@@ -70,8 +70,9 @@ def target_tree_pass(target: torch.nn.Module, cache: DynamicCache, sequence: tor
     attend[:, : past + pending] = True
     attend[:pending, past : past + pending] = causal_pattern(0, pending, device)
     attend[pending:, past + pending :] = tree.ancestors[:size, :size]
-    logits = stats.timed("target", target.device, lambda: forward(target, cache, ids, positions, attend))
-    return logits[pending:]
+    # the LM head runs on the tree rows only: the pending committed tokens need no logits
+    return stats.timed("target", target.device,
+                       lambda: forward(target, cache, ids, positions, attend, keep=size))
 
 
 def commit_path(target_cache: DynamicCache, draft_cache: DynamicCache, tree: Tree, path: list[int],
