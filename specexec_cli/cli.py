@@ -110,6 +110,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
         load_pair,
         offloaded_loader,
         parse_dtype,
+        prompt_context,
         resolve_settings,
         run_batch,
     )
@@ -134,7 +135,8 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     if weight_quant or settings.get("offload", "none") != "none" or buffers or resident_layers or offload_dir:
         options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
                                  settings.get("resident_layers"), offload_dir)
-        load_target = offloaded_loader(options, tree.budget, max_new_tokens + 2048)
+        context = prompt_context(batch, config, system, not no_chat_template)  # longest prompt + new tokens
+        load_target = offloaded_loader(options, tree.budget, context)
     dtype_name = fmt if fmt in FLOAT_FORMATS else dtype
     pair = load_pair(target, settings.get("draft"), config.method, device, parse_dtype(dtype_name, device),
                      load_target)

@@ -69,19 +69,38 @@ def validate(tree: Tree, target_logits: torch.Tensor, sampling: SamplingConfig,
     return walk(tree, lambda node: int(draw(target_logits[node], sampling, generator)))
 
 
+CURVE_ROWS = 64  # target rows turned into distributions at a time by `acceptance_curve`
+
+
+def token_probabilities(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
+                        sampling: SamplingConfig, chunk: int = CURVE_ROWS) -> torch.Tensor:
+    """p(tokens[i]) under the sampling distribution of logits[rows[i]], float64 [N].
+
+    Works through `chunk` rows at a time, so the float32 intermediates (warping, softmax) are
+    [chunk, V], never [N, V]: at budget 4096 and a 128k vocabulary a whole-tree float32 copy is 2 GB,
+    and top-p sorting makes several.
+    """
+    if sampling.greedy:
+        return (logits.argmax(dim=-1)[rows] == tokens).double()
+    out = torch.empty(rows.numel(), dtype=torch.float64, device=logits.device)
+    for start in range(0, rows.numel(), chunk):
+        part = slice(start, start + chunk)
+        p = probabilities(logits[rows[part]], sampling)  # [chunk, V] float32
+        out[part] = p.gather(1, tokens[part, None]).squeeze(1).double()
+    return out
+
+
 def acceptance_curve(tree: Tree, target_logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """G(K) for K = 1..tree.size-1: expected tokens per iteration if only the K best nodes (by draft
     score) were in the tree, = 1 + sum over those nodes of the target probability of their path.
 
     Every top-K set by score is ancestor-closed, so one large-budget tree gives the whole curve.
+    Extra memory is O(tree.size + CURVE_ROWS * V), not a [tree.size, V] float32 copy of the logits.
     """
     size = tree.size
     parents, tokens = tree.parents[1:size], tree.tokens[1:size]
     node_prob = torch.ones(size, dtype=torch.float64, device=tree.device)
-    if sampling.greedy:
-        node_prob[1:] = (target_logits.argmax(dim=-1)[parents] == tokens).double()
-    else:
-        node_prob[1:] = probabilities(target_logits, sampling)[parents, tokens].double()
+    node_prob[1:] = token_probabilities(target_logits, parents, tokens, sampling)
     path_prob = node_prob.clone()
     depths = tree.depths[:size]
     for depth in range(1, int(depths.max()) + 1):
