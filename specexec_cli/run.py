@@ -153,6 +153,8 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
                                       draft=draft)
         plan = model.offload_engine.plan
         log(f"offload plan: {plan.summary()}")
+        if model.offload_engine.pinned.cuda:
+            log(model.offload_engine.pinned.summary())
         return model, tokenizer
 
     return load
