@@ -33,8 +33,8 @@ class PassStats:
     target_passes: int = 0
     draft_passes: int = 0
     iterations: int = 0
-    _seconds: dict[str, float] = field(default_factory=lambda: {"target": 0.0, "draft": 0.0})
-    _pending: list[tuple[str, Any, Any]] = field(default_factory=list)  # (which, start, end) CUDA events
+    _seconds: dict[str, float] = field(default_factory=lambda: {"target": 0.0, "draft": 0.0}, repr=False)
+    _pending: list[tuple[str, Any, Any]] = field(default_factory=list, repr=False)  # CUDA (which, start, end)
 
     @property
     def target_s(self) -> float:
