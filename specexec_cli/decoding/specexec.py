@@ -39,7 +39,7 @@ def grow_tree(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: Gen
     width = tree_cfg.max_branch_width
     capacity = tree_cfg.budget + 1 + tree_cfg.max_n_beams * width
     n = sequence.numel()
-    tree = Tree(int(sequence[-1]), capacity, sequence.device)
+    tree = Tree(sequence[-1], capacity, sequence.device)
     nodes = torch.zeros(1, dtype=torch.long, device=sequence.device)
     logits = draft_catch_up(draft, cache, sequence, stats)[None]
     for step in range(tree_cfg.max_beam_len):
@@ -50,10 +50,11 @@ def grow_tree(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: Gen
             logits = draft_tree_pass(draft, cache, tree, nodes, n, stats)
         log_q = draft_log_probs(logits, config.sampling)  # [B, V]
         top = torch.topk(log_q, min(width, log_q.shape[-1]), dim=-1)  # [B, width]
-        child_scores = tree.scores[nodes][:, None] + top.values.clamp(max=0.0)
-        keep = torch.isfinite(child_scores)
+        child_scores = tree.scores[nodes][:, None] + top.values.clamp(max=0.0)  # [B, width]
+        # All B * width children go in (a -inf one is never expanded and is trimmed first): masking
+        # out the -inf ones would cost a host sync per pass for a case that hardly ever happens.
         parents = nodes[:, None].expand_as(top.indices)
-        tree.add_children(parents[keep], top.indices[keep], child_scores[keep])
+        tree.add_children(parents.reshape(-1), top.indices.reshape(-1), child_scores.reshape(-1))
         tree.keep_best(tree_cfg.budget + 1)
     return tree
 
