@@ -116,6 +116,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
         load_pair,
         offloaded_loader,
         parse_dtype,
+        prompt_context,
         resolve_settings,
         run_batch,
     )
@@ -145,7 +146,8 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
             or offload_dir or caps):
         options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
                                  settings.get("resident_layers"), offload_dir, caps)
-        load_target = offloaded_loader(options, tree.budget, max_new_tokens + 2048)
+        context = prompt_context(batch, config, system, not no_chat_template)  # longest prompt + new tokens
+        load_target = offloaded_loader(options, tree.budget, context)
     dtype_name = fmt if fmt in FLOAT_FORMATS else dtype
     pair = load_pair(target, settings.get("draft"), config.method, device, parse_dtype(dtype_name, device),
                      load_target)

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import torch
 
-from specexec_cli.decoding.config import GenerationConfig
+from specexec_cli.decoding.config import GenerationConfig, TreeConfig
 from specexec_cli.decoding.generate import GenerationResult, generate
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.prompts import Prompt, encode_prompt
@@ -111,8 +111,29 @@ class OffloadOptions:
     max_memory: tuple[str, ...] = ()  # --max-memory values (runtime/caps.py)
 
 
-def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: int):
-    """A `load_target` for `load_pair` that streams the target's layers (specexec_cli.runtime)."""
+def tree_headroom(tree: TreeConfig) -> int:
+    """KV slots an iteration needs beyond the budget + 1 tree rows the memory planner already counts: the
+    draft cache keeps a slot for every node the draft ran, trimmed ones included, up to
+    (max_beam_len - 1) * max_n_beams of them (SpecExec; SpecInfer's stems stay within the budget)."""
+    return max(0, (tree.max_beam_len - 1) * tree.max_n_beams - (tree.budget + 1))
+
+
+def prompt_context(prompts: list[Prompt], config: GenerationConfig, system: str | None,
+                   chat_template: bool) -> Callable[[Any], int]:
+    """The context the KV caches must hold, as a function of the tokenizer (known only at load time):
+    longest encoded prompt + max_new_tokens + `tree_headroom`."""
+
+    def context_len(tokenizer: Any) -> int:
+        longest = max((len(encode_prompt(tokenizer, p.text, system, chat_template)) for p in prompts),
+                      default=1)
+        return longest + config.max_new_tokens + tree_headroom(config.tree)
+
+    return context_len
+
+
+def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: int | Callable[[Any], int]):
+    """A `load_target` for `load_pair` that streams the target's layers (specexec_cli.runtime).
+    context_len: tokens the KV caches must hold, or a function of the tokenizer giving it."""
 
     def load(name: str, device: str, dtype: torch.dtype,
              draft: torch.nn.Module | None = None) -> tuple[Any, Any]:
@@ -126,17 +147,21 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
             spec = spec.gptq_variant()
         folder = local_source(spec)
         source = str(folder) if folder is not None else spec.hub_id
+        tokenizer = load_tokenizer(spec)
+        context = context_len(tokenizer) if callable(context_len) else context_len
         model = load_offloaded_target(source, device=device, dtype=dtype, offload=options.offload,
                                       quant=options.quant, buffers=options.buffers,
                                       resident_layers=options.resident_layers,
-                                      offload_dir=options.offload_dir, budget=budget, context_len=context_len,
+                                      offload_dir=options.offload_dir, budget=budget, context_len=context,
                                       draft=draft, max_memory=parse_caps(options.max_memory))
         plan = model.offload_engine.plan
         log(f"offload plan: {plan.summary()}")
         if plan.offload != "none" and plan.resident_layers == model.config.num_hidden_layers:
             log("offload plan: every layer fits in memory, so nothing streams; cap memory with "
                 "--max-memory or set --resident-layers to stream")
-        return model, load_tokenizer(spec)
+        if model.offload_engine.pinned.cuda:
+            log(model.offload_engine.pinned.summary())
+        return model, tokenizer
 
     return load
 

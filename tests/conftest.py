@@ -8,6 +8,9 @@
 - `make_word_tokenizer`: builds such tokenizers from any word list, for vocabulary tests.
 - `one_thread`: torch on one thread for the test (modules of tiny-model tests opt in with
   `pytestmark = pytest.mark.usefixtures("one_thread")`).
+- `device_dtype`: tests that take it run once per (device, 16-bit dtype) pair: ("cpu", bf16) always,
+  plus ("cuda", bf16) and ("cuda", fp16) with `--device cuda` or SPECEXEC_TEST_DEVICE=cuda
+  (scripts/gpu_check.sh sets it). `test_device` is the selected device ("cpu" by default).
 - `smollm2` (session scope, slow): the converted real SmolLM2-135M-Instruct, float32, as
   (model, tokenizer). The first run converts it into the user cache (~40 s); later runs reuse it.
   Tests using it must be marked `@pytest.mark.slow`; it skips when the package is not installed.
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -23,6 +27,34 @@ from tiny_pairs import tiny_model
 
 TINY_VOCAB = 320
 TINY_SPECIALS = ("<s>", "</s>", "<pad>", "<unk>")
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--device", default=None, choices=["cpu", "cuda"],
+                     help="also run device-parametrized tests on this device [default: "
+                     "$SPECEXEC_TEST_DEVICE, else cpu]")
+
+
+def selected_device(config) -> str:
+    device = config.getoption("--device") or os.environ.get("SPECEXEC_TEST_DEVICE") or "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda (or SPECEXEC_TEST_DEVICE=cuda) but torch sees no CUDA device")
+    return device
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "device_dtype" in metafunc.fixturenames:
+        pairs = [("cpu", torch.bfloat16)]
+        if selected_device(metafunc.config) == "cuda":
+            pairs += [("cuda", torch.bfloat16), ("cuda", torch.float16)]
+        ids = [f"{device}-{str(dtype).removeprefix('torch.')}" for device, dtype in pairs]
+        metafunc.parametrize("device_dtype", pairs, ids=ids)
+
+
+@pytest.fixture
+def test_device(request) -> str:
+    """The device selected with --device / SPECEXEC_TEST_DEVICE ("cpu" by default)."""
+    return selected_device(request.config)
 
 
 TINY_CONFIG = dict(initializer_range=0.25, bos_token_id=0, eos_token_id=1, pad_token_id=2)

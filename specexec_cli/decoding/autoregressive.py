@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig
-from specexec_cli.decoding.forward import cache_length, causal_pattern, forward, new_cache
+from specexec_cli.decoding.forward import cache_length, causal_pattern, forward, new_cache, use_tree_attention
 from specexec_cli.decoding.sampling import draw
 from specexec_cli.decoding.stats import PassStats
 
@@ -16,6 +16,7 @@ class AutoregressiveDecoder:
     def __init__(self, target: torch.nn.Module, config: GenerationConfig,
                  generator: torch.Generator | None) -> None:
         self.target, self.config, self.generator = target, config, generator
+        use_tree_attention(target)
         self.cache = new_cache()
         self.stats = PassStats()
 
@@ -26,7 +27,7 @@ class AutoregressiveDecoder:
         attend = causal_pattern(past, n - past, sequence.device)
         logits = self.stats.timed(
             "target", self.target.device,
-            lambda: forward(self.target, self.cache, sequence[past:], positions, attend)[-1],
+            lambda: forward(self.target, self.cache, sequence[past:], positions, attend, keep=1)[-1],
         )
         self.stats.iterations += 1
         return [int(draw(logits, self.config.sampling, self.generator))]

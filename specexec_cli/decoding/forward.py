@@ -3,13 +3,23 @@
 Every decoder (autoregressive, SpecExec, SpecInfer) calls the model through `forward`, with a boolean
 pattern `attend[i, j]`: may new token i see cache position j (j < past) or new token j - past. The
 pattern becomes the additive 4-D mask transformers 5 passes to attention unchanged, so tree attention
-works for any transformers causal LM that accepts a 4-D mask (Llama, Qwen2, Mistral, ...).
+works for any transformers causal LM that accepts a 4-D mask (Llama, Qwen2, Mistral, ...) and attends
+with "sdpa" or "eager". Flash attention ignores or rejects a 4-D mask, so every decoder pins its models
+to sdpa with `use_tree_attention` (the loaders also ask for sdpa).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+
+TREE_ATTENTION = ("sdpa", "eager")  # attention implementations that apply an arbitrary 4-D mask
+
+
+def use_tree_attention(model: torch.nn.Module) -> None:
+    """Switch `model` to sdpa attention unless it already uses one that honours a 4-D tree mask."""
+    if getattr(model.config, "_attn_implementation", None) not in TREE_ATTENTION:
+        model.set_attn_implementation("sdpa")
 
 
 def new_cache() -> DynamicCache:
@@ -34,8 +44,10 @@ def forward(
     input_ids: torch.Tensor,  # [T] token ids
     position_ids: torch.Tensor,  # [T] absolute positions
     attend: torch.Tensor,  # [T, past + T] bool
+    keep: int = 0,
 ) -> torch.Tensor:
-    """Run the model on T new tokens; returns logits [T, V] and appends T entries to `cache`."""
+    """Run the model on T new tokens; returns logits [T, V] (only the last `keep` rows [keep, V] when
+    keep > 0: the LM head then skips the rest) and appends T entries to `cache`."""
     dtype = model.dtype
     mask = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
     mask.masked_fill_(~attend, torch.finfo(dtype).min)
@@ -45,5 +57,6 @@ def forward(
         position_ids=position_ids[None],
         past_key_values=cache,
         use_cache=True,
+        logits_to_keep=keep,
     )
     return out.logits[0]

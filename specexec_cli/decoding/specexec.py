@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
-from specexec_cli.decoding.forward import new_cache
+from specexec_cli.decoding.forward import new_cache, use_tree_attention
 from specexec_cli.decoding.sampling import draw, probabilities
 from specexec_cli.decoding.stats import PassStats
 from specexec_cli.decoding.tree import Tree
@@ -39,7 +39,7 @@ def grow_tree(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: Gen
     width = tree_cfg.max_branch_width
     capacity = tree_cfg.budget + 1 + tree_cfg.max_n_beams * width
     n = sequence.numel()
-    tree = Tree(int(sequence[-1]), capacity, sequence.device)
+    tree = Tree(sequence[-1], capacity, sequence.device)
     nodes = torch.zeros(1, dtype=torch.long, device=sequence.device)
     logits = draft_catch_up(draft, cache, sequence, stats)[None]
     for step in range(tree_cfg.max_beam_len):
@@ -50,10 +50,11 @@ def grow_tree(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: Gen
             logits = draft_tree_pass(draft, cache, tree, nodes, n, stats)
         log_q = draft_log_probs(logits, config.sampling)  # [B, V]
         top = torch.topk(log_q, min(width, log_q.shape[-1]), dim=-1)  # [B, width]
-        child_scores = tree.scores[nodes][:, None] + top.values.clamp(max=0.0)
-        keep = torch.isfinite(child_scores)
+        child_scores = tree.scores[nodes][:, None] + top.values.clamp(max=0.0)  # [B, width]
+        # All B * width children go in (a -inf one is never expanded and is trimmed first): masking
+        # out the -inf ones would cost a host sync per pass for a case that hardly ever happens.
         parents = nodes[:, None].expand_as(top.indices)
-        tree.add_children(parents[keep], top.indices[keep], child_scores[keep])
+        tree.add_children(parents.reshape(-1), top.indices.reshape(-1), child_scores.reshape(-1))
         tree.keep_best(tree_cfg.budget + 1)
     return tree
 
@@ -69,19 +70,38 @@ def validate(tree: Tree, target_logits: torch.Tensor, sampling: SamplingConfig,
     return walk(tree, lambda node: int(draw(target_logits[node], sampling, generator)))
 
 
+CURVE_ROWS = 64  # target rows turned into distributions at a time by `acceptance_curve`
+
+
+def token_probabilities(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
+                        sampling: SamplingConfig, chunk: int = CURVE_ROWS) -> torch.Tensor:
+    """p(tokens[i]) under the sampling distribution of logits[rows[i]], float64 [N].
+
+    Works through `chunk` rows at a time, so the float32 intermediates (warping, softmax) are
+    [chunk, V], never [N, V]: at budget 4096 and a 128k vocabulary a whole-tree float32 copy is 2 GB,
+    and top-p sorting makes several.
+    """
+    if sampling.greedy:
+        return (logits.argmax(dim=-1)[rows] == tokens).double()
+    out = torch.empty(rows.numel(), dtype=torch.float64, device=logits.device)
+    for start in range(0, rows.numel(), chunk):
+        part = slice(start, start + chunk)
+        p = probabilities(logits[rows[part]], sampling)  # [chunk, V] float32
+        out[part] = p.gather(1, tokens[part, None]).squeeze(1).double()
+    return out
+
+
 def acceptance_curve(tree: Tree, target_logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """G(K) for K = 1..tree.size-1: expected tokens per iteration if only the K best nodes (by draft
     score) were in the tree, = 1 + sum over those nodes of the target probability of their path.
 
     Every top-K set by score is ancestor-closed, so one large-budget tree gives the whole curve.
+    Extra memory is O(tree.size + CURVE_ROWS * V), not a [tree.size, V] float32 copy of the logits.
     """
     size = tree.size
     parents, tokens = tree.parents[1:size], tree.tokens[1:size]
     node_prob = torch.ones(size, dtype=torch.float64, device=tree.device)
-    if sampling.greedy:
-        node_prob[1:] = (target_logits.argmax(dim=-1)[parents] == tokens).double()
-    else:
-        node_prob[1:] = probabilities(target_logits, sampling)[parents, tokens].double()
+    node_prob[1:] = token_probabilities(target_logits, parents, tokens, sampling)
     path_prob = node_prob.clone()
     depths = tree.depths[:size]
     for depth in range(1, int(depths.max()) + 1):
@@ -98,6 +118,8 @@ class SpecExecDecoder:
                  generator: torch.Generator | None) -> None:
         self.target, self.draft, self.config, self.generator = target, draft, config, generator
         self.target_cache, self.draft_cache = new_cache(), new_cache()
+        use_tree_attention(target)
+        use_tree_attention(draft)
         self.stats = PassStats()
 
     @torch.inference_mode()

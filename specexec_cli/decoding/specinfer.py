@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
-from specexec_cli.decoding.forward import new_cache
+from specexec_cli.decoding.forward import new_cache, use_tree_attention
 from specexec_cli.decoding.sampling import draw_from, probabilities
 from specexec_cli.decoding.stats import PassStats
 from specexec_cli.decoding.tree import Tree
@@ -37,40 +37,52 @@ def drafting_sampling(sampling: SamplingConfig) -> SamplingConfig:
     return SamplingConfig(temperature=1.0) if sampling.greedy else sampling
 
 
+def distinct_children(stem_at: torch.Tensor, samples: torch.Tensor, vocab: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge stems that sampled the same token at the same node.
+
+    stem_at [S]: node of each stem; samples [S]: its sampled token. Returns (parents [K], tokens [K],
+    child [S]): the K distinct (node, token) pairs in order of first occurrence among the stems (the
+    order validation tries children in), and each stem's child as an index into them. One host sync
+    (the number of distinct pairs).
+    """
+    keys = stem_at * vocab + samples  # [S]
+    distinct, inverse = torch.unique(keys, return_inverse=True)  # [K] sorted, [S]
+    n_stems = keys.numel()
+    first_seen = torch.full((distinct.numel(),), n_stems, dtype=torch.long, device=keys.device)
+    first_seen.scatter_reduce_(0, inverse, torch.arange(n_stems, device=keys.device), reduce="amin")
+    order = torch.argsort(first_seen)  # distinct pairs in order of first occurrence
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=keys.device)
+    return distinct[order] // vocab, distinct[order] % vocab, rank[inverse]
+
+
 def sample_stems(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: GenerationConfig,
                  generator: torch.Generator | None, stats: PassStats) -> tuple[Tree, dict[int, torch.Tensor]]:
-    """Sample the stems into a tree; returns it and the draft distribution q [V] at each inner node."""
+    """Sample the stems into a tree; returns it and the draft distribution q [V] at each inner node.
+
+    All stems advance one depth per draft pass, so the nodes a pass runs are the children the previous
+    pass created: tree indices first .. first + count - 1, in order. One host sync per pass."""
     n_stems, length = stem_shape(config)
     q_sampling = drafting_sampling(config.sampling)
-    n = sequence.numel()
-    tree = Tree(int(sequence[-1]), 1 + n_stems * length, sequence.device)
-    lookup: dict[tuple[int, int], int] = {}
+    n, device = sequence.numel(), sequence.device
+    tree = Tree(sequence[-1], 1 + n_stems * length, device)
     q_at: dict[int, torch.Tensor] = {}
-    nodes = [0]
-    logits = draft_catch_up(draft, cache, sequence, stats)[None]
-    stem_at = [0] * n_stems  # the node each stem has reached
+    logits = draft_catch_up(draft, cache, sequence, stats)[None]  # [1, V]
+    first, count = 0, 1  # the nodes whose logits we hold: the root
+    stem_at = torch.zeros(n_stems, dtype=torch.long, device=device)  # the node each stem has reached
     for depth in range(length):
         if depth > 0:
-            node_ids = torch.tensor(nodes, dtype=torch.long, device=tree.device)
-            logits = draft_tree_pass(draft, cache, tree, node_ids, n, stats)
-        q = probabilities(logits, q_sampling)  # [len(nodes), V]
-        row_of = {node: row for row, node in enumerate(nodes)}
-        for node, row in row_of.items():
-            q_at[node] = q[row]
-        rows = torch.tensor([row_of[node] for node in stem_at], device=tree.device)
-        samples = torch.multinomial(q[rows], 1, generator=generator).squeeze(1).tolist()
-        new_nodes = []
-        for stem, (node, token) in enumerate(zip(stem_at, samples, strict=True)):
-            child = lookup.get((node, token))
-            if child is None:
-                child = tree.size
-                tree.add_children(torch.tensor([node], device=tree.device),
-                                  torch.tensor([token], device=tree.device),
-                                  torch.zeros(1, device=tree.device))
-                lookup[(node, token)] = child
-                new_nodes.append(child)
-            stem_at[stem] = child
-        nodes = new_nodes
+            nodes = torch.arange(first, first + count, device=device)
+            logits = draft_tree_pass(draft, cache, tree, nodes, n, stats)  # [count, V]
+        q = probabilities(logits, q_sampling)  # [count, V]
+        for row in range(count):
+            q_at[first + row] = q[row]
+        samples = torch.multinomial(q[stem_at - first], 1, generator=generator).squeeze(1)  # [n_stems]
+        parents, tokens, child = distinct_children(stem_at, samples, q.shape[-1])
+        first, count = tree.size, parents.numel()
+        tree.add_children(parents, tokens, torch.zeros(count, device=device))
+        stem_at = first + child
     return tree, q_at
 
 
@@ -79,10 +91,10 @@ def validate(tree: Tree, target_logits: torch.Tensor, q_at: dict[int, torch.Tens
     """Multi-step speculative sampling from the root; returns (accepted path, emitted tokens)."""
     if sampling.greedy:
         return greedy_walk(tree, target_logits)
+    parents, tokens = torch.stack([tree.parents[: tree.size], tree.tokens[: tree.size]]).tolist()
     children: dict[int, list[int]] = {}
-    for child, parent in enumerate(tree.parents[1 : tree.size].tolist(), start=1):
+    for child, parent in enumerate(parents[1:], start=1):
         children.setdefault(parent, []).append(child)
-    tokens = tree.tokens[: tree.size].tolist()
     node, path, emitted = 0, [], []
     while True:
         p = probabilities(target_logits[node], sampling).double()
@@ -115,6 +127,8 @@ class SpecInferDecoder:
                  generator: torch.Generator | None) -> None:
         self.target, self.draft, self.config, self.generator = target, draft, config, generator
         self.target_cache, self.draft_cache = new_cache(), new_cache()
+        use_tree_attention(target)
+        use_tree_attention(draft)
         self.stats = PassStats()
 
     @torch.inference_mode()

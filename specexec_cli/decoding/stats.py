@@ -1,39 +1,75 @@
-"""Counters and timers for model passes, so tokens per target pass and host overhead can be reported."""
+"""Counters and timers for model passes, so tokens per target pass and host overhead can be reported.
+
+On CUDA a pass is timed with two events recorded on the compute stream around it, and the times are
+read only when asked for (or once the events have completed): the host never waits for the device
+here. `torch.cuda.synchronize` would also wait for the offload engine's copy streams, so the next
+forward's first layers could no longer load while the draft runs. On other devices the host clock
+(perf_counter) times the call, which is the pass itself there.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
 T = TypeVar("T")
 
 
+def record_event(device: torch.device) -> Any:
+    """A timing event recorded now on `device`'s current (compute) stream."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 @dataclass
 class PassStats:
-    """Model passes and the wall time spent inside them during one generation."""
+    """Model passes and the time spent inside them during one generation."""
 
     target_passes: int = 0
     draft_passes: int = 0
-    target_s: float = 0.0
-    draft_s: float = 0.0
     iterations: int = 0
+    _seconds: dict[str, float] = field(default_factory=lambda: {"target": 0.0, "draft": 0.0}, repr=False)
+    _pending: list[tuple[str, Any, Any]] = field(default_factory=list, repr=False)  # CUDA (which, start, end)
+
+    @property
+    def target_s(self) -> float:
+        return self.seconds("target")
+
+    @property
+    def draft_s(self) -> float:
+        return self.seconds("draft")
+
+    def seconds(self, which: str) -> float:
+        """Total time of the `which` passes; waits for the last timed pass to finish on the device."""
+        self._collect(wait=True)
+        return self._seconds[which]
 
     def timed(self, which: str, device: torch.device, fn: Callable[[], T]) -> T:
-        """Run fn, add its time to the `which` ("target" or "draft") counters and return its result.
-
-        On CUDA the device is synchronised around the call so the time is the pass's, not the launch's.
-        """
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
+        """Run fn, count it as a `which` ("target" or "draft") pass and time it; returns its result."""
         setattr(self, f"{which}_passes", getattr(self, f"{which}_passes") + 1)
-        setattr(self, f"{which}_s", getattr(self, f"{which}_s") + elapsed)
+        if device.type != "cuda":
+            start = time.perf_counter()
+            result = fn()
+            self._seconds[which] += time.perf_counter() - start
+            return result
+        start_event = record_event(device)
+        result = fn()
+        self._pending.append((which, start_event, record_event(device)))
+        self._collect(wait=False)
         return result
+
+    def _collect(self, wait: bool) -> None:
+        """Add up the passes whose end event has completed (all of them when `wait`)."""
+        while self._pending:
+            which, start, end = self._pending[0]
+            if wait:
+                end.synchronize()  # this event only: not the copy streams, not the whole device
+            elif not end.query():
+                return
+            self._seconds[which] += start.elapsed_time(end) / 1000.0
+            self._pending.pop(0)

@@ -15,7 +15,7 @@ import torch
 class Tree:
     """A tree of at most `capacity` nodes, grown by `add_children` and trimmed by `keep_best`."""
 
-    def __init__(self, root_token: int, capacity: int, device: torch.device | str) -> None:
+    def __init__(self, root_token: int | torch.Tensor, capacity: int, device: torch.device | str) -> None:
         self.capacity = capacity
         self.device = torch.device(device)
         self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)
@@ -29,7 +29,7 @@ class Tree:
         self.draft_slot = torch.full((capacity,), -1, dtype=torch.long, device=device)
         # Node held by each draft cache slot, -1 once that node was trimmed away.
         self.slot_node = torch.empty(0, dtype=torch.long, device=device)
-        self.tokens[0] = root_token
+        self.tokens[0] = root_token  # a 0-dim device tensor is copied on the device: no host sync
         self.ancestors[0, 0] = True
         self.expanded[0] = True  # the root's children come from the draft's catch-up pass
         self.size = 1
@@ -96,7 +96,10 @@ class Tree:
         self.size = keep
 
     def children_lookup(self) -> dict[tuple[int, int], int]:
-        """(parent, token) -> child, on the host, for walking the tree during validation."""
-        parents = self.parents[1 : self.size].tolist()
-        tokens = self.tokens[1 : self.size].tolist()
-        return {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens, strict=True), start=1)}
+        """(parent, token) -> child, on the host (one transfer), for walking the tree during validation."""
+        return lookup_of(*torch.stack([self.parents[: self.size], self.tokens[: self.size]]).tolist())
+
+
+def lookup_of(parents: list[int], tokens: list[int]) -> dict[tuple[int, int], int]:
+    """(parent, token) -> child from the host copies of the parents and tokens columns (root included)."""
+    return {(p, t): i for i, (p, t) in enumerate(zip(parents[1:], tokens[1:], strict=True), start=1)}

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from specexec_cli.decoding.forward import cache_length, causal_pattern, forward
 from specexec_cli.decoding.kv import keep_tail
 from specexec_cli.decoding.stats import PassStats
-from specexec_cli.decoding.tree import Tree
+from specexec_cli.decoding.tree import Tree, lookup_of
 
 
 def draft_catch_up(draft: torch.nn.Module, cache: DynamicCache, sequence: torch.Tensor,
@@ -32,7 +32,7 @@ def draft_catch_up(draft: torch.nn.Module, cache: DynamicCache, sequence: torch.
     positions = torch.arange(past, n, device=device)
     attend = causal_pattern(past, n - past, device)
     logits = stats.timed("draft", draft.device,
-                         lambda: forward(draft, cache, sequence[past:], positions, attend))
+                         lambda: forward(draft, cache, sequence[past:], positions, attend, keep=1))
     return logits[-1]
 
 
@@ -70,30 +70,29 @@ def target_tree_pass(target: torch.nn.Module, cache: DynamicCache, sequence: tor
     attend[:, : past + pending] = True
     attend[:pending, past : past + pending] = causal_pattern(0, pending, device)
     attend[pending:, past + pending :] = tree.ancestors[:size, :size]
-    logits = stats.timed("target", target.device, lambda: forward(target, cache, ids, positions, attend))
-    return logits[pending:]
+    # the LM head runs on the tree rows only: the pending committed tokens need no logits
+    return stats.timed("target", target.device,
+                       lambda: forward(target, cache, ids, positions, attend, keep=size))
 
 
 def commit_path(target_cache: DynamicCache, draft_cache: DynamicCache, tree: Tree, path: list[int],
                 n_committed: int) -> None:
     """Cut both caches back to the committed prefix plus the accepted `path` (tree nodes, root excluded)."""
-    device = tree.device
+    # One copy to the device and one read back (how much of the path the draft processed).
+    nodes = torch.tensor([0, *path], dtype=torch.long, device=tree.device)  # [1 + P]
     # Target: the root sits at n - 1, tree node i at n - 1 + i.
-    keep_tail(target_cache, n_committed - 1, torch.tensor([0, *path], dtype=torch.long, device=device))
+    keep_tail(target_cache, n_committed - 1, nodes)
     # Draft: the processed part of the path is a prefix of it (a node is processed after its parent).
-    slots = tree.draft_slot[torch.tensor(path, dtype=torch.long, device=device)].tolist() if path else []
-    processed = []
-    for slot in slots:
-        if slot < 0:
-            break
-        processed.append(slot)
-    keep_tail(draft_cache, n_committed, torch.tensor(processed, dtype=torch.long, device=device))
+    slots = tree.draft_slot[nodes[1:]]  # [P], -1 where the draft never ran the node
+    n_processed = int((slots >= 0).cumprod(dim=0).sum()) if path else 0
+    keep_tail(draft_cache, n_committed, slots[:n_processed])
 
 
-def walk(tree: Tree, draw_at: Callable[[int], int]) -> tuple[list[int], list[int]]:
+def walk(tree: Tree, draw_at: Callable[[int], int],
+         lookup: dict[tuple[int, int], int] | None = None) -> tuple[list[int], list[int]]:
     """From the root, take the target's token `draw_at(node)` and move to the child carrying it, while
     one exists. Returns (accepted path as node indices, emitted tokens = path tokens + the bonus)."""
-    lookup = tree.children_lookup()
+    lookup = tree.children_lookup() if lookup is None else lookup
     node, path, emitted = 0, [], []
     while True:
         token = draw_at(node)
@@ -106,5 +105,9 @@ def walk(tree: Tree, draw_at: Callable[[int], int]) -> tuple[list[int], list[int
 
 
 def greedy_walk(tree: Tree, target_logits: torch.Tensor) -> tuple[list[int], list[int]]:
-    """`walk` with the target's argmax at every node, fetched to the host in one transfer."""
-    return walk(tree, target_logits.argmax(dim=-1).tolist().__getitem__)
+    """`walk` with the target's argmax at every node; argmax, parents and tokens reach the host in one
+    transfer."""
+    size = tree.size
+    best, parents, tokens = torch.stack(
+        [target_logits[:size].argmax(dim=-1), tree.parents[:size], tree.tokens[:size]]).tolist()
+    return walk(tree, best.__getitem__, lookup_of(parents, tokens))

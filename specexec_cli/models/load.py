@@ -154,7 +154,8 @@ def load_model(
     elif quantization is not None:
         raise SpecexecError(f"unknown quantization '{quantization}' (known: gptq)")
     device = torch.device(device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    # sdpa applies the 4-D tree mask; flash attention would ignore or reject it
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     if device.type != "cpu":
         kwargs["device_map"] = {"": device}
     folder = local_source(spec)

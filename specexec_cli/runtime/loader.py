@@ -348,7 +348,8 @@ def gptq_config_of(config) -> quant.GPTQConfig | None:
 
 
 def empty_skeleton(config, dtype: torch.dtype) -> nn.Module:
-    """The causal LM with every parameter on the meta device (buffers such as RoPE tables are real)."""
+    """The causal LM with every parameter on the meta device (buffers such as RoPE tables are real),
+    attending with sdpa (which applies the decoders' 4-D tree mask; flash attention would not)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -356,6 +357,6 @@ def empty_skeleton(config, dtype: torch.dtype) -> nn.Module:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     return model

@@ -1,0 +1,109 @@
+"""Memory the planner must be able to count: the offload plan's context comes from the real prompt
+lengths, and the tuner's acceptance curve never builds a [tree size, vocab] float32 tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY_VOCAB, _word_tokenizer
+from tiny_pairs import tiny_pair
+
+from specexec_cli.cli import main
+from specexec_cli.decoding import specexec
+from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
+from specexec_cli.decoding.sampling import probabilities
+from specexec_cli.decoding.tree import Tree
+from specexec_cli.prompts import Prompt
+from specexec_cli.run import prompt_context, tree_headroom
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_tree_headroom_counts_draft_slots_beyond_the_budget():
+    assert tree_headroom(TreeConfig(budget=4, max_n_beams=4, max_beam_len=3)) == 2 * 4 - 5
+    assert tree_headroom(TreeConfig(budget=64, max_n_beams=4, max_beam_len=3)) == 0
+
+
+def test_prompt_context_is_longest_prompt_plus_new_tokens_plus_headroom(tiny_tokenizer):
+    prompts = [Prompt("a", "w1 w2 w3"), Prompt("b", "w1 w2 w3 w4 w5 w6 w7"), Prompt("c", "w9")]
+    tree = TreeConfig(budget=4, max_n_beams=4, max_beam_len=3)
+    config = GenerationConfig(max_new_tokens=10, tree=tree)
+    context = prompt_context(prompts, config, system=None, chat_template=False)
+    assert context(tiny_tokenizer) == 7 + 10 + tree_headroom(tree)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB - 4)])
+    for name, model in zip(("target", "draft"), tiny_pair("llama", vocab=TINY_VOCAB, dtype=torch.float32),
+                           strict=True):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def test_generate_plans_the_offload_context_from_the_prompts(model_dirs, monkeypatch):
+    from specexec_cli.runtime import offload
+
+    seen = []
+    real = offload.load_offloaded_target
+
+    def recording(source, **kw):
+        seen.append(kw["context_len"])
+        return real(source, **kw)
+
+    monkeypatch.setattr(offload, "load_offloaded_target", recording)
+    args = ["generate", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
+            "--no-chat-template", "--no-profile", "-n", "6", "--offload", "ram", "--budget", "8",
+            "--max-n-beams", "4", "--max-beam-len", "3", "-p", "w1 w2", "-p", "w3 w4 w5 w6 w7"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.stderr
+    assert seen == [5 + 6 + tree_headroom(TreeConfig(budget=8, max_n_beams=4, max_beam_len=3))]
+
+
+def random_tree(n_nodes: int, seed: int) -> Tree:
+    """A random tree whose scores never rise from parent to child (as grown trees are)."""
+    g = torch.Generator().manual_seed(seed)
+    tree = Tree(0, n_nodes, "cpu")
+    for node in range(1, n_nodes):
+        parent = int(torch.randint(0, node, (1,), generator=g))
+        score = tree.scores[parent] - torch.rand(1, generator=g)
+        tree.add_children(torch.tensor([parent]), torch.randint(0, 50, (1,), generator=g), score)
+    return tree
+
+
+def reference_curve(tree: Tree, logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The whole-matrix formula: probabilities of every row at once, then per-path products."""
+    size = tree.size
+    p = probabilities(logits, sampling)  # [size, V] float32: what acceptance_curve must not build
+    node_prob = torch.ones(size, dtype=torch.float64)
+    node_prob[1:] = p[tree.parents[1:size], tree.tokens[1:size]].double()
+    path_prob = node_prob.clone()
+    for node in range(1, size):  # parents come first
+        path_prob[node] = path_prob[tree.parents[node]] * node_prob[node]
+    order = torch.sort(tree.scores[1:size], descending=True, stable=True).indices + 1
+    return 1.0 + torch.cumsum(path_prob[order], dim=0)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7, top_p=0.9, top_k=20)],
+                         ids=["greedy", "sampled"])
+def test_acceptance_curve_works_in_row_chunks(sampling, monkeypatch):
+    tree = random_tree(200, seed=0)
+    logits = torch.randn(tree.size, 50, generator=torch.Generator().manual_seed(1)) * 3
+    logits[:, 7] += 6  # peaked rows, so greedy paths get accepted too
+    expected = reference_curve(tree, logits, sampling)
+    rows_seen = []
+
+    def counting(x, s):
+        rows_seen.append(x.shape[0])
+        return probabilities(x, s)
+
+    monkeypatch.setattr(specexec, "probabilities", counting)
+    curve = specexec.acceptance_curve(tree, logits, sampling)
+    torch.testing.assert_close(curve, expected, rtol=1e-12, atol=1e-12)
+    assert curve.shape == (tree.size - 1,)
+    assert all(n <= specexec.CURVE_ROWS for n in rows_seen)  # never a [size, V] distribution
+    if not sampling.greedy:
+        assert len(rows_seen) == -(-(tree.size - 1) // specexec.CURVE_ROWS)
