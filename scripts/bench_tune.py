@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from specexec_cli import hardware
-from specexec_cli.tuning.search import NO_DRAFT, Candidate, early_exit_key
-from specexec_cli.tuning.tune import ModelPool, TuneOptions, tune
+from specexec_cli.tuning.pool import ModelPool
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, early_exit_key
+from specexec_cli.tuning.tune import TuneOptions, build_space, tune
 
 TARGET = "qwen2.5-coder-1.5b"
 DRAFT = "qwen2.5-coder-0.5b"
@@ -136,8 +137,6 @@ def main() -> int:
     print(hardware.format_probe(probe), file=sys.stderr)
     pool = ModelPool(TARGET, torch.device("cpu"))
     # The space size decides the tuner's evaluation allowance: a third of the grid.
-    from specexec_cli.tuning.tune import build_space
-
     grid = build_space(options, TARGET, torch.device("cpu")).candidates()
     options.n_trials = args.trials or len(grid) // 3
     start = time.perf_counter()

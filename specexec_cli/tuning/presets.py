@@ -20,7 +20,7 @@ from specexec_cli.errors import SpecexecError
 from specexec_cli.hardware import GIB
 from specexec_cli.runtime import plan as planner
 from specexec_cli.tuning import cost_model as cm
-from specexec_cli.tuning.search import DEFAULT_BUDGETS, NO_DRAFT
+from specexec_cli.tuning.space import DEFAULT_BUDGETS, NO_DRAFT
 
 CONTEXT = 1024  # prompt + new tokens the KV caches are planned for
 
@@ -203,7 +203,7 @@ def best_settings(
 ) -> Choice | None:
     """The configuration the cost model likes best for `target` on `hw`, or None if nothing fits."""
     from specexec_cli.models.registry import drafts_for, resolve
-    from specexec_cli.tuning.tune import model_shape
+    from specexec_cli.tuning.memory import model_shape
 
     spec = resolve(target)
     shape = model_shape(target)
