@@ -1,5 +1,10 @@
 """Calibration: the measured cost-model inputs for one target on this machine (`Calibration`), and
-`calibrate()`, which times the target variants and the drafts and measures each draft's acceptance."""
+`calibrate()`, which times the target variants and the drafts and measures each draft's acceptance.
+
+Curves are keyed by target variant (space.variant_name: "fp32", or "fp32@disk" under --max-memory). A
+variant whose layers stream is timed at three batch sizes only; its curve over every budget comes from
+cost_model.streamed_forward_s (max(read time, compute)) instead of timing each budget's pass.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,17 @@ from dataclasses import dataclass, field, replace
 
 from specexec_cli.tuning import cost_model as cm
 from specexec_cli.tuning import log
-from specexec_cli.tuning.measure import AcceptanceMeasurement, measure_acceptance, measure_forward_curve
+from specexec_cli.tuning.measure import (
+    AcceptanceMeasurement,
+    StreamedMeasurement,
+    measure_acceptance,
+    measure_forward_curve,
+    measure_streamed,
+    streamed_layers,
+)
 from specexec_cli.tuning.objective import GenerationObjective
 from specexec_cli.tuning.pool import ModelPool
-from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace, variant_name
 
 
 @dataclass
@@ -21,11 +33,12 @@ class Calibration:
     target_curves: dict[str, cm.LatencyCurve] = field(default_factory=dict)
     draft_curves: dict[tuple[str, str], cm.LatencyCurve] = field(default_factory=dict)
     acceptance: dict[str, AcceptanceMeasurement] = field(default_factory=dict)
+    streamed: dict[str, StreamedMeasurement] = field(default_factory=dict)  # variants whose layers stream
     host_s: float = cm.DEFAULT_HOST_OVERHEAD_S
     seconds: float = 0.0
 
     def costs(self, candidate: Candidate) -> cm.PairCosts | None:
-        target = self.target_curves.get(candidate.quantization)
+        target = self.target_curves.get(candidate.variant)
         if target is None:
             return None
         if candidate.autoregressive:
@@ -54,6 +67,7 @@ class Calibration:
                 {"draft": d, "quantization": q, **c.to_dict()} for (d, q), c in self.draft_curves.items()
             ],
             "acceptance": {d: m.to_dict() for d, m in self.acceptance.items()},
+            "streamed": {v: m.to_dict() for v, m in self.streamed.items()},
             "host_s": self.host_s,
             "seconds": self.seconds,
         }
@@ -66,14 +80,16 @@ class Calibration:
                 (c["draft"], c["quantization"]): cm.LatencyCurve.from_dict(c) for c in data["draft_latency"]
             },
             acceptance={d: AcceptanceMeasurement.from_dict(m) for d, m in data["acceptance"].items()},
+            streamed={v: StreamedMeasurement.from_dict(m) for v, m in data.get("streamed", {}).items()},
             host_s=float(data["host_s"]),
             seconds=float(data["seconds"]),
         )
 
     def covers(self, space: SearchSpace) -> bool:
         """Whether every target variant and (draft, variant) pair of `space` has its curves."""
-        pairs = {(d, q) for d in space.speculative_drafts for q in space.quantizations}
-        return set(space.quantizations) <= set(self.target_curves) and pairs <= set(self.draft_curves)
+        variants = {variant_name(q, o) for q, o in space.variants}
+        pairs = {(d, v) for d in space.speculative_drafts for v in variants}
+        return variants <= set(self.target_curves) and pairs <= set(self.draft_curves)
 
 
 def optimistic_prior() -> cm.AcceptanceCurve:
@@ -87,6 +103,13 @@ def target_batches(budgets: tuple[int, ...]) -> list[int]:
     return sorted({1, *(b + 1 for b in budgets)})
 
 
+def streamed_batches(budgets: tuple[int, ...]) -> list[int]:
+    """The few batch sizes a streamed target is timed at: 1, the largest pass, and one in between."""
+    passes = [b + 1 for b in budgets]
+    middle = min(passes, key=lambda b: abs(b * b - passes[-1]))
+    return sorted({1, middle, passes[-1]})
+
+
 def draft_batches(n_beams: tuple[int, ...]) -> list[int]:
     """Batch sizes to time a draft at: powers of two up to the widest pass, and each max_n_beams."""
     widest = max(n_beams)
@@ -94,12 +117,12 @@ def draft_batches(n_beams: tuple[int, ...]) -> list[int]:
 
 
 def calibration_budget(
-    cal: Calibration, space: SearchSpace, draft: str, quant: str, ratio: float
+    cal: Calibration, space: SearchSpace, draft: str, variant: str, ratio: float
 ) -> int | None:
     """The largest budget at which `draft` could still reach `ratio` x plain decoding under the
     optimistic prior with a single draft pass; None when no budget could."""
     plain = max(1.0 / (c.at(1) + cal.host_s) for c in cal.target_curves.values())
-    target, draft_curve = cal.target_curves[quant], cal.draft_curves[(draft, quant)]
+    target, draft_curve = cal.target_curves[variant], cal.draft_curves[(draft, variant)]
     prior = optimistic_prior()
     hopeful = [
         b
@@ -113,7 +136,7 @@ def calibrate(
     pool: ModelPool,
     space: SearchSpace,
     objective: GenerationObjective,
-    iterations_per_prompt: int = 4,
+    iterations_per_prompt: int = 8,
     hopeless_ratio: float = 0.5,
 ) -> Calibration:
     """Time the target variants and the drafts, then measure each draft's acceptance curve with the
@@ -121,32 +144,47 @@ def calibrate(
     get near plain decoding even then is not measured (its predictions use the optimistic prior)."""
     start = time.perf_counter()
     cal = Calibration()
-    for quant in space.quantizations:
-        log(f"calibrating: target {quant} forward times")
-        cal.target_curves[quant] = measure_forward_curve(pool.target(quant), target_batches(space.budgets))
+    variants = [variant_name(q, o) for q, o in space.variants]
+    for variant in variants:
+        log(f"calibrating: target {variant} forward times")
+        cal.target_curves[variant] = target_curve(cal, pool.target(variant), variant, space)
     for draft in space.speculative_drafts:
         curves: dict[str, cm.LatencyCurve] = {}  # per weights variant the draft is made from
-        for quant in space.quantizations:
-            variant = pool.draft_variant(draft, quant)
-            if variant not in curves:
-                log(f"calibrating: draft {draft} ({variant}) forward times")
-                model = pool.draft(draft, quant)
-                curves[variant] = measure_forward_curve(
+        for variant in variants:
+            weights = pool.draft_variant(draft, variant)
+            if weights not in curves:
+                log(f"calibrating: draft {draft} ({weights}) forward times")
+                model = pool.draft(draft, variant)
+                curves[weights] = measure_forward_curve(
                     model, draft_batches(space.n_beams), time_limit_s=10.0
                 )
-            cal.draft_curves[(draft, quant)] = curves[variant]
-    quant = min(space.quantizations, key=lambda q: cal.target_curves[q].at(1))
-    widest = Candidate(NO_DRAFT, quant, 0, max(space.n_beams), max(space.beam_lens))
+            cal.draft_curves[(draft, variant)] = curves[weights]
+    variant = min(variants, key=lambda v: cal.target_curves[v].at(1))
+    quant, offload = space.variants[variants.index(variant)]
+    widest = Candidate(NO_DRAFT, quant, 0, max(space.n_beams), max(space.beam_lens), offload)
     for draft in space.speculative_drafts:
-        budget = calibration_budget(cal, space, draft, quant, hopeless_ratio)
+        budget = calibration_budget(cal, space, draft, variant, hopeless_ratio)
         if budget is None:
             log(f"calibrating: {draft} cannot get near plain decoding at any budget; not measured")
             continue
         log(f"calibrating: acceptance curve of {draft} at budget {budget}")
         config = objective.config(replace(widest, draft=draft, budget=budget))
         cal.acceptance[draft] = measure_acceptance(
-            pool.target(quant), pool.draft(draft, quant), objective.prompts, config, iterations_per_prompt
+            pool.target(variant), pool.draft(draft, variant), objective.prompts, config, iterations_per_prompt
         )
     cal.seconds = time.perf_counter() - start
     return cal
 
+
+def target_curve(cal: Calibration, model, variant: str, space: SearchSpace) -> cm.LatencyCurve:
+    """The target's forward times over the space's passes: timed at each of them when it is in memory;
+    timed at three and predicted by the streamed formula when its layers stream."""
+    if streamed_layers(model) is None:
+        return measure_forward_curve(model, target_batches(space.budgets))
+    measured = measure_streamed(model, streamed_batches(space.budgets))
+    cal.streamed[variant] = measured
+    log(
+        f"calibrating: {variant} streams {measured.n_layers - measured.resident_layers} layers at "
+        f"{measured.read_bandwidth / 1e9:.2f} GB/s; compute {measured.compute.at(1):.2f} s at 1 token"
+    )
+    return measured.curve(target_batches(space.budgets))

@@ -12,6 +12,11 @@
 
 Plain decoding is the K = 0 point: S = 1 / (T_target(1) + T_host).
 
+A target whose layers stream (from RAM or disk, `--max-memory`) reads its streamed layers once per pass
+while computing, so T_target(B) = max(streamed bytes / read bandwidth, compute(B)) (`streamed_forward_s`):
+flat at the read time up to the compute knee, whatever the token count. A few measured passes give the
+compute curve and the read time, and the formula predicts every budget.
+
 Everything here is a pure function of plain numbers, so it is cheap enough to rule out infeasible
 (memory) and hopeless (predicted far below the best measured) trials and to seed the search.
 """
@@ -137,6 +142,36 @@ class LatencyCurve:
     @classmethod
     def from_dict(cls, data: dict) -> LatencyCurve:
         return cls(tuple(int(b) for b in data["batches"]), tuple(float(s) for s in data["seconds"]))
+
+
+def streamed_forward_s(
+    tokens: float,
+    compute: LatencyCurve,
+    layer_bytes: float,
+    n_layers: int,
+    resident_layers: int,
+    read_bandwidth: float,
+) -> float:
+    """Forward time of a target whose last n_layers - resident_layers layers stream each pass:
+    max(streamed bytes / read bandwidth, compute(tokens)). `compute` is the forward time with every
+    layer in memory (the resident-equivalent pass); reads of the next layers overlap the compute of the
+    current ones, so the slower of the two sets the pace."""
+    streamed_bytes = max(0, n_layers - resident_layers) * layer_bytes
+    read_s = streamed_bytes / read_bandwidth if read_bandwidth > 0 else 0.0
+    return max(read_s, compute.at(tokens))
+
+
+def streamed_curve(
+    compute: LatencyCurve,
+    layer_bytes: float,
+    n_layers: int,
+    resident_layers: int,
+    read_bandwidth: float,
+    batches: Sequence[int],
+) -> LatencyCurve:
+    """`streamed_forward_s` at `batches`, as a curve the rest of the model reads like a measured one."""
+    args = (compute, layer_bytes, n_layers, resident_layers, read_bandwidth)
+    return LatencyCurve.from_points([(b, streamed_forward_s(b, *args)) for b in batches])
 
 
 @dataclass(frozen=True)

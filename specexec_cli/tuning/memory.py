@@ -8,6 +8,7 @@ rules out exactly what `load_offloaded_target` would refuse.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import torch
 
 from specexec_cli import hardware
 from specexec_cli.errors import SpecexecError
+from specexec_cli.runtime import plan as planner
+from specexec_cli.runtime.caps import apply_caps
 from specexec_cli.tuning.shape import ModelShape
 from specexec_cli.tuning.space import Candidate, parse_early_exit
 
@@ -99,28 +102,112 @@ def model_shape(name: str) -> ModelShape | None:
     return shape.truncated(early[1]) if early else shape
 
 
+def model_facts(
+    shape: ModelShape, quant: str, float_bytes: int, stored_bytes: float | None = None
+) -> planner.ModelFacts:
+    """The planner's view of a target from its shape: layer bytes in `quant` (or as stored, when the
+    runtime streams float layers narrower than it computes: `stored_bytes` per weight), the rest in
+    float."""
+    layer = int(shape.layer_bytes(quant))
+    if stored_bytes is not None and quant in ("fp32", "fp16", "bf16"):
+        layer = int(min(layer, shape.layer_params * stored_bytes))
+    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
+    return planner.ModelFacts(
+        n_layers=shape.n_layers,
+        layer_bytes=layer,
+        total_layer_bytes=layer * shape.n_layers,
+        resident_bytes=int(embed * float_bytes),
+        kv_bytes_per_token=shape.kv_bytes_per_token(float_bytes),
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size * shape.experts_per_token,
+        dtype_bytes=float_bytes,
+        decode_bytes=0 if quant in ("fp16", "bf16", "fp32") else shape.layer_params * float_bytes,
+    )
+
+
+def stored_float_bytes(name: str) -> int | None:
+    """Bytes per weight of a registry model's local checkpoint files (config torch_dtype), if known."""
+    from specexec_cli.models.load import local_source
+    from specexec_cli.models.registry import resolve
+
+    try:
+        folder = local_source(resolve(name))
+        dtype = json.loads((folder / "config.json").read_text()).get("torch_dtype") if folder else None
+    except (SpecexecError, OSError, ValueError):
+        return None
+    return {"float16": 2, "bfloat16": 2, "float32": 4}.get(dtype)
+
+
+def hardware_facts(
+    probe: hardware.HardwareProbe, device: torch.device, caps: dict[str, int]
+) -> planner.HardwareFacts:
+    """The planner's facts from the probe, each pool capped by --max-memory (runtime.caps)."""
+    host = probe.host.ram_available
+    disk = probe.disk.free_bytes if probe.disk is not None else 10**13
+    if device.type == "cuda":
+        free = max((g.memory_free for g in probe.gpus), default=0)
+        facts = planner.HardwareFacts(device_mem_free=free, host_ram_available=host, disk_free=disk)
+    else:
+        facts = planner.HardwareFacts(host, host, disk, unified=True)
+    return apply_caps(facts, caps, device.type, device.index)
+
+
 def memory_checker(
-    target: str, probe: hardware.HardwareProbe, device: torch.device, context: int
+    target: str,
+    probe: hardware.HardwareProbe,
+    device: torch.device,
+    context: int,
+    caps: dict[str, int] | None = None,
+    plan_context: int | None = None,
 ) -> Callable[[Candidate], str | None]:
-    """The feasibility test the search runs before loading anything (memory_problem)."""
+    """The feasibility test the search runs before loading anything.
+
+    A candidate placed in an offload tier (under --max-memory) is checked by the runtime's planner on the
+    probed facts with the caps applied, at its budget, with its draft: the question the runtime asks
+    before it loads (`plan_context`: the context the runtime plans for). Otherwise the resident estimate
+    of `memory_problem`."""
     target_shape = model_shape(target)
     gpu_free = max((g.memory_free for g in probe.gpus), default=None) if device.type == "cuda" else None
     budget_mem = MemoryBudget(device_free=gpu_free, host_available=probe.host.ram_available)
     float_quant = "fp16" if device.type == "cuda" else "fp32"
+    float_bytes = 2 if device.type == "cuda" else 4
+    hw = hardware_facts(probe, device, caps or {})
+    stored = stored_float_bytes(target) if target_shape is not None else None
+    gpu_total = max((g.memory_total for g in probe.gpus), default=0) if gpu_free is not None else 0
+    reserve = (256 << 20) + int(0.05 * gpu_total)  # as the runtime keeps free
+
+    def draft_bytes(candidate: Candidate) -> float:
+        early = parse_early_exit(candidate.draft)
+        if candidate.autoregressive or (early and early[0] == target):
+            return 0.0
+        draft_shape = model_shape(early[0] if early else candidate.draft)
+        return draft_shape.weight_bytes(float_quant) if draft_shape else 0.0
 
     def check(candidate: Candidate) -> str | None:
         if target_shape is None:
             return None
+        if candidate.offload:
+            request = planner.PlanRequest(
+                offload=candidate.offload,
+                resident_layers=None,
+                budget=max(1, candidate.budget),
+                context_len=plan_context or context,
+                draft_bytes=int(draft_bytes(candidate)),
+                reserve_bytes=reserve,
+            )
+            facts = model_facts(target_shape, candidate.quantization, float_bytes, stored)
+            try:
+                planner.plan(hw, facts, request)
+            except SpecexecError as exc:
+                return str(exc)
+            return None
         target_bytes = target_shape.weight_bytes(candidate.quantization)
-        early = parse_early_exit(candidate.draft)
-        draft_bytes = 0.0
-        if not candidate.autoregressive and not (early and early[0] == target):
-            draft_shape = model_shape(early[0] if early else candidate.draft)
-            draft_bytes = draft_shape.weight_bytes(float_quant) if draft_shape else 0.0
         activations = tree_activation_bytes(target_shape, candidate.budget, context)
         offloaded = gpu_free is not None and target_bytes > 0.8 * gpu_free
         buffers = 2 * target_shape.layer_bytes(candidate.quantization)
-        return memory_problem(budget_mem, target_bytes, draft_bytes, activations, offloaded, buffers)
+        return memory_problem(
+            budget_mem, target_bytes, draft_bytes(candidate), activations, offloaded, buffers
+        )
 
     return check
-

@@ -79,8 +79,8 @@ class GenerationObjective:
         )
 
     def _models(self, candidate: Candidate):
-        target = self.pool.target(candidate.quantization)
-        draft = self.pool.draft(candidate.draft, candidate.quantization)
+        target = self.pool.target(candidate.variant)
+        draft = self.pool.draft(candidate.draft, candidate.variant)
         if candidate.load_key not in self._warm:  # first use after a load: warm allocator and caches
             generate(target, draft, self.prompts[0], self.config(candidate, 2))
             self._warm.add(candidate.load_key)

@@ -34,9 +34,11 @@ def make_profile(
             max_beam_len=best.max_beam_len,
             max_branch_width=options.max_branch_width,
         )
-    settings.update(pool.offload_settings(best.quantization))
+    settings.update(pool.offload_settings(best.variant))
+    if options.max_memory:
+        settings["max_memory"] = list(options.max_memory)  # as given: generate plans under the same caps
     evaluation = next(e for e in result.evaluations if e.candidate == best)
-    plain = result.best_autoregressive
+    plain = result.plain_baseline(best)
     measured = {"tokens_per_s": evaluation.tokens_per_s, "trials": len(result.evaluations)}
     if plain is not None:
         measured["autoregressive_tokens_per_s"] = plain.tokens_per_s

@@ -42,6 +42,16 @@ class SearchResult:
         spec = [e for e in self.evaluations if not e.candidate.autoregressive]
         return max(spec, key=lambda e: e.tokens_per_s, default=None)
 
+    def plain_baseline(self, candidate: Candidate) -> Evaluation | None:
+        """Plain decoding of the same target variant (quantization and offload tier) when measured,
+        else the best plain decoding."""
+        same = [
+            e
+            for e in self.evaluations
+            if e.candidate.autoregressive and e.candidate.variant == candidate.variant
+        ]
+        return same[0] if same else self.best_autoregressive
+
     def ranked(self) -> list[Evaluation]:
         return sorted(self.evaluations, key=lambda e: -e.tokens_per_s)
 
@@ -65,9 +75,15 @@ class SearchResult:
                 f"the best speculative configuration ({spec.candidate.label()}) reached "
                 f"{spec.tokens_per_s:.2f} tok/s, {spec.tokens_per_s / plain.tokens_per_s:.2f}x plain decoding"
             )
+        baseline, also = "plain decoding", ""
+        same = self.plain_baseline(best.candidate)
+        if best.candidate.offload and same.candidate.variant == best.candidate.variant:
+            if same is not plain:
+                also = f"; fastest plain: {plain.candidate.label()} at {plain.tokens_per_s:.2f} tok/s"
+            plain, baseline = same, "plain decoding streamed the same way"  # the fair comparison
         return (
             f"best: {best.candidate.label()} at {best.tokens_per_s:.2f} tok/s, "
-            f"{best.tokens_per_s / plain.tokens_per_s:.2f}x plain decoding ({plain.tokens_per_s:.2f} tok/s)"
+            f"{best.tokens_per_s / plain.tokens_per_s:.2f}x {baseline} ({plain.tokens_per_s:.2f} tok/s){also}"
         )
 
 

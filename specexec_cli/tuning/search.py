@@ -31,7 +31,7 @@ from optuna.trial import Trial, TrialState
 
 from specexec_cli.errors import SpecexecError
 from specexec_cli.tuning.results import SearchResult
-from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace, variant_name
 from specexec_cli.tuning.study import (
     ATTR_CANDIDATE,
     ATTR_DUPLICATE,
@@ -95,11 +95,12 @@ class _Search:
     def default_seeds(self) -> list[Candidate]:
         """Plain decoding per quantization, then each pair's predicted-best budget, best first."""
         space = self.space
-        plain = [Candidate(NO_DRAFT, q) for q in space.quantizations if NO_DRAFT in space.drafts]
+        plain = [Candidate(NO_DRAFT, q, offload=o) for q, o in space.variants if NO_DRAFT in space.drafts]
         per_pair = []
         for draft in space.speculative_drafts:
-            for quant in space.quantizations:
-                options = [c for c in space.candidates() if c.load_key == (draft, quant)]
+            for quant, offload in space.variants:
+                key = (draft, variant_name(quant, offload))
+                options = [c for c in space.candidates() if c.load_key == key]
                 scored = [(self.prediction(c), c) for c in options]
                 known = [(p, c) for p, c in scored if p is not None]
                 if known:

@@ -11,46 +11,65 @@ from specexec_cli.models.registry import EARLY_EXIT, early_exit_layers
 
 NO_DRAFT = "none"
 DEFAULT_BUDGETS = tuple(2**i for i in range(13))  # 1 .. 4096, log scale
+DEFAULT_PLACEMENT = ""  # the loader's own placement (no --max-memory)
 
 @dataclass(frozen=True, order=True)
 class Candidate:
-    """One point of the search space. Plain decoding has draft NO_DRAFT and budget 0."""
+    """One point of the search space. Plain decoding has draft NO_DRAFT and budget 0.
+
+    `offload` is the tier the target's layers are placed in under --max-memory (none, ram or disk, with
+    as many resident layers as the planner allows); DEFAULT_PLACEMENT ("") means the loader's own
+    choice (float variants resident, 4-bit ones planned by the runtime)."""
 
     draft: str
     quantization: str
     budget: int = 0
     max_n_beams: int = 0
     max_beam_len: int = 0
+    offload: str = ""
 
     @property
     def autoregressive(self) -> bool:
         return self.draft == NO_DRAFT
 
     @property
+    def variant(self) -> str:
+        """The target variant: its quantization, and its offload tier when one is chosen."""
+        return variant_name(self.quantization, self.offload)
+
+    @property
     def load_key(self) -> tuple[str, str]:
         """What has to be loaded to run it: trials with the same key share one load."""
-        return self.draft, self.quantization
+        return self.draft, self.variant
 
     def label(self) -> str:
+        variant = self.quantization + (f" offload={self.offload}" if self.offload else "")
         if self.autoregressive:
-            return f"autoregressive {self.quantization}"
+            return f"autoregressive {variant}"
         beams = f"beams={self.max_n_beams}x{self.max_beam_len}"
-        return f"{self.draft} {self.quantization} budget={self.budget} {beams}"
+        return f"{self.draft} {variant} budget={self.budget} {beams}"
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "draft": self.draft,
             "quantization": self.quantization,
             "budget": self.budget,
             "max_n_beams": self.max_n_beams,
             "max_beam_len": self.max_beam_len,
         }
+        if self.offload:
+            data["offload"] = self.offload
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Candidate:
-        return cls(
-            **{key: data[key] for key in ("draft", "quantization", "budget", "max_n_beams", "max_beam_len")}
-        )
+        keys = ("draft", "quantization", "budget", "max_n_beams", "max_beam_len")
+        return cls(**{key: data[key] for key in keys}, offload=data.get("offload", DEFAULT_PLACEMENT))
+
+
+def variant_name(quantization: str, offload: str = "") -> str:
+    """'fp32', or 'fp32@disk' for a variant placed in an offload tier."""
+    return f"{quantization}@{offload}" if offload else quantization
 
 
 def early_exit_key(base: str, n_layers: int) -> str:
@@ -91,6 +110,7 @@ class SearchSpace:
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
     n_beams: tuple[int, ...] = (32,)
     beam_lens: tuple[int, ...] = (16,)
+    offloads: tuple[str, ...] = (DEFAULT_PLACEMENT,)  # target tiers (--max-memory), searched when > 1
 
     def __post_init__(self) -> None:
         if not self.drafts or not self.quantizations or not self.budgets:
@@ -101,6 +121,11 @@ class SearchSpace:
                 raise ValueError(f"{name} must be increasing positive integers")
 
     @property
+    def variants(self) -> list[tuple[str, str]]:
+        """Target variants: (quantization, offload tier)."""
+        return [(q, o) for q in self.quantizations for o in self.offloads]
+
+    @property
     def speculative_drafts(self) -> tuple[str, ...]:
         return tuple(d for d in self.drafts if d != NO_DRAFT)
 
@@ -108,7 +133,7 @@ class SearchSpace:
         """The same behaviour with one spelling: beam shapes wider or longer than the budget act alike,
         so they collapse to the smallest such choice; plain decoding has no tree knobs at all."""
         if candidate.autoregressive:
-            return Candidate(NO_DRAFT, candidate.quantization)
+            return Candidate(NO_DRAFT, candidate.quantization, offload=candidate.offload)
         return replace(
             candidate,
             max_n_beams=_collapse(candidate.max_n_beams, candidate.budget, self.n_beams),
@@ -117,14 +142,15 @@ class SearchSpace:
 
     def candidates(self) -> list[Candidate]:
         """Every distinct candidate (the exhaustive grid), plain decoding first."""
-        out = [Candidate(NO_DRAFT, q) for q in self.quantizations if NO_DRAFT in self.drafts]
+        variants = self.variants
+        out = [Candidate(NO_DRAFT, q, offload=o) for q, o in variants if NO_DRAFT in self.drafts]
         seen = set(out)
         for draft in self.speculative_drafts:
-            for quant in self.quantizations:
+            for quant, offload in variants:
                 for budget in self.budgets:
                     for beams in self.n_beams:
                         for length in self.beam_lens:
-                            c = self.canonical(Candidate(draft, quant, budget, beams, length))
+                            c = self.canonical(Candidate(draft, quant, budget, beams, length, offload))
                             if c not in seen:
                                 seen.add(c)
                                 out.append(c)
@@ -134,8 +160,13 @@ class SearchSpace:
         """Define-by-run: ask `trial` for a candidate (enqueued parameters are honoured)."""
         draft = trial.suggest_categorical("draft", list(self.drafts))
         quant = trial.suggest_categorical("quantization", list(self.quantizations))
+        offload = (
+            trial.suggest_categorical("offload", list(self.offloads))
+            if len(self.offloads) > 1
+            else self.offloads[0]
+        )
         if draft == NO_DRAFT:
-            return Candidate(NO_DRAFT, quant)
+            return Candidate(NO_DRAFT, quant, offload=offload)
         budget = self.budgets[trial.suggest_int("budget_step", 0, len(self.budgets) - 1)]
         beams = (
             self.n_beams[trial.suggest_int("beams_step", 0, len(self.n_beams) - 1)]
@@ -147,11 +178,13 @@ class SearchSpace:
             if len(self.beam_lens) > 1
             else self.beam_lens[0]
         )
-        return self.canonical(Candidate(draft, quant, budget, beams, length))
+        return self.canonical(Candidate(draft, quant, budget, beams, length, offload))
 
     def params(self, candidate: Candidate) -> dict:
         """Optuna parameters that make `suggest` return `candidate` (for enqueue_trial)."""
         params: dict = {"draft": candidate.draft, "quantization": candidate.quantization}
+        if len(self.offloads) > 1:
+            params["offload"] = candidate.offload
         if candidate.autoregressive:
             return params
         params["budget_step"] = self.budgets.index(candidate.budget)

@@ -8,7 +8,14 @@ calibration prompts) -> save the best as a profile (profiles.save_profile).
 
 Loaded models are kept in a `ModelPool` between trials (loads are the expensive part), and the search
 evaluates several budgets per load.
+
+With --max-memory (or --offload), each target variant loads through the offloaded runtime in an
+offload tier under the caps; the planner keeps as many layers resident as the largest budget leaves
+room for, so the searched placement is the tier. Streamed variants are predicted by the cost model's
+streamed formula from a few timed passes, and the profile records the tier, buffers, resident layers
+and the caps, which `specexec generate` then loads again.
 """
+
 from __future__ import annotations
 
 import time
@@ -19,16 +26,21 @@ import torch
 
 from specexec_cli import hardware, profiles
 from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.runtime.caps import parse_caps
+from specexec_cli.runtime.plan import OFFLOADS
 from specexec_cli.tuning import log
 from specexec_cli.tuning.calibration import Calibration, calibrate
-from specexec_cli.tuning.memory import memory_checker
+from specexec_cli.tuning.memory import memory_checker, model_shape
 from specexec_cli.tuning.objective import GenerationObjective, TrialRecord
 from specexec_cli.tuning.pool import (
     FLOAT_DTYPES,
     WEIGHT_QUANTS,
     LoadFn,
     ModelPool,
+    Placement,
+    StreamFn,
     default_device,
+    load_placed_variant,
     load_variant,
 )
 from specexec_cli.tuning.profile_out import make_profile
@@ -37,13 +49,20 @@ from specexec_cli.tuning.results import SearchResult, format_results
 from specexec_cli.tuning.search import run_search
 from specexec_cli.tuning.space import (
     DEFAULT_BUDGETS,
+    DEFAULT_PLACEMENT,
     NO_DRAFT,
     Candidate,
     SearchSpace,
     early_exit_key,
     normalize_draft,
+    parse_early_exit,
+    variant_name,
 )
 from specexec_cli.tuning.study import default_storage_path, open_study
+
+# The context a placed target's memory plan holds: generate's (its default --max-new-tokens + 2048), so
+# that the placement the tuner measures is one generate can load again.
+PLAN_CONTEXT = 256 + 2048
 
 # --- options ----------------------------------------------------------------------------------
 
@@ -73,7 +92,9 @@ class TuneOptions:
     profiles_dir: Path | None = None
     save: bool = True
     trial_time_limit_s: float | None = None  # stop a slow measurement early (rate over what was made)
-    calibration_iterations: int = 4  # SpecExec iterations per prompt for the acceptance curve
+    calibration_iterations: int = 8  # SpecExec iterations per prompt for the acceptance curve
+    max_memory: tuple[str, ...] = ()  # --max-memory caps (runtime/caps.py): targets load streamed
+    offload: str | None = None  # auto | none | ram | disk; None: auto with --max-memory, else no tiers
     hopeless_ratio: float = 0.5  # rule out trials predicted below this x the best measured (0: never)
     progress: bool = True
 
@@ -90,10 +111,29 @@ class TuneOptions:
             values = getattr(self, name)
             if not values or min(values) < 1 or max(values) > 4096:
                 raise UsageError(f"{name.replace('_', ' ')} must lie in 1..4096")
+        caps_of(self)  # a bad --max-memory fails before anything loads
+        if self.offload not in (None, "auto", *OFFLOADS):
+            raise UsageError(f"--offload must be one of auto, {', '.join(OFFLOADS)}; got {self.offload!r}")
+        if self.calibration_iterations < 1:
+            raise UsageError(f"--calibration-iterations must be >= 1, got {self.calibration_iterations}")
         for quant in self.quantizations or ():
             if quant not in FLOAT_DTYPES and quant not in WEIGHT_QUANTS:
                 known = ", ".join([*FLOAT_DTYPES, *WEIGHT_QUANTS])
                 raise UsageError(f"unknown quantization {quant!r}; choose from {known}")
+
+
+def caps_of(options: TuneOptions) -> dict[str, int]:
+    return parse_caps(options.max_memory)
+
+
+def offload_tiers(options: TuneOptions) -> tuple[str, ...]:
+    """The offload tiers the search places target variants in: every tier with --max-memory or
+    --offload auto (the memory check rules out the ones the planner refuses), the one given, or
+    none at all (DEFAULT_PLACEMENT: the loader's own placement, as without --max-memory)."""
+    offload = options.offload or ("auto" if options.max_memory else None)
+    if offload is None:
+        return (DEFAULT_PLACEMENT,)
+    return OFFLOADS if offload == "auto" else (offload,)
 
 
 # --- the space --------------------------------------------------------------------------------
@@ -142,6 +182,7 @@ def build_space(options: TuneOptions, target_name: str, device: torch.device) ->
         budgets=tuple(sorted(set(options.budgets))),
         n_beams=tuple(sorted(set(options.n_beams))),
         beam_lens=tuple(sorted(set(options.beam_lens))),
+        offloads=offload_tiers(options),
     )
 
 
@@ -176,7 +217,9 @@ def check_same_setup(study, space: SearchSpace, options: TuneOptions) -> None:
     """A study keeps one search space and one measurement protocol; resuming with others would mix
     incomparable numbers (and Optuna refuses changed choices), so that is a clear error instead."""
     setup = {
-        "space": {k: list(v) for k, v in space.__dict__.items()},
+        "space": {
+            k: list(v) for k, v in space.__dict__.items() if k != "offloads" or v != (DEFAULT_PLACEMENT,)
+        },
         "prompts": str(options.prompts_file or "packaged"),
         "n_prompts": options.n_prompts,
         "max_new_tokens": options.max_new_tokens,
@@ -184,6 +227,8 @@ def check_same_setup(study, space: SearchSpace, options: TuneOptions) -> None:
         "seed": options.seed,
         "max_branch_width": options.max_branch_width,
     }
+    if options.max_memory:
+        setup["max_memory"] = list(options.max_memory)
     stored = study.user_attrs.get(ATTR_SETUP)
     if stored is None:
         study.set_user_attr(ATTR_SETUP, setup)
@@ -207,8 +252,21 @@ def stored_calibration(study, space: SearchSpace) -> Calibration | None:
     return calibration if calibration.covers(space) else None
 
 
-def study_name_for(target: str, fingerprint: str) -> str:
-    return f"{profiles.slug(target)}@{fingerprint}"
+def study_name_for(target: str, fingerprint: str, options: TuneOptions | None = None) -> str:
+    """target@fingerprint, plus the caps and the tier when given (another regime, another study)."""
+    name = f"{profiles.slug(target)}@{fingerprint}"
+    if options is not None and options.max_memory:
+        name += "@max-memory=" + ",".join(options.max_memory)
+    if options is not None and options.offload:
+        name += f"@offload={options.offload}"
+    return name
+
+
+def plan_draft(space: SearchSpace) -> str | None:
+    """The largest separate draft of the space: the one a placed target's memory plan makes room for."""
+    drafts = [d for d in space.speculative_drafts if parse_early_exit(d) is None]
+    shapes = {d: model_shape(d) for d in drafts}
+    return max(drafts, key=lambda d: shapes[d].weight_bytes("fp32") if shapes[d] else 0.0, default=None)
 
 
 def load_tune_prompts(options: TuneOptions) -> list[Prompt]:
@@ -224,8 +282,10 @@ def tune(
     probe: hardware.HardwareProbe | None = None,
     target_key: str | None = None,
     pool: ModelPool | None = None,
+    stream_fn: StreamFn = load_placed_variant,
 ) -> TuneReport:
-    """Run the whole tuner (see the module docstring). `load_fn` and `probe` are injectable for tests;
+    """Run the whole tuner (see the module docstring). `load_fn`, `stream_fn` (loads a target variant
+    placed in an offload tier under the caps) and `probe` are injectable for tests;
     `target_key` is the name profiles are saved under (default: the registry's name for the target);
     `pool` lets a caller share loaded models with other measurements (the benchmark does)."""
     start = time.perf_counter()
@@ -237,16 +297,22 @@ def tune(
         target_key = resolve(options.target).name
     probe = probe or hardware.cached_probe()
     space = build_space(options, options.target, device)
+    tiers = f"; offload {', '.join(space.offloads)}" if space.offloads != (DEFAULT_PLACEMENT,) else ""
     log(
-        f"search space: drafts {', '.join(space.drafts)}; quantizations {', '.join(space.quantizations)}; "
-        f"budgets {space.budgets[0]}..{space.budgets[-1]} ({len(space.candidates())} configurations)"
+        f"search space: drafts {', '.join(space.drafts)}; quantizations {', '.join(space.quantizations)}"
+        f"{tiers}; budgets {space.budgets[0]}..{space.budgets[-1]} ({len(space.candidates())} configurations)"
     )
-    study_name = options.study or study_name_for(target_key, probe.fingerprint)
+    study_name = options.study or study_name_for(target_key, probe.fingerprint, options)
     storage = options.storage or default_storage_path()
     study = open_study(storage, study_name, options.seed)
     check_same_setup(study, space, options)
     prompt_texts = load_tune_prompts(options)
-    pool = pool or ModelPool(options.target, device, load_fn)
+    caps = caps_of(options)
+    placement = Placement("auto", caps, max(space.budgets), PLAN_CONTEXT)
+    first_variant = variant_name(*space.variants[0])
+    pool = pool or ModelPool(
+        options.target, device, load_fn, stream_fn, placement, plan_draft(space), first_variant
+    )
     tokenizer = pool.tokenizer()
     prompts = [encode_prompt(tokenizer, p.text) for p in prompt_texts]
     objective = GenerationObjective(
@@ -277,7 +343,7 @@ def tune(
         if options.timeout is None
         else max(1.0, options.timeout - (time.perf_counter() - start)),
         predict=calibration.predict,
-        infeasible=memory_checker(options.target, probe, device, context),
+        infeasible=memory_checker(options.target, probe, device, context, caps, PLAN_CONTEXT),
         hopeless_ratio=options.hopeless_ratio,
         seed=options.seed,
         progress=options.progress,
