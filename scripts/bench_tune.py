@@ -10,6 +10,17 @@ tokens/s for every configuration. The comparison uses the grid's own measurement
 configuration, so slow drifts of the machine's load between the two phases do not bias it.
 
     python scripts/bench_tune.py --out bench_tune.json   # ~45 min on a 2-core CPU
+
+The streamed regime (issue 8): the target cannot stay resident under --max-memory and streams from
+disk; quantizations fp32 (computed from the float16 files) and bf16; drafts 0.5B / none / early exit;
+budgets 1-256. Goal: tuned within 10 % of the grid's best with at most 1/3 of its evaluations, where
+the grid's best is speculative. Hours on a 2-core CPU:
+
+    python scripts/bench_tune.py --offload disk --max-memory cpu=4GiB --quantizations fp32,bf16 \
+        --budgets 1,2,4,8,16,32,64,128,256 --n-beams 8,32 --beam-lens 8 --trial-time-limit 120 \
+        --out bench_tune_streamed.json
+
+`--smoke` runs the same code end to end on a tiny random pair saved to a temporary folder (seconds).
 """
 
 from __future__ import annotations
@@ -26,8 +37,8 @@ from pathlib import Path
 import torch
 
 from specexec_cli import hardware
-from specexec_cli.tuning.search import NO_DRAFT, Candidate, early_exit_key
-from specexec_cli.tuning.tune import ModelPool, TuneOptions, tune
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, early_exit_key
+from specexec_cli.tuning.tune import TuneOptions, build_space, tune
 
 TARGET = "qwen2.5-coder-1.5b"
 DRAFT = "qwen2.5-coder-0.5b"
@@ -50,9 +61,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trial-time-limit", type=float, default=30.0, help="seconds per measurement")
     parser.add_argument("--trials", type=int, default=None, help="tuner evaluations (default: grid / 3)")
     parser.add_argument(
-        "--calibration-iterations", type=int, default=3, help="SpecExec iterations per prompt"
+        "--calibration-iterations", type=int, default=8, help="SpecExec iterations per prompt"
     )
     parser.add_argument("--skip-grid", action="store_true")
+    parser.add_argument("--prompts-file", type=Path, default=None, help="calibration prompts (--prompts)")
+    parser.add_argument("--offload", default=None, help="auto|none|ram|disk (tune --offload)")
+    parser.add_argument("--max-memory", action="append", default=[], help="caps, as tune --max-memory")
+    parser.add_argument("--smoke", action="store_true", help="tiny random models, end to end, in seconds")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -102,6 +117,47 @@ def row(c: Candidate, measured: float | None, predicted: float | None, calibrate
     }
 
 
+def smoke_setup(work: Path, args: argparse.Namespace) -> tuple[str, tuple, tuple, dict]:
+    """A tiny random pair saved to `work`, streamed from disk under a cap one layer short of holding it:
+    (target name, drafts, quantizations, tune() keyword arguments that load it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import _word_tokenizer
+    from tiny_pairs import tiny_pair
+
+    from specexec_cli.runtime.offload import load_offloaded_target, plan_target
+    from specexec_cli.runtime.plan import HardwareFacts
+    from specexec_cli.tuning.tune import PLAN_CONTEXT
+
+    target, draft = tiny_pair("qwen2", dtype=torch.float32)
+    folder = work / "tiny-target"
+    target.save_pretrained(folder)
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(124)])
+    box = HardwareFacts(20 << 30, 20 << 30, 1 << 40, unified=True)
+    budget = max(int(b) for b in args.budgets.split(","))
+    full = plan_target(folder, device="cpu", quant="fp32", offload="none", budget=budget,
+                       context_len=PLAN_CONTEXT, draft=draft, hardware=box)
+    args.max_memory = args.max_memory or [f"cpu={full.device_bytes - 1}"]
+    args.offload = args.offload or "disk"
+    prompts = work / "prompts.json"
+    prompts.write_text(json.dumps([[0, "w1 w5 w9 w2"], [1, "w7 w3 w3 w8 w1"]]))
+    args.prompts_file = prompts
+
+    def load_fn(name, quant, device):
+        return {"tiny-target": target, "tiny-draft": draft}[name], tokenizer
+
+    def stream_fn(name, quant, device, placement):
+        model = load_offloaded_target(
+            folder, device=device, quant=quant, offload=placement.offload, resident_layers=None,
+            budget=placement.budget, context_len=placement.context_len, draft=placement.draft,
+            max_memory=placement.max_memory, hardware=box,
+        )
+        return model, tokenizer
+
+    drafts = (NO_DRAFT, "tiny-draft", "first-layers:1")
+    kwargs = {"load_fn": load_fn, "stream_fn": stream_fn, "target_key": "tiny-target"}
+    return "tiny-target", drafts, ("fp32",), kwargs
+
+
 def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)
@@ -115,15 +171,21 @@ def main() -> int:
     n_beams = tuple(int(b) for b in args.n_beams.split(","))
     beam_lens = tuple(int(b) for b in args.beam_lens.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench-tune-"))
+    target, quantizations = TARGET, tuple(args.quantizations.split(","))
+    tune_kwargs: dict = {}
+    if args.smoke:
+        target, drafts, quantizations, tune_kwargs = smoke_setup(work, args)
+        budgets = tuple(int(b) for b in args.budgets.split(","))
     options = TuneOptions(
-        target=TARGET,
+        target=target,
         drafts=drafts,
-        quantizations=tuple(args.quantizations.split(",")),
+        quantizations=quantizations,
         budgets=budgets,
         n_beams=n_beams,
         beam_lens=beam_lens,
         n_prompts=args.n_prompts,
         max_new_tokens=args.max_new_tokens,
+        prompts_file=args.prompts_file,
         seed=args.seed,
         storage=work / "tune.db",
         profiles_dir=work / "profiles",
@@ -131,19 +193,19 @@ def main() -> int:
         trial_time_limit_s=args.trial_time_limit,
         calibration_iterations=args.calibration_iterations,
         progress=True,
+        max_memory=tuple(args.max_memory),
+        offload=args.offload,
     )
-    probe = hardware.probe()
+    probe = hardware.probe(work / "weights", run_measurements=False) if args.smoke else hardware.probe()
     print(hardware.format_probe(probe), file=sys.stderr)
-    pool = ModelPool(TARGET, torch.device("cpu"))
     # The space size decides the tuner's evaluation allowance: a third of the grid.
-    from specexec_cli.tuning.tune import build_space
-
-    grid = build_space(options, TARGET, torch.device("cpu")).candidates()
-    options.n_trials = args.trials or len(grid) // 3
+    grid = build_space(options, target, torch.device("cpu")).candidates()
+    options.n_trials = args.trials or max(3, len(grid) // 3)
     start = time.perf_counter()
-    report = tune(options, probe=probe, pool=pool)
+    report = tune(options, probe=probe, **tune_kwargs)
     tune_s = time.perf_counter() - start
     result, calibration, objective = report.result, report.calibration, report.objective
+    pool = objective.pool
     print(report.summary(), file=sys.stderr)
 
     tuner_rows = [
@@ -160,7 +222,9 @@ def main() -> int:
         "machine": hardware.identity(probe.gpus, probe.host, probe.torch_version),
         "probe": probe.to_dict(),
         "protocol": {
-            "target": TARGET,
+            "target": target,
+            "offload": args.offload,
+            "max_memory": args.max_memory,
             "drafts": list(drafts),
             "quantizations": list(options.quantizations),
             "budgets": list(budgets),
@@ -235,6 +299,9 @@ def main() -> int:
             "tuned_over_grid_best": tuned["measured_tokens_per_s"] / best["measured_tokens_per_s"],
             "tuner_measured_over_grid_best": result.best.tokens_per_s / best["measured_tokens_per_s"],
             "evaluation_ratio": len(result.evaluations) / len(grid),
+            "grid_best_is_speculative": best["candidate"]["draft"] != NO_DRAFT,
+            "goal_met": tuned["measured_tokens_per_s"] >= 0.9 * best["measured_tokens_per_s"]
+            and len(result.evaluations) <= len(grid) / 3,
             "prediction_median_abs_error": statistics.median(errors) if errors else None,
             "prediction_rank_correlation": spearman([p for p, _ in pairs], [m for _, m in pairs]),
             "rows": grid_rows,

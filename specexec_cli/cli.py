@@ -232,10 +232,16 @@ def probe(as_json: bool, refresh: bool) -> None:
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--study", default=None, help="Study name; the same name resumes an interrupted search.")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP)
+@click.option("--offload", type=click.Choice(["auto", "none", "ram", "disk"]), default=None,
+              help="Offload tiers the target is placed in (auto: every tier the planner allows under "
+              "--max-memory) [default: auto with --max-memory, else the loader's own placement].")
+@click.option("--calibration-iterations", type=int, default=8, show_default=True,
+              help="SpecExec iterations per prompt for the acceptance curve.")
 @click.option("--no-save", is_flag=True, help="Do not write a profile.")
 @friendly_errors
 def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_file, n_prompts,
-         max_new_tokens, study, device, no_save) -> None:
+         max_new_tokens, study, device, max_memory, offload, calibration_iterations, no_save) -> None:
     """Search draft, quantization and tree budget for the most tokens/s here; save a profile."""
     from pathlib import Path
 
@@ -246,7 +252,8 @@ def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_f
                           early_exit_layers=csv_ints(early_exit, "--early-exit"), n_trials=trials,
                           timeout=timeout, prompts_file=Path(prompts_file) if prompts_file else None,
                           n_prompts=n_prompts, max_new_tokens=max_new_tokens, study=study, device=device,
-                          save=not no_save)
+                          save=not no_save, max_memory=tuple(max_memory), offload=offload,
+                          calibration_iterations=calibration_iterations)
     parsed_budgets = csv_ints(budgets, "--budgets")
     if parsed_budgets:
         options = TuneOptions(**{**options.__dict__, "budgets": parsed_budgets})

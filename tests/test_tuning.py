@@ -10,17 +10,11 @@ import pytest
 
 from specexec_cli.errors import SpecexecError
 from specexec_cli.tuning import cost_model as cm
-from specexec_cli.tuning.search import (
-    NO_DRAFT,
-    Candidate,
-    SearchSpace,
-    early_exit_key,
-    format_results,
-    open_study,
-    parse_early_exit,
-    run_search,
-    study_result,
-)
+from specexec_cli.tuning import memory
+from specexec_cli.tuning.results import format_results
+from specexec_cli.tuning.search import run_search
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace, early_exit_key, parse_early_exit
+from specexec_cli.tuning.study import open_study, study_result
 
 # --- cost model -------------------------------------------------------------------------------
 
@@ -142,16 +136,16 @@ def test_offloaded_target_prefers_large_budgets():
 
 
 def test_memory_problem():
-    cpu = cm.MemoryBudget(device_free=None, host_available=int(24e9))
-    assert cm.memory_problem(cpu, 6.2e9, 2e9, 1e9) is None
-    assert "RAM" in cm.memory_problem(cpu, 20e9, 2e9, 1e9)
-    gpu = cm.MemoryBudget(device_free=int(24e9), host_available=int(128e9))
-    assert cm.memory_problem(gpu, 36e9, 14e9, 2e9, offloaded=True, buffer_bytes=1e9) is None
-    assert "host RAM" in cm.memory_problem(gpu, 137e9, 14e9, 2e9, offloaded=True)
-    assert "GPU" in cm.memory_problem(gpu, 36e9, 14e9, 2e9, offloaded=False)
-    big = cm.tree_activation_bytes(QWEN_15B, 4096, 512)
+    cpu = memory.MemoryBudget(device_free=None, host_available=int(24e9))
+    assert memory.memory_problem(cpu, 6.2e9, 2e9, 1e9) is None
+    assert "RAM" in memory.memory_problem(cpu, 20e9, 2e9, 1e9)
+    gpu = memory.MemoryBudget(device_free=int(24e9), host_available=int(128e9))
+    assert memory.memory_problem(gpu, 36e9, 14e9, 2e9, offloaded=True, buffer_bytes=1e9) is None
+    assert "host RAM" in memory.memory_problem(gpu, 137e9, 14e9, 2e9, offloaded=True)
+    assert "GPU" in memory.memory_problem(gpu, 36e9, 14e9, 2e9, offloaded=False)
+    big = memory.tree_activation_bytes(QWEN_15B, 4096, 512)
     assert big > 4097 * QWEN_15B.vocab_size * 4
-    assert cm.tree_activation_bytes(QWEN_15B, 1, 512) < big / 100
+    assert memory.tree_activation_bytes(QWEN_15B, 1, 512) < big / 100
     assert cm.is_hopeless(1.0, 3.0) and not cm.is_hopeless(2.0, 3.0) and not cm.is_hopeless(0.1, None)
 
 
@@ -167,7 +161,7 @@ SPACE = SearchSpace(
 
 
 def test_early_exit_keys():
-    from specexec_cli.tuning.search import generate_draft_name, normalize_draft
+    from specexec_cli.tuning.space import generate_draft_name, normalize_draft
 
     assert parse_early_exit(early_exit_key("org/model-1.5b", 6)) == ("org/model-1.5b", 6)
     assert normalize_draft("first-layers:4", "t") == "t[:4]" and normalize_draft("d", "t") == "d"
@@ -548,7 +542,7 @@ def test_a_small_real_tune_on_tiny_models(tmp_path, make_word_tokenizer):
 
 
 def test_packaged_prompts_are_clean_and_mixed():
-    from specexec_cli.tuning.calibration import packaged_prompts
+    from specexec_cli.tuning.prompt_set import packaged_prompts
 
     prompts = packaged_prompts()
     assert len(prompts) >= 8
@@ -558,7 +552,7 @@ def test_packaged_prompts_are_clean_and_mixed():
 
 
 def test_prompt_files_in_every_accepted_format(tmp_path):
-    from specexec_cli.tuning.calibration import read_prompts
+    from specexec_cli.tuning.prompt_set import read_prompts
 
     shared = tmp_path / "shared.json"
     oasst = "[INST] <<SYS>>\nBe nice.\n<</SYS>\n\n\nWhat is a Dyson Sphere? [\\INST]\n"

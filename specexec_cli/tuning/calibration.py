@@ -1,253 +1,190 @@
-"""Calibration for the tuner: the prompts, and the short measurements that feed the cost model.
+"""Calibration: the measured cost-model inputs for one target on this machine (`Calibration`), and
+`calibrate()`, which times the target variants and the drafts and measures each draft's acceptance.
 
-- Prompts: a small packaged set (`specexec_cli/data/calibration_prompts.json`) taken from MT-Bench and
-  OASST, with the Llama-2 `[INST]` wrappers stripped to the user's text; `--prompts FILE` reads the
-  same format or the shared `[[id, text], ...]` files.
-- `measure_forward_curve`: a model's forward time at a few batch sizes behind a fixed context (the
-  target's knee, the draft's pass time).
-- `measure_acceptance`: the pair's acceptance curve G(K) for every K up to one large budget, from
-  one SpecExec run (every smaller budget's tree is the top-K subset of it), and the tree depth of the
-  top-K subset (a lower bound on draft passes), plus host overhead per iteration.
+Curves are keyed by target variant (space.variant_name: "fp32", or "fp32@disk" under --max-memory). A
+variant whose layers stream is timed at three batch sizes only; its curve over every budget comes from
+cost_model.streamed_forward_s (max(read time, compute)) instead of timing each budget's pass.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
-import torch
-
-from specexec_cli.bench import load_prompt_set, parse_llama2_chat, strip_llama2_wrapper
-from specexec_cli.decoding.config import GenerationConfig
-from specexec_cli.decoding.forward import causal_pattern, forward, new_cache
-from specexec_cli.decoding.kv import keep_tail
-from specexec_cli.decoding.specexec import SpecExecDecoder, acceptance_curve
-from specexec_cli.decoding.tree import Tree
-from specexec_cli.errors import SpecexecError
-from specexec_cli.prompts import Prompt, encode_messages, parse_text
-from specexec_cli.tuning.cost_model import AcceptanceCurve, LatencyCurve
-
-PROMPTS_RESOURCE = "data/calibration_prompts.json"
-PROMPTS_SCHEMA_VERSION = 1
-
-# --- prompts ----------------------------------------------------------------------------------
+from specexec_cli.tuning import cost_model as cm
+from specexec_cli.tuning import log
+from specexec_cli.tuning.measure import (
+    AcceptanceMeasurement,
+    StreamedMeasurement,
+    measure_acceptance,
+    measure_forward_curve,
+    measure_streamed,
+    streamed_layers,
+)
+from specexec_cli.tuning.objective import GenerationObjective
+from specexec_cli.tuning.pool import ModelPool
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace, variant_name
 
 
-def _packaged_format(data: dict, origin: str) -> list[Prompt]:
-    if data.get("schema_version") != PROMPTS_SCHEMA_VERSION:
-        raise SpecexecError(
-            f"{origin}: prompt file schema version {data.get('schema_version')!r}, expected 1"
-        )
-    prompts = [
-        Prompt(str(p["id"]), p["text"])
-        for p in data.get("prompts", [])
-        if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"].strip()
-    ]
-    if not prompts:
-        raise SpecexecError(f"{origin}: no prompts found")
-    return prompts
+@dataclass
+class Calibration:
+    """The measured cost-model inputs for one target on this machine."""
 
+    target_curves: dict[str, cm.LatencyCurve] = field(default_factory=dict)
+    draft_curves: dict[tuple[str, str], cm.LatencyCurve] = field(default_factory=dict)
+    acceptance: dict[str, AcceptanceMeasurement] = field(default_factory=dict)
+    streamed: dict[str, StreamedMeasurement] = field(default_factory=dict)  # variants whose layers stream
+    host_s: float = cm.DEFAULT_HOST_OVERHEAD_S
+    seconds: float = 0.0
 
-def read_prompts(path: Path) -> list[Prompt]:
-    """Calibration prompts from a file: a JSON list of [id, text] pairs or of strings (the shared
-    MT-Bench / OASST format), the packaged format, JSON Lines with a "prompt" field, or plain text
-    (one prompt). Llama-2 `[INST]` wrappers are reduced to the last user message."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecexecError(f"cannot read prompts {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecexecError(f"prompts file {path} is not valid JSON ({exc.msg})") from None
-        if isinstance(data, dict):
-            return _packaged_format(data, f"prompts file {path}")
-        prompts = [Prompt(pid, user) for pid, user in load_prompt_set(path, None)]
-    else:
-        prompts = [Prompt(p.id, strip_llama2_wrapper(p.text)) for p in parse_text(text, str(path), "auto")]
-    if not prompts:
-        raise SpecexecError(f"prompts file {path}: no prompts found")
-    return prompts
+    def costs(self, candidate: Candidate) -> cm.PairCosts | None:
+        target = self.target_curves.get(candidate.variant)
+        if target is None:
+            return None
+        if candidate.autoregressive:
+            return cm.PairCosts(target, host_s=self.host_s)
+        draft = self.draft_curves.get(candidate.load_key)
+        measured = self.acceptance.get(candidate.draft)
+        if draft is None:
+            return None
+        host = measured.host_s_per_iteration if measured else self.host_s
+        return cm.PairCosts(target, draft, measured.curve if measured else None, host)
 
-
-def packaged_prompts() -> list[Prompt]:
-    """The calibration prompts that ship with specexec (MT-Bench and OASST, interleaved)."""
-    text = resources.files("specexec_cli").joinpath(PROMPTS_RESOURCE).read_text(encoding="utf-8")
-    return _packaged_format(json.loads(text), "packaged calibration prompts")
-
-
-def build_calibration_set(mtbench: Path, oasst: Path, per_set: int = 8, max_chars: int = 400) -> dict:
-    """The packaged prompt file from the shared MT-Bench and OASST sets: single-turn prompts of at
-    most `max_chars` characters of user text, spread evenly over each set, interleaved."""
-    chosen = []
-    for name, path in (("mtbench", mtbench), ("oasst", oasst)):
-        usable = []
-        for pid, text in json.loads(Path(path).read_text(encoding="utf-8")):
-            turns = [m for m in parse_llama2_chat(text) if m["role"] != "system"]
-            if len(turns) == 1 and len(turns[0]["content"]) <= max_chars:
-                usable.append((pid, turns[0]["content"]))
-        step = max(1, len(usable) // per_set)
-        chosen.append([{"id": f"{name}-{pid}", "text": text} for pid, text in usable[::step][:per_set]])
-    interleaved = [p for pair in zip(*chosen, strict=True) for p in pair]
-    return {
-        "schema_version": PROMPTS_SCHEMA_VERSION,
-        "source": (
-            "MT-Bench first turns and OpenAssistant (OASST) conversations, as evaluated in the SpecExec "
-            f"paper; single-turn prompts of at most {max_chars} characters, Llama-2 [INST] wrapper and "
-            "system prompt removed (specexec_cli.tuning.calibration.build_calibration_set)"
-        ),
-        "prompts": interleaved,
-    }
-
-
-def encode_prompt(tokenizer, text: str) -> torch.Tensor:
-    """Token ids [1, L] of a user message, through the tokenizer's chat template when it has one."""
-    return torch.tensor([encode_messages(tokenizer, [{"role": "user", "content": text}])], dtype=torch.long)
-
-
-# --- latency ----------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def measure_forward_curve(
-    model: torch.nn.Module,
-    batches: list[int],
-    context: int = 64,
-    repeats: int = 2,
-    time_limit_s: float = 20.0,
-) -> LatencyCurve:
-    """Best-of-`repeats` forward time for each batch size (new tokens behind `context` cached ones).
-
-    Batch sizes are measured in increasing order until `time_limit_s` is spent; then the largest one
-    is still measured once, so that the curve interpolates over the whole range instead of
-    extrapolating from its first points.
-    """
-    device = model.device
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    cache = new_cache()
-    prefix = torch.randint(vocab, (context,), generator=generator).to(device)
-    forward(model, cache, prefix, torch.arange(context, device=device), causal_pattern(0, context, device))
-    points: dict[int, float] = {}
-    kept_none = torch.zeros(0, dtype=torch.long, device=device)
-    start = time.perf_counter()
-    ordered = sorted(set(batches))
-    for batch in ordered:
-        out_of_time = time.perf_counter() - start > time_limit_s
-        if out_of_time and batch != ordered[-1]:
-            continue
-        ids = torch.randint(vocab, (batch,), generator=generator).to(device)
-        positions = torch.arange(context, context + batch, device=device)
-        attend = causal_pattern(context, batch, device)
-        best = float("inf")
-        for _ in range(1 if out_of_time else repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            forward(model, cache, ids, positions, attend)
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-            keep_tail(cache, context, kept_none)
-        points[batch] = best
-    return LatencyCurve.from_points(points)
-
-
-# --- acceptance -------------------------------------------------------------------------------
-
-
-def depth_curve(tree: Tree) -> torch.Tensor:
-    """For K = 1..size-1: the depth of the subtree made of the K best nodes by draft score."""
-    size = tree.size
-    order = torch.sort(tree.scores[1:size], descending=True, stable=True).indices + 1
-    return torch.cummax(tree.depths[order].double(), dim=0).values
-
-
-class _CalibrationDecoder(SpecExecDecoder):
-    """SpecExecDecoder recording, for each iteration, G(K) and the top-K tree depth."""
-
-    def __init__(self, target, draft, config: GenerationConfig) -> None:
-        super().__init__(target, draft, config, generator=None)
-        self.curves: list[torch.Tensor] = []
-        self.depth_curves: list[torch.Tensor] = []
-
-    def observe(self, tree: Tree, logits: torch.Tensor) -> None:
-        self.curves.append(acceptance_curve(tree, logits, self.config.sampling).cpu())
-        self.depth_curves.append(depth_curve(tree).cpu())
-
-
-@dataclass(frozen=True)
-class AcceptanceMeasurement:
-    curve: AcceptanceCurve
-    iterations: int
-    host_s_per_iteration: float
-    draft_passes_per_iteration: float
-    seconds: float
+    def predict(self, candidate: Candidate) -> float | None:
+        """Predicted decode tokens/s: from the measured acceptance curve, or from the optimistic prior
+        for a draft that was not worth measuring (so the search can still rule it out)."""
+        costs = self.costs(candidate)
+        if costs is None:
+            return None
+        if not candidate.autoregressive and costs.acceptance is None:
+            costs = cm.PairCosts(costs.target, costs.draft, optimistic_prior(), costs.host_s)
+        return cm.predict_tokens_per_s(costs, candidate.budget, candidate.max_n_beams, candidate.max_beam_len)
 
     def to_dict(self) -> dict:
         return {
-            **self.curve.to_dict(),
-            "iterations": self.iterations,
-            "host_s_per_iteration": self.host_s_per_iteration,
-            "draft_passes_per_iteration": self.draft_passes_per_iteration,
+            "target_latency": {q: c.to_dict() for q, c in self.target_curves.items()},
+            "draft_latency": [
+                {"draft": d, "quantization": q, **c.to_dict()} for (d, q), c in self.draft_curves.items()
+            ],
+            "acceptance": {d: m.to_dict() for d, m in self.acceptance.items()},
+            "streamed": {v: m.to_dict() for v, m in self.streamed.items()},
+            "host_s": self.host_s,
             "seconds": self.seconds,
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> AcceptanceMeasurement:
+    def from_dict(cls, data: dict) -> Calibration:
         return cls(
-            AcceptanceCurve.from_dict(data),
-            int(data["iterations"]),
-            float(data["host_s_per_iteration"]),
-            float(data["draft_passes_per_iteration"]),
-            float(data["seconds"]),
+            target_curves={q: cm.LatencyCurve.from_dict(c) for q, c in data["target_latency"].items()},
+            draft_curves={
+                (c["draft"], c["quantization"]): cm.LatencyCurve.from_dict(c) for c in data["draft_latency"]
+            },
+            acceptance={d: AcceptanceMeasurement.from_dict(m) for d, m in data["acceptance"].items()},
+            streamed={v: StreamedMeasurement.from_dict(m) for v, m in data.get("streamed", {}).items()},
+            host_s=float(data["host_s"]),
+            seconds=float(data["seconds"]),
         )
 
+    def covers(self, space: SearchSpace) -> bool:
+        """Whether every target variant and (draft, variant) pair of `space` has its curves."""
+        variants = {variant_name(q, o) for q, o in space.variants}
+        pairs = {(d, v) for d in space.speculative_drafts for v in variants}
+        return variants <= set(self.target_curves) and pairs <= set(self.draft_curves)
 
-def measure_acceptance(
-    target: torch.nn.Module,
-    draft: torch.nn.Module,
-    prompts: list[torch.Tensor],
-    config: GenerationConfig,
-    iterations_per_prompt: int = 4,
-) -> AcceptanceMeasurement:
-    """G(K) for K = 0..config.tree.budget, averaged over iterations of SpecExec on `prompts` [1, L].
 
-    Greedy configs score a node 1 where the target's argmax at its parent is its token; sampling
-    configs use the target probability of the node's token (the brief's expected-tokens formula).
-    """
-    curves, depths = [], []
-    iterations = 0
-    host = draft_passes = 0.0
+def optimistic_prior() -> cm.AcceptanceCurve:
+    """1.5x the paper-level prior: a pair this good is rare, so it bounds what a draft could do."""
+    prior = cm.AcceptanceCurve.prior()
+    return cm.AcceptanceCurve(tuple(1.0 + 1.5 * (g - 1.0) for g in prior.values))
+
+
+def target_batches(budgets: tuple[int, ...]) -> list[int]:
+    """Batch sizes to time the target at: 1 and every budget + 1 (what a trial's pass holds)."""
+    return sorted({1, *(b + 1 for b in budgets)})
+
+
+def streamed_batches(budgets: tuple[int, ...]) -> list[int]:
+    """The few batch sizes a streamed target is timed at: 1, the largest pass, and one in between."""
+    passes = [b + 1 for b in budgets]
+    middle = min(passes, key=lambda b: abs(b * b - passes[-1]))
+    return sorted({1, middle, passes[-1]})
+
+
+def draft_batches(n_beams: tuple[int, ...]) -> list[int]:
+    """Batch sizes to time a draft at: powers of two up to the widest pass, and each max_n_beams."""
+    widest = max(n_beams)
+    return sorted({*(2**i for i in range(widest.bit_length()) if 2**i <= widest), *n_beams})
+
+
+def calibration_budget(
+    cal: Calibration, space: SearchSpace, draft: str, variant: str, ratio: float
+) -> int | None:
+    """The largest budget at which `draft` could still reach `ratio` x plain decoding under the
+    optimistic prior with a single draft pass; None when no budget could."""
+    plain = max(1.0 / (c.at(1) + cal.host_s) for c in cal.target_curves.values())
+    target, draft_curve = cal.target_curves[variant], cal.draft_curves[(draft, variant)]
+    prior = optimistic_prior()
+    hopeful = [
+        b
+        for b in space.budgets
+        if prior.at(b) / (draft_curve.at(1) + target.at(b + 1) + cal.host_s) >= ratio * plain
+    ]
+    return max(hopeful) if hopeful else None
+
+
+def calibrate(
+    pool: ModelPool,
+    space: SearchSpace,
+    objective: GenerationObjective,
+    iterations_per_prompt: int = 8,
+    hopeless_ratio: float = 0.5,
+) -> Calibration:
+    """Time the target variants and the drafts, then measure each draft's acceptance curve with the
+    fastest target variant, at the largest budget that could still pay off. A draft that could not
+    get near plain decoding even then is not measured (its predictions use the optimistic prior)."""
     start = time.perf_counter()
-    for ids in prompts:
-        decoder = _CalibrationDecoder(target, draft, config)
-        sequence = ids.reshape(-1).to(target.device)
-        t0 = time.perf_counter()
-        for _ in range(iterations_per_prompt):
-            emitted = decoder.step(sequence)
-            sequence = torch.cat(
-                [sequence, torch.tensor(emitted, dtype=sequence.dtype, device=sequence.device)]
-            )
-        elapsed = time.perf_counter() - t0
-        stats = decoder.stats
-        host += max(0.0, elapsed - stats.target_s - stats.draft_s)
-        draft_passes += stats.draft_passes
-        iterations += stats.iterations
-        curves += [c.tolist() for c in decoder.curves]
-        depths += [d.tolist() for d in decoder.depth_curves]
-    return AcceptanceMeasurement(
-        curve=AcceptanceCurve.from_iterations(curves, depths),
-        iterations=iterations,
-        host_s_per_iteration=host / max(1, iterations),
-        draft_passes_per_iteration=draft_passes / max(1, iterations),
-        seconds=time.perf_counter() - start,
+    cal = Calibration()
+    variants = [variant_name(q, o) for q, o in space.variants]
+    for variant in variants:
+        log(f"calibrating: target {variant} forward times")
+        cal.target_curves[variant] = target_curve(cal, pool.target(variant), variant, space)
+    for draft in space.speculative_drafts:
+        curves: dict[str, cm.LatencyCurve] = {}  # per weights variant the draft is made from
+        for variant in variants:
+            weights = pool.draft_variant(draft, variant)
+            if weights not in curves:
+                log(f"calibrating: draft {draft} ({weights}) forward times")
+                model = pool.draft(draft, variant)
+                curves[weights] = measure_forward_curve(
+                    model, draft_batches(space.n_beams), time_limit_s=10.0
+                )
+            cal.draft_curves[(draft, variant)] = curves[weights]
+    variant = min(variants, key=lambda v: cal.target_curves[v].at(1))
+    quant, offload = space.variants[variants.index(variant)]
+    widest = Candidate(NO_DRAFT, quant, 0, max(space.n_beams), max(space.beam_lens), offload)
+    for draft in space.speculative_drafts:
+        budget = calibration_budget(cal, space, draft, variant, hopeless_ratio)
+        if budget is None:
+            log(f"calibrating: {draft} cannot get near plain decoding at any budget; not measured")
+            continue
+        log(f"calibrating: acceptance curve of {draft} at budget {budget}")
+        config = objective.config(replace(widest, draft=draft, budget=budget))
+        cal.acceptance[draft] = measure_acceptance(
+            pool.target(variant), pool.draft(draft, variant), objective.prompts, config, iterations_per_prompt
+        )
+    cal.seconds = time.perf_counter() - start
+    return cal
+
+
+def target_curve(cal: Calibration, model, variant: str, space: SearchSpace) -> cm.LatencyCurve:
+    """The target's forward times over the space's passes: timed at each of them when it is in memory;
+    timed at three and predicted by the streamed formula when its layers stream."""
+    if streamed_layers(model) is None:
+        return measure_forward_curve(model, target_batches(space.budgets))
+    measured = measure_streamed(model, streamed_batches(space.budgets))
+    cal.streamed[variant] = measured
+    log(
+        f"calibrating: {variant} streams {measured.n_layers - measured.resident_layers} layers at "
+        f"{measured.read_bandwidth / 1e9:.2f} GB/s; compute {measured.compute.at(1):.2f} s at 1 token"
     )
+    return measured.curve(target_batches(space.budgets))

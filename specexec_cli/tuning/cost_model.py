@@ -12,6 +12,11 @@
 
 Plain decoding is the K = 0 point: S = 1 / (T_target(1) + T_host).
 
+A target whose layers stream (from RAM or disk, `--max-memory`) reads its streamed layers once per pass
+while computing, so T_target(B) = max(streamed bytes / read bandwidth, compute(B)) (`streamed_forward_s`):
+flat at the read time up to the compute knee, whatever the token count. A few measured passes give the
+compute curve and the read time, and the formula predicts every budget.
+
 Everything here is a pure function of plain numbers, so it is cheap enough to rule out infeasible
 (memory) and hopeless (predicted far below the best measured) trials and to seed the search.
 """
@@ -23,111 +28,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Bytes per weight for each quantization the tuner knows. 4-bit formats carry per-group scales:
-# NF4 (bitsandbytes, blocks of 64, double-quantized absmax) and GPTQ (groups of 128, fp16 scales and
-# packed zeros) both land near 4.1-4.25 bits.
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "nf4": 0.53, "gptq": 0.53, "int8": 1.03}
-# Quantized weights are dequantized to a 16-bit copy before the matmul: written once, read once.
-DEQUANT_BYTES_PER_PARAM = {"nf4": 4.0, "gptq": 4.0, "int8": 4.0}
-# Embeddings and the LM head are not quantized; they stay at this many bytes per weight.
-UNQUANTIZED_BYTES = {"fp32": 4.0}
+from specexec_cli.tuning.shape import (  # noqa: F401  (re-exported: the cost model's vocabulary)
+    BYTES_PER_PARAM,
+    DEQUANT_BYTES_PER_PARAM,
+    ModelShape,
+    bytes_per_param,
+    embedding_bytes_per_param,
+)
+
 DEFAULT_HOST_OVERHEAD_S = 0.005
-
-
-def embedding_bytes_per_param(quantization: str) -> float:
-    """Bytes per embedding / LM-head weight: 4 for float32 models, else 2 (kept 16-bit)."""
-    return UNQUANTIZED_BYTES.get(quantization, 2.0)
-
-
-def bytes_per_param(quantization: str) -> float:
-    try:
-        return BYTES_PER_PARAM[quantization]
-    except KeyError:
-        raise ValueError(
-            f"unknown quantization {quantization!r}; known: {', '.join(BYTES_PER_PARAM)}"
-        ) from None
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes of a decoder-only transformer that the cost model needs."""
-
-    n_layers: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    tied_embeddings: bool = False
-    mlp_matrices: int = 3  # gated MLP (gate, up, down)
-    n_experts: int = 1  # mixture of experts: intermediate_size is per expert
-    experts_per_token: int = 1
-
-    @classmethod
-    def from_hf_config(cls, config) -> ModelShape:
-        """From a transformers PretrainedConfig (Llama, Qwen2, Mistral and alike)."""
-        n_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        return cls(
-            n_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-            n_heads=n_heads,
-            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
-            head_dim=head_dim,
-            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            n_experts=getattr(config, "num_local_experts", None) or 1,
-            experts_per_token=getattr(config, "num_experts_per_tok", None) or 1,
-        )
-
-    def truncated(self, n_layers: int) -> ModelShape:
-        """The shape of an early-exit draft made of the first n_layers layers (same embeddings/head)."""
-        if not 1 <= n_layers <= self.n_layers:
-            raise ValueError(f"early exit after {n_layers} layers of a {self.n_layers}-layer model")
-        return ModelShape(**{**self.__dict__, "n_layers": n_layers})
-
-    def _layer_params(self, experts: int) -> int:
-        h, kv = self.hidden_size, self.n_kv_heads * self.head_dim
-        q_out = self.n_heads * self.head_dim
-        attention = h * q_out + 2 * h * kv + q_out * h
-        return attention + self.mlp_matrices * h * self.intermediate_size * experts
-
-    @property
-    def layer_params(self) -> int:
-        """Weights of one decoder layer (all experts): what has to be read or streamed."""
-        return self._layer_params(self.n_experts)
-
-    @property
-    def layer_active_params(self) -> int:
-        """Weights one token multiplies with in a layer (its experts only): what costs FLOPs."""
-        return self._layer_params(self.experts_per_token)
-
-    @property
-    def head_params(self) -> int:
-        """Weights of the LM head (read on every forward)."""
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def params(self) -> int:
-        embeddings = self.vocab_size * self.hidden_size
-        return (
-            self.n_layers * self.layer_params + embeddings + (0 if self.tied_embeddings else self.head_params)
-        )
-
-    def layer_bytes(self, quantization: str) -> float:
-        return self.layer_params * bytes_per_param(quantization)
-
-    def weight_bytes(self, quantization: str) -> float:
-        """All weights in memory: decoder layers at the quantized size, embeddings and head unquantized."""
-        embed = self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
-        return self.n_layers * self.layer_bytes(quantization) + embed * embedding_bytes_per_param(
-            quantization
-        )
-
-    def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
 
 
 def layer_time_s(
@@ -233,6 +142,36 @@ class LatencyCurve:
     @classmethod
     def from_dict(cls, data: dict) -> LatencyCurve:
         return cls(tuple(int(b) for b in data["batches"]), tuple(float(s) for s in data["seconds"]))
+
+
+def streamed_forward_s(
+    tokens: float,
+    compute: LatencyCurve,
+    layer_bytes: float,
+    n_layers: int,
+    resident_layers: int,
+    read_bandwidth: float,
+) -> float:
+    """Forward time of a target whose last n_layers - resident_layers layers stream each pass:
+    max(streamed bytes / read bandwidth, compute(tokens)). `compute` is the forward time with every
+    layer in memory (the resident-equivalent pass); reads of the next layers overlap the compute of the
+    current ones, so the slower of the two sets the pace."""
+    streamed_bytes = max(0, n_layers - resident_layers) * layer_bytes
+    read_s = streamed_bytes / read_bandwidth if read_bandwidth > 0 else 0.0
+    return max(read_s, compute.at(tokens))
+
+
+def streamed_curve(
+    compute: LatencyCurve,
+    layer_bytes: float,
+    n_layers: int,
+    resident_layers: int,
+    read_bandwidth: float,
+    batches: Sequence[int],
+) -> LatencyCurve:
+    """`streamed_forward_s` at `batches`, as a curve the rest of the model reads like a measured one."""
+    args = (compute, layer_bytes, n_layers, resident_layers, read_bandwidth)
+    return LatencyCurve.from_points([(b, streamed_forward_s(b, *args)) for b in batches])
 
 
 @dataclass(frozen=True)
@@ -377,62 +316,6 @@ def best_budget(
     scored = [(predict_tokens_per_s(costs, b, max_n_beams, max_beam_len), -b) for b in budgets]
     speed, neg_budget = max(scored)
     return -neg_budget, speed
-
-
-# --- memory -----------------------------------------------------------------------------------
-
-
-def tree_activation_bytes(shape: ModelShape, budget: int, context: int, dtype_bytes: int = 4) -> int:
-    """Peak working memory of one target pass over budget + 1 tree tokens behind `context` tokens:
-    the logits, one layer's attention scores and MLP activations, and the KV cache."""
-    tokens = budget + 1
-    logits = tokens * shape.vocab_size * 4
-    scores = shape.n_heads * tokens * (context + tokens) * dtype_bytes
-    mlp = 2 * tokens * shape.intermediate_size * dtype_bytes
-    kv = (context + tokens) * shape.kv_bytes_per_token(dtype_bytes)
-    mask = tokens * (context + tokens) * dtype_bytes
-    return int(logits + scores + mlp + kv + mask)
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    """Memory the run may use: free GPU bytes (None on a CPU-only run) and available host RAM."""
-
-    device_free: int | None
-    host_available: int
-    headroom: float = 0.9  # use at most this share of either
-
-
-def memory_problem(
-    budget_mem: MemoryBudget,
-    target_bytes: float,
-    draft_bytes: float,
-    activation_bytes: float,
-    offloaded: bool = False,
-    buffer_bytes: float = 0.0,
-) -> str | None:
-    """Why a configuration cannot fit, or None when it fits.
-
-    CPU-only: target, draft and activations share host RAM. GPU resident: all of it on the GPU.
-    GPU offloaded: the target's layers sit in host RAM; the draft, the layer buffers and the
-    activations on the GPU.
-    """
-    host_cap = budget_mem.host_available * budget_mem.headroom
-    if budget_mem.device_free is None:
-        need = target_bytes + draft_bytes + activation_bytes
-        return (
-            None if need <= host_cap else f"needs {need / 1e9:.1f} GB of RAM, {host_cap / 1e9:.1f} GB usable"
-        )
-    device_cap = budget_mem.device_free * budget_mem.headroom
-    if offloaded:
-        if target_bytes > host_cap:
-            return f"target needs {target_bytes / 1e9:.1f} GB of host RAM, {host_cap / 1e9:.1f} GB usable"
-        need = draft_bytes + buffer_bytes + activation_bytes
-    else:
-        need = target_bytes + draft_bytes + activation_bytes
-    if need > device_cap:
-        return f"needs {need / 1e9:.1f} GB of GPU memory, {device_cap / 1e9:.1f} GB usable"
-    return None
 
 
 def is_hopeless(predicted: float, best_measured: float | None, ratio: float = 0.5) -> bool:

@@ -20,7 +20,8 @@ from specexec_cli.errors import SpecexecError
 from specexec_cli.hardware import GIB
 from specexec_cli.runtime import plan as planner
 from specexec_cli.tuning import cost_model as cm
-from specexec_cli.tuning.search import DEFAULT_BUDGETS, NO_DRAFT
+from specexec_cli.tuning.memory import model_facts
+from specexec_cli.tuning.space import DEFAULT_BUDGETS, NO_DRAFT
 
 CONTEXT = 1024  # prompt + new tokens the KV caches are planned for
 
@@ -129,24 +130,6 @@ def prior_scale(draft_params: int, target_params: int) -> float:
     return min(2.1, max(0.8, 2.1 + 0.6 * math.log2(ratio / 0.1)))
 
 
-def model_facts(shape: cm.ModelShape, quant: str, float_bytes: int) -> planner.ModelFacts:
-    """The planner's view of a target from its shape (layer bytes in `quant`, the rest in float)."""
-    layer = int(shape.layer_bytes(quant))
-    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
-    return planner.ModelFacts(
-        n_layers=shape.n_layers,
-        layer_bytes=layer,
-        total_layer_bytes=layer * shape.n_layers,
-        resident_bytes=int(embed * float_bytes),
-        kv_bytes_per_token=shape.kv_bytes_per_token(float_bytes),
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size * shape.experts_per_token,
-        dtype_bytes=float_bytes,
-        decode_bytes=0 if quant in ("fp16", "bf16", "fp32") else shape.layer_params * float_bytes,
-    )
-
-
 BATCHES = tuple(2**i for i in range(13))
 
 
@@ -203,7 +186,7 @@ def best_settings(
 ) -> Choice | None:
     """The configuration the cost model likes best for `target` on `hw`, or None if nothing fits."""
     from specexec_cli.models.registry import drafts_for, resolve
-    from specexec_cli.tuning.tune import model_shape
+    from specexec_cli.tuning.memory import model_shape
 
     spec = resolve(target)
     shape = model_shape(target)

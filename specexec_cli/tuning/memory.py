@@ -1,0 +1,213 @@
+"""Memory feasibility before anything loads: will a candidate's target, draft and tree fit here?
+
+Two checks share one job. Without --max-memory, the resident estimate of `memory_problem` (weights +
+draft + the tree's activations against free RAM / GPU memory). With caps or an explicit offload tier,
+the runtime's own planner (runtime.plan) on the probed facts with the caps applied, so that the tuner
+rules out exactly what `load_offloaded_target` would refuse.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from specexec_cli import hardware
+from specexec_cli.errors import SpecexecError
+from specexec_cli.runtime import plan as planner
+from specexec_cli.runtime.caps import apply_caps
+from specexec_cli.tuning.shape import ModelShape
+from specexec_cli.tuning.space import Candidate, parse_early_exit
+
+
+def tree_activation_bytes(shape: ModelShape, budget: int, context: int, dtype_bytes: int = 4) -> int:
+    """Peak working memory of one target pass over budget + 1 tree tokens behind `context` tokens:
+    the logits, one layer's attention scores and MLP activations, and the KV cache."""
+    tokens = budget + 1
+    logits = tokens * shape.vocab_size * 4
+    scores = shape.n_heads * tokens * (context + tokens) * dtype_bytes
+    mlp = 2 * tokens * shape.intermediate_size * dtype_bytes
+    kv = (context + tokens) * shape.kv_bytes_per_token(dtype_bytes)
+    mask = tokens * (context + tokens) * dtype_bytes
+    return int(logits + scores + mlp + kv + mask)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Memory the run may use: free GPU bytes (None on a CPU-only run) and available host RAM."""
+
+    device_free: int | None
+    host_available: int
+    headroom: float = 0.9  # use at most this share of either
+
+
+def memory_problem(
+    budget_mem: MemoryBudget,
+    target_bytes: float,
+    draft_bytes: float,
+    activation_bytes: float,
+    offloaded: bool = False,
+    buffer_bytes: float = 0.0,
+) -> str | None:
+    """Why a configuration cannot fit, or None when it fits.
+
+    CPU-only: target, draft and activations share host RAM. GPU resident: all of it on the GPU.
+    GPU offloaded: the target's layers sit in host RAM; the draft, the layer buffers and the
+    activations on the GPU.
+    """
+    host_cap = budget_mem.host_available * budget_mem.headroom
+    if budget_mem.device_free is None:
+        need = target_bytes + draft_bytes + activation_bytes
+        return (
+            None if need <= host_cap else f"needs {need / 1e9:.1f} GB of RAM, {host_cap / 1e9:.1f} GB usable"
+        )
+    device_cap = budget_mem.device_free * budget_mem.headroom
+    if offloaded:
+        if target_bytes > host_cap:
+            return f"target needs {target_bytes / 1e9:.1f} GB of host RAM, {host_cap / 1e9:.1f} GB usable"
+        need = draft_bytes + buffer_bytes + activation_bytes
+    else:
+        need = target_bytes + draft_bytes + activation_bytes
+    if need > device_cap:
+        return f"needs {need / 1e9:.1f} GB of GPU memory, {device_cap / 1e9:.1f} GB usable"
+    return None
+
+
+def model_shape(name: str) -> ModelShape | None:
+    """The shape of a registry model, or of an early-exit draft of one; None when unknown."""
+    from specexec_cli.models.registry import resolve
+
+    early = parse_early_exit(name)
+    base = early[0] if early else name
+    try:
+        spec = resolve(base)
+    except SpecexecError:
+        return None
+    if None in (spec.n_layers, spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.n_heads):
+        return None
+    shape = ModelShape(
+        n_layers=spec.n_layers,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        vocab_size=spec.vocab_size,
+        n_heads=spec.n_heads,
+        n_kv_heads=spec.n_kv_heads or spec.n_heads,
+        head_dim=spec.head_dim or spec.hidden_size // spec.n_heads,
+        tied_embeddings=bool(spec.tie_word_embeddings),
+        n_experts=spec.n_experts,
+        experts_per_token=spec.experts_per_token,
+    )
+    return shape.truncated(early[1]) if early else shape
+
+
+def model_facts(
+    shape: ModelShape, quant: str, float_bytes: int, stored_bytes: float | None = None
+) -> planner.ModelFacts:
+    """The planner's view of a target from its shape: layer bytes in `quant` (or as stored, when the
+    runtime streams float layers narrower than it computes: `stored_bytes` per weight), the rest in
+    float."""
+    layer = int(shape.layer_bytes(quant))
+    if stored_bytes is not None and quant in ("fp32", "fp16", "bf16"):
+        layer = int(min(layer, shape.layer_params * stored_bytes))
+    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
+    return planner.ModelFacts(
+        n_layers=shape.n_layers,
+        layer_bytes=layer,
+        total_layer_bytes=layer * shape.n_layers,
+        resident_bytes=int(embed * float_bytes),
+        kv_bytes_per_token=shape.kv_bytes_per_token(float_bytes),
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size * shape.experts_per_token,
+        dtype_bytes=float_bytes,
+        decode_bytes=0 if quant in ("fp16", "bf16", "fp32") else shape.layer_params * float_bytes,
+    )
+
+
+def stored_float_bytes(name: str) -> int | None:
+    """Bytes per weight of a registry model's local checkpoint files (config torch_dtype), if known."""
+    from specexec_cli.models.load import local_source
+    from specexec_cli.models.registry import resolve
+
+    try:
+        folder = local_source(resolve(name))
+        dtype = json.loads((folder / "config.json").read_text()).get("torch_dtype") if folder else None
+    except (SpecexecError, OSError, ValueError):
+        return None
+    return {"float16": 2, "bfloat16": 2, "float32": 4}.get(dtype)
+
+
+def hardware_facts(
+    probe: hardware.HardwareProbe, device: torch.device, caps: dict[str, int]
+) -> planner.HardwareFacts:
+    """The planner's facts from the probe, each pool capped by --max-memory (runtime.caps)."""
+    host = probe.host.ram_available
+    disk = probe.disk.free_bytes if probe.disk is not None else 10**13
+    if device.type == "cuda":
+        free = max((g.memory_free for g in probe.gpus), default=0)
+        facts = planner.HardwareFacts(device_mem_free=free, host_ram_available=host, disk_free=disk)
+    else:
+        facts = planner.HardwareFacts(host, host, disk, unified=True)
+    return apply_caps(facts, caps, device.type, device.index)
+
+
+def memory_checker(
+    target: str,
+    probe: hardware.HardwareProbe,
+    device: torch.device,
+    context: int,
+    caps: dict[str, int] | None = None,
+    plan_context: int | None = None,
+) -> Callable[[Candidate], str | None]:
+    """The feasibility test the search runs before loading anything.
+
+    A candidate placed in an offload tier (under --max-memory) is checked by the runtime's planner on the
+    probed facts with the caps applied, at its budget, with its draft: the question the runtime asks
+    before it loads (`plan_context`: the context the runtime plans for). Otherwise the resident estimate
+    of `memory_problem`."""
+    target_shape = model_shape(target)
+    gpu_free = max((g.memory_free for g in probe.gpus), default=None) if device.type == "cuda" else None
+    budget_mem = MemoryBudget(device_free=gpu_free, host_available=probe.host.ram_available)
+    float_quant = "fp16" if device.type == "cuda" else "fp32"
+    float_bytes = 2 if device.type == "cuda" else 4
+    hw = hardware_facts(probe, device, caps or {})
+    stored = stored_float_bytes(target) if target_shape is not None else None
+    gpu_total = max((g.memory_total for g in probe.gpus), default=0) if gpu_free is not None else 0
+    reserve = (256 << 20) + int(0.05 * gpu_total)  # as the runtime keeps free
+
+    def draft_bytes(candidate: Candidate) -> float:
+        early = parse_early_exit(candidate.draft)
+        if candidate.autoregressive or (early and early[0] == target):
+            return 0.0
+        draft_shape = model_shape(early[0] if early else candidate.draft)
+        return draft_shape.weight_bytes(float_quant) if draft_shape else 0.0
+
+    def check(candidate: Candidate) -> str | None:
+        if target_shape is None:
+            return None
+        if candidate.offload:
+            request = planner.PlanRequest(
+                offload=candidate.offload,
+                resident_layers=None,
+                budget=max(1, candidate.budget),
+                context_len=plan_context or context,
+                draft_bytes=int(draft_bytes(candidate)),
+                reserve_bytes=reserve,
+            )
+            facts = model_facts(target_shape, candidate.quantization, float_bytes, stored)
+            try:
+                planner.plan(hw, facts, request)
+            except SpecexecError as exc:
+                return str(exc)
+            return None
+        target_bytes = target_shape.weight_bytes(candidate.quantization)
+        activations = tree_activation_bytes(target_shape, candidate.budget, context)
+        offloaded = gpu_free is not None and target_bytes > 0.8 * gpu_free
+        buffers = 2 * target_shape.layer_bytes(candidate.quantization)
+        return memory_problem(
+            budget_mem, target_bytes, draft_bytes(candidate), activations, offloaded, buffers
+        )
+
+    return check

@@ -1,0 +1,249 @@
+"""Loading the models a tuning run measures: target variants per quantization (and offload tier under
+--max-memory), drafts per key, kept in a `ModelPool` between trials (loads are the expensive part)."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psutil
+import torch
+
+from specexec_cli.errors import SpecexecError
+from specexec_cli.tuning import log
+from specexec_cli.tuning.space import NO_DRAFT, parse_early_exit
+
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+WEIGHT_QUANTS = ("nf4", "int8", "gptq")
+
+
+LoadFn = Callable[[str, str, torch.device], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a target variant is placed under --max-memory: the tier, the caps, and what else the memory
+    plan must fit (the largest budget searched, the context, the draft)."""
+
+    offload: str  # none | ram | disk
+    max_memory: dict[str, int] = field(default_factory=dict)
+    budget: int | None = None
+    context_len: int = 2048
+    draft: Any = None
+
+
+StreamFn = Callable[[str, str, torch.device, Placement], tuple[Any, Any]]
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """'fp32@disk' -> ('fp32', 'disk'); 'fp32' -> ('fp32', '')."""
+    quant, _, offload = variant.partition("@")
+    return quant, offload
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(quant: str, device: torch.device) -> torch.dtype:
+    """The float dtype a quantization computes in on `device`."""
+    if quant in FLOAT_DTYPES:
+        return FLOAT_DTYPES[quant]
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _registry_source(name: str, quant: str):
+    from specexec_cli.models.load import local_source
+    from specexec_cli.models.registry import resolve
+
+    spec = resolve(name)
+    if quant == "gptq":
+        spec = spec.gptq_variant()
+    return spec, str(local_source(spec) or spec.source)
+
+
+def load_variant(name: str, quant: str, device: torch.device) -> tuple[Any, Any]:
+    """(model, tokenizer) of `name` in quantization `quant` on `device`.
+
+    Float variants load resident. 4-bit / int8 variants load through the offloaded runtime, which
+    plans the tier (resident, host RAM or disk) and buffers; on a CPU they stay resident.
+    """
+    from specexec_cli.models.load import load_model, load_tokenizer
+
+    if quant in FLOAT_DTYPES:
+        return load_model(name, device=device, dtype=FLOAT_DTYPES[quant])
+    from specexec_cli.runtime.offload import load_offloaded_target
+
+    spec, source = _registry_source(name, quant)
+    offload = "none" if device.type == "cpu" else "auto"
+    model = load_offloaded_target(
+        source, device=device, quant=quant, offload=offload, resident_layers=None, buffers=2
+    )
+    return model, load_tokenizer(spec)
+
+
+def load_placed_variant(name: str, quant: str, device: torch.device, placement: Placement) -> tuple[Any, Any]:
+    """(model, tokenizer) of target `name` through the offloaded runtime in `placement`'s tier under its
+    caps: the planner keeps as many layers resident as the largest budget leaves room for."""
+    from specexec_cli.models.load import load_tokenizer
+
+    spec, source = _registry_source(name, quant)
+    return load_planned(source, quant, device, placement), load_tokenizer(spec)
+
+
+def load_planned(source: Any, quant: str, device: torch.device, placement: Placement) -> Any:
+    """load_offloaded_target at the placement's budget, or at the largest budget the plan allows when
+    that one does not fit (the trials above it are then ruled out by the memory check or fail)."""
+    from specexec_cli.runtime.offload import load_offloaded_target
+
+    kwargs = dict(
+        device=device, quant=quant, offload=placement.offload, resident_layers=None, buffers=2,
+        context_len=placement.context_len, draft=placement.draft, max_memory=placement.max_memory,
+    )
+    try:
+        model = load_offloaded_target(source, budget=placement.budget, **kwargs)
+    except SpecexecError:
+        if placement.budget is None:
+            raise
+        model = load_offloaded_target(source, budget=None, **kwargs)
+    log(f"offload plan ({quant}): {model.offload_engine.plan.summary()}")
+    return model
+
+
+class ModelPool:
+    """Loads the target per variant and drafts per key on first use, and keeps them.
+
+    A variant is a quantization ("fp32"), or a quantization placed in an offload tier ("fp32@disk",
+    see space.variant_name) loaded by `stream_fn` under `placement`'s caps. Early-exit drafts ("name[:n]")
+    share the weights of the model they are cut from: from the target variant of the trial when cut
+    from the target, else from the full model in float. Before a load, models the current trial does
+    not need are dropped if RAM runs short; under caps, a placed target variant replaces the others.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        device: torch.device,
+        load_fn: LoadFn = load_variant,
+        stream_fn: StreamFn = load_placed_variant,
+        placement: Placement | None = None,
+        plan_draft: str | None = None,
+        first_variant: str | None = None,
+    ) -> None:
+        self.target_name, self.device, self.load_fn, self.stream_fn = target, device, load_fn, stream_fn
+        self.placement, self.plan_draft = placement, plan_draft  # caps etc.; the draft plans count
+        self.first_variant = first_variant
+        self.models: dict[tuple[str, str], Any] = {}
+        self.plans: dict[str, Any] = {}
+        self._tokenizer = None
+        self._unchecked: list[Any] = []  # draft tokenizers loaded before the target's
+        self.load_seconds = 0.0
+
+    @property
+    def float_quant(self) -> str:
+        return "fp16" if self.device.type == "cuda" else "fp32"
+
+    def _load(self, name: str, variant: str, keep: set[tuple[str, str]]) -> Any:
+        key = (name, variant)
+        if key not in self.models:
+            quant, offload = split_variant(variant)
+            if offload:
+                self._drop_placed_targets()
+            self._make_room(keep)
+            draft = self._plan_draft(keep) if offload else None
+            log(f"loading {name} ({variant})")
+            start = time.perf_counter()
+            if offload:
+                placement = replace(self.placement or Placement(offload), offload=offload, draft=draft)
+                model, tokenizer = self.stream_fn(name, quant, self.device, placement)
+            else:
+                model, tokenizer = self.load_fn(name, quant, self.device)
+            self.load_seconds += time.perf_counter() - start
+            if name == self.target_name:
+                self._tokenizer = self._tokenizer or tokenizer
+            self._unchecked.append(tokenizer)
+            if self._tokenizer is not None:  # a draft must map text to the same ids as the target
+                from specexec_cli.models.load import check_compatible
+
+                for other in self._unchecked:
+                    if other is not self._tokenizer:
+                        check_compatible(self._tokenizer, other)
+                self._unchecked.clear()
+            self.models[key] = model
+        else:  # most recently used last
+            self.models[key] = self.models.pop(key)
+        return self.models[key]
+
+    def _plan_draft(self, keep: set[tuple[str, str]]) -> Any:
+        """The separate draft the memory plan of a placed target counts (loaded first), if any."""
+        if self.plan_draft is None or self.plan_draft == NO_DRAFT or parse_early_exit(self.plan_draft):
+            return None
+        return self._load(self.plan_draft, self.float_quant, keep | {(self.plan_draft, self.float_quant)})
+
+    def _drop_placed_targets(self) -> None:
+        """Under caps one placed target fits at a time: drop the others and the drafts cut from them."""
+        for name, variant in list(self.models):
+            if split_variant(variant)[1] and (name == self.target_name or parse_early_exit(name)):
+                del self.models[(name, variant)]
+        gc.collect()
+
+    def _make_room(self, keep: set[tuple[str, str]], min_free_fraction: float = 0.25) -> None:
+        memory = psutil.virtual_memory()
+        for key in list(self.models):
+            if memory.available >= min_free_fraction * memory.total:
+                return
+            if key not in keep:
+                del self.models[key]
+                gc.collect()
+                memory = psutil.virtual_memory()
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self.target(self.first_variant or self.float_quant)
+        return self._tokenizer
+
+    def target(self, variant: str) -> Any:
+        model = self._load(self.target_name, variant, {(self.target_name, variant)})
+        engine = getattr(model, "offload_engine", None)
+        if engine is not None and engine.plan is not None:
+            self.plans[variant] = engine.plan
+        return model
+
+    def draft_variant(self, key: str, variant: str) -> str:
+        """The weights a draft is made from for a trial on target `variant`: an early exit of the
+        target is cut from that variant when it is a float one; every other draft (and an early exit
+        of a 4-bit / int8 target, whose layers are bound only while the runtime runs them) comes from
+        float weights."""
+        early = parse_early_exit(key)
+        if early is not None and early[0] == self.target_name and split_variant(variant)[0] in FLOAT_DTYPES:
+            return variant
+        return self.float_quant
+
+    def draft(self, key: str, variant: str) -> Any | None:
+        if key == NO_DRAFT:
+            return None
+        weights = self.draft_variant(key, variant)
+        early = parse_early_exit(key)
+        if early is None:
+            return self._load(key, weights, {(self.target_name, variant), (key, weights)})
+        base, n_layers = early
+        if (key, weights) not in self.models:
+            from specexec_cli.models.load import make_early_exit_draft
+
+            source = self._load(base, weights, {(self.target_name, variant), (base, weights)})
+            self.models[(key, weights)] = make_early_exit_draft(source, n_layers)
+        return self.models[(key, weights)]
+
+    def offload_settings(self, variant: str) -> dict:
+        """Generate settings that place the target as `variant` was: tier, buffers, resident layers."""
+        plan = self.plans.get(variant)
+        if plan is None:
+            return {"offload": "none"}
+        settings = {"offload": plan.offload}
+        if plan.offload != "none":
+            settings.update(buffers=max(2, plan.buffers), resident_layers=plan.resident_layers)
+        return settings
+

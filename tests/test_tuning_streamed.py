@@ -1,0 +1,173 @@
+"""The tuner in the streamed regime (--max-memory): the streamed cost formula, a search against a target
+whose pass costs about the same for 1 or 256 tokens, caps in the feasibility check, and a small real tune
+on tiny models whose profile carries the placement generate loads again."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from specexec_cli.tuning import cost_model as cm
+from specexec_cli.tuning.calibration import Calibration
+from specexec_cli.tuning.search import run_search
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace
+
+GiB = 1 << 30
+
+# Qwen2.5-Coder 1.5B on a 2-core CPU: resident compute 0.39 s for 1 token, 1.4 s for 16, 3.6 s for 64.
+COMPUTE = cm.LatencyCurve.from_points({1: 0.39, 17: 1.4, 65: 3.6, 257: 13.0})
+LAYER_BYTES = 3.1e9 / 28  # float16 files
+READ_BW = 1.0e9  # bytes/s from disk (page cache included)
+
+
+def test_streamed_forward_is_the_slower_of_reading_and_computing():
+    read = 24 * LAYER_BYTES / READ_BW  # 4 resident layers, 24 streamed: 2.66 s
+    assert cm.streamed_forward_s(1, COMPUTE, LAYER_BYTES, 28, 4, READ_BW) == pytest.approx(read)
+    assert cm.streamed_forward_s(65, COMPUTE, LAYER_BYTES, 28, 4, READ_BW) == pytest.approx(3.6)
+    assert cm.streamed_forward_s(1, COMPUTE, LAYER_BYTES, 28, 28, READ_BW) == pytest.approx(0.39)  # resident
+    more_resident = cm.streamed_forward_s(1, COMPUTE, LAYER_BYTES, 28, 14, READ_BW)
+    assert more_resident == pytest.approx(14 * LAYER_BYTES / READ_BW)
+    curve = cm.streamed_curve(COMPUTE, LAYER_BYTES, 28, 4, READ_BW, [1, 2, 5, 17, 33, 65, 257])
+    assert curve.at(1) == curve.at(17) == pytest.approx(read)  # flat up to the compute knee
+    assert curve.at(257) == pytest.approx(13.0)
+
+
+def slow_target_calibration() -> Calibration:
+    variant = "fp32@disk"
+    target = cm.streamed_curve(COMPUTE, LAYER_BYTES, 28, 4, READ_BW, [1, 2, 3, 5, 9, 17, 33, 65, 129, 257])
+    draft = cm.LatencyCurve.from_points({1: 0.1, 8: 0.12, 32: 0.3})
+    acceptance = cm.AcceptanceCurve(tuple(1.0 + 0.9 * math.log2(1 + k / 2) for k in range(257)))
+    from specexec_cli.tuning.measure import AcceptanceMeasurement
+
+    measured = AcceptanceMeasurement(acceptance, 16, 0.02, 4.0, 30.0)
+    return Calibration(
+        target_curves={variant: target},
+        draft_curves={("qwen2.5-coder-0.5b", variant): draft},
+        acceptance={"qwen2.5-coder-0.5b": measured},
+        host_s=0.02,
+    )
+
+
+def test_the_tuner_picks_speculation_when_the_target_streams(tmp_path):
+    space = SearchSpace(
+        drafts=(NO_DRAFT, "qwen2.5-coder-0.5b"),
+        quantizations=("fp32",),
+        budgets=tuple(2**i for i in range(9)),
+        n_beams=(8, 32),
+        beam_lens=(8, 16),
+        offloads=("disk",),
+    )
+    calibration = slow_target_calibration()
+
+    def measured(c: Candidate) -> float:  # "the machine": the model, 20 % optimistic past budget 8
+        return calibration.predict(c) * (0.8 if c.budget > 8 else 1.0)
+
+    calls = []
+    result = run_search(
+        space,
+        lambda c: calls.append(c) or measured(c),
+        study_name="streamed",
+        storage=tmp_path / "s.db",
+        n_trials=len(space.candidates()) // 3,
+        predict=calibration.predict,
+        progress=False,
+    )
+    best = result.best.candidate
+    grid_best = max(measured(c) for c in space.candidates())
+    assert not best.autoregressive and best.offload == "disk"
+    assert result.best.tokens_per_s >= 0.9 * grid_best
+    assert len(calls) <= len(space.candidates()) // 3
+    plain = result.plain_baseline(best)
+    assert plain.candidate == Candidate(NO_DRAFT, "fp32", offload="disk")
+    assert result.best.tokens_per_s > 2 * plain.tokens_per_s
+    assert "x plain decoding streamed the same way" in result.verdict()
+    assert "offload=disk" in result.verdict()
+
+
+def fake_probe(tmp_path, ram: int):
+    from specexec_cli import hardware
+
+    probe = hardware.probe(tmp_path, run_measurements=False)
+    host = dataclasses.replace(probe.host, ram_available=ram, ram_total=ram)
+    return dataclasses.replace(probe, host=host, gpus=())
+
+
+def test_the_feasibility_check_honours_the_caps(tmp_path):
+    import torch
+
+    from specexec_cli.tuning.memory import memory_checker
+
+    probe = fake_probe(tmp_path, 64 * GiB)
+    cpu = torch.device("cpu")
+    target, draft = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
+    free = memory_checker(target, probe, cpu, 200)
+    capped = memory_checker(target, probe, cpu, 200, caps={"cpu": 4 * GiB}, plan_context=2304)
+    resident = Candidate(NO_DRAFT, "fp32", offload="none")
+    assert free(resident) is None
+    assert "RAM" in capped(resident)  # 6 GB of float32 weights do not fit a 4 GiB cap
+    assert capped(Candidate(NO_DRAFT, "fp32", offload="disk")) is None
+    assert capped(Candidate(draft, "fp32", 32, 8, 8, offload="disk")) is None
+    assert "needs" in memory_checker(target, probe, cpu, 200, caps={"cpu": GiB})(
+        Candidate(draft, "fp32", 32, 8, 8, offload="disk")
+    )
+
+
+def test_a_streamed_tune_on_tiny_models_writes_a_profile_generate_uses(tmp_path, make_word_tokenizer):
+    import torch
+    from tiny_pairs import tiny_pair
+
+    from specexec_cli import profiles
+    from specexec_cli.runtime.offload import load_offloaded_target, plan_target
+    from specexec_cli.runtime.plan import HardwareFacts
+    from specexec_cli.tuning.tune import PLAN_CONTEXT, TuneOptions, tune
+
+    target, draft = tiny_pair("qwen2", dtype=torch.float32)
+    folder = tmp_path / "target"
+    target.save_pretrained(folder)
+    tokenizer = make_word_tokenizer([f"w{i}" for i in range(124)])
+    box = HardwareFacts(20 * GiB, 20 * GiB, 1 << 40, unified=True)
+    full = plan_target(folder, device="cpu", quant="fp32", offload="none", budget=4, context_len=PLAN_CONTEXT,
+                       draft=draft, hardware=box)
+    cap = f"cpu={full.device_bytes - 1}"  # one byte short of holding every layer: some layers stream
+
+    def load_fn(name, quant, device):
+        return {"tiny-target": target, "tiny-draft": draft}[name], tokenizer
+
+    placements = []
+
+    def stream_fn(name, quant, device, placement):
+        placements.append(placement)
+        model = load_offloaded_target(
+            folder, device=device, quant=quant, offload=placement.offload, resident_layers=None,
+            budget=placement.budget, context_len=placement.context_len, draft=placement.draft,
+            max_memory=placement.max_memory, hardware=box,
+        )
+        return model, tokenizer
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([[0, "w1 w5 w9 w2"], [1, "w7 w3 w3 w8 w1"]]))
+    options = TuneOptions(
+        target="tiny-target", drafts=("tiny-draft",), quantizations=("fp32",), budgets=(1, 4), n_beams=(4,),
+        beam_lens=(4,), n_trials=3, prompts_file=prompts, max_new_tokens=6, calibration_iterations=2,
+        storage=tmp_path / "tune.db", profiles_dir=tmp_path / "profiles", device="cpu", hopeless_ratio=0.0,
+        progress=False, max_memory=(cap,), offload="disk",
+    )
+    probe = fake_probe(tmp_path, 64 * GiB)
+    report = tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target", stream_fn=stream_fn)
+
+    assert report.space.offloads == ("disk",)
+    assert placements and all(p.offload == "disk" and p.max_memory == {"cpu": full.device_bytes - 1}
+                              and p.budget == 4 and p.draft is draft for p in placements)
+    assert "fp32@disk" in report.calibration.streamed  # timed at a few points, predicted by the formula
+    assert all(e.candidate.offload == "disk" for e in report.result.evaluations)
+    saved = profiles.load_profile(report.profile_path)
+    settings = saved.settings
+    assert settings["offload"] == "disk" and settings["max_memory"] == [cap]
+    assert 0 <= settings["resident_layers"] < target.config.num_hidden_layers and settings["buffers"] >= 2
+    used, match = profiles.settings_for_generate("tiny-target", {}, directory=tmp_path / "profiles")
+    assert match is not None and match.path == report.profile_path
+    for key in ("offload", "buffers", "resident_layers", "max_memory", "quantization", "method"):
+        assert used[key] == settings[key]
