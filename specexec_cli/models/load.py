@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from specexec_cli.errors import SpecexecError
+from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.models import bundled
 from specexec_cli.models.registry import ModelSpec, hub_cache_dir, hub_offline, resolve
 
@@ -251,7 +251,7 @@ def make_early_exit_draft(model: Any, n_layers: int) -> Any:
     config = model.config
     total = config.num_hidden_layers
     if not 1 <= n_layers <= total:
-        raise SpecexecError(f"early-exit draft needs 1..{total} layers, got {n_layers}")
+        raise UsageError(f"--draft first-layers:{n_layers}: the target has {total} layers (use 1..{total})")
     base_name = model.base_model_prefix
     base = getattr(model, base_name, None)
     if base is None or not isinstance(getattr(base, "layers", None), torch.nn.ModuleList):
