@@ -176,7 +176,8 @@ def save_profile(profile: Profile, directory: Path | None = None) -> Path:
         profile.created_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     path = (directory or profiles_dir()) / profile_filename(profile.target, profile.fingerprint)
     data = profile.to_dict()
-    with disk_full_as_error(path.parent, len(json.dumps(data, indent=2)) + 4096, f"writing profile {path.name}"):
+    need = len(json.dumps(data, indent=2)) + 4096
+    with disk_full_as_error(path.parent, need, f"writing profile {path.name}"):
         write_json_atomic(path, data)
     return path
 
