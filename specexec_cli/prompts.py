@@ -95,7 +95,7 @@ def collect_prompts(flag_prompts: tuple[str, ...], files: tuple[str, ...], stdin
         if text == "-":
             prompts += parse_text(read_stream(stdin), "<stdin>", input_format)
         else:
-            prompts.append(Prompt(str(len(prompts) + 1), text))
+            prompts.append(Prompt(str(len(prompts) + 1), check_text(text, "--prompt")))
     for name in files:
         if name == "-":
             prompts += parse_text(read_stream(stdin), "<stdin>", input_format)
@@ -124,7 +124,20 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, str]], chat_templat
     return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged when it is valid Unicode; a command-line argument that was not UTF-8 arrives
+    with lone surrogates (Python's surrogateescape), which tokenizers reject: a UsageError instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{what} is not UTF-8 text (at character {exc.start})") from None
+    return text
+
+
 def encode_prompt(tokenizer: Any, text: str, system: str | None, chat_template: bool) -> list[int]:
     """Token ids for one prompt, wrapped in the tokenizer's chat template when it has one."""
+    check_text(text, "the prompt")
+    if system:
+        check_text(system, "--system")
     system_turn = [{"role": "system", "content": system}] if system else []
     return encode_messages(tokenizer, [*system_turn, {"role": "user", "content": text}], chat_template)
