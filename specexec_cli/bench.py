@@ -29,7 +29,7 @@ import torch
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
 from specexec_cli.decoding.generate import GenerationResult, generate
 from specexec_cli.errors import UsageError
-from specexec_cli.prompts import encode_messages
+from specexec_cli.prompts import decode_text, encode_messages
 from specexec_cli.run import OffloadOptions, offloaded_loader
 
 DEFAULT_PROMPTS = "../shared/data/prompts/mtbench.json"
@@ -121,7 +121,7 @@ def resolve_prompt_path(path: str | os.PathLike[str] | None = None) -> Path:
 
 def _read_prompt_file(path: Path) -> list[tuple[str, str]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(decode_text(path.read_bytes(), str(path)))
     except OSError as exc:
         raise UsageError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
@@ -467,6 +467,8 @@ def parse_budgets(text: str) -> tuple[int, ...]:
 
 def parse_methods(text: str) -> tuple[str, ...]:
     methods = tuple(m.strip().lower() for m in text.split(",") if m.strip())
+    if not methods:
+        raise UsageError(f"--methods needs at least one of {', '.join(ALL_METHODS)}")
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(ALL_METHODS)}")
@@ -513,10 +515,12 @@ def run_benchmark(
     def log(message: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=err, flush=True)
 
-    if threads:
-        torch.set_num_threads(threads)
     if n_prompts < 1 or max_new_tokens < 1:
         raise UsageError("--n-prompts and --max-new-tokens must be >= 1")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     methods = tuple(m for m in methods if assisted or m != "assisted")
     plan = BenchPlan(
         temperatures=tuple(float(t) for t in temperatures),
@@ -533,6 +537,8 @@ def run_benchmark(
         SamplingConfig(temperature=t).validate()
     prompt_path = resolve_prompt_path(prompts)
     conversations = load_conversations(prompt_path, n_prompts)
+    if not conversations:
+        raise UsageError(f"prompt file {prompt_path} holds no prompt with a user message")
     log(f"loading {target} and {draft} on {device}")
     draft_model, draft_tokenizer = load_model(draft, device=device)
     if offload is None:

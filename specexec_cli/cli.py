@@ -11,7 +11,9 @@ from typing import Any
 import click
 
 from specexec_cli import __version__
-from specexec_cli.errors import SpecexecError
+from specexec_cli.devices import check_device
+from specexec_cli.errors import SpecexecError, Terminated
+from specexec_cli.messages import one_line, unexpected
 
 EXIT_INTERRUPTED = 130
 MAX_MEMORY_HELP = ("Memory the run may plan with, like accelerate's max_memory: 'cpu=4GiB', 'cuda:0=20GiB', "
@@ -20,22 +22,34 @@ MAX_MEMORY_HELP = ("Memory the run may plan with, like accelerate's max_memory: 
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """One-line errors on stderr with documented exit codes: 2 usage, 1 other errors, 130 Ctrl-C.
-    A closed stdout (`| head`) ends the command quietly."""
+    """One-line errors on stderr with documented exit codes: 2 usage, 1 other errors, 130 Ctrl-C,
+    143 SIGTERM. A closed stdout (`| head`) ends the command quietly. An unexpected exception is a
+    bug: one line too, unless SPECEXEC_DEBUG=1 asks for the traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from specexec_cli.signals import EXIT_TERMINATED, sigterm_raises
+
         try:
-            return command(*args, **kwargs)
+            with sigterm_raises():
+                return command(*args, **kwargs)
         except SpecexecError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(EXIT_TERMINATED)
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
+        except Exception as exc:
+            if os.environ.get("SPECEXEC_DEBUG"):
+                raise
+            click.echo(f"error: {unexpected(exc)}", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -136,7 +150,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     tree = TreeConfig(**{key: settings[key] for key in TREE_DEFAULTS})
     config = GenerationConfig(**{**config.__dict__, "method": settings["method"], "tree": tree})
     config.validate()
-    device = device or default_device()
+    device = check_device(device) or default_device()
     fmt = settings.get("quantization")
     weight_quant = fmt if fmt and fmt not in FLOAT_FORMATS else None
     caps = tuple(settings.get("max_memory") or ())
@@ -251,9 +265,9 @@ def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_f
     options = TuneOptions(target=target, drafts=tuple(drafts) or None, quantizations=tuple(quants) or None,
                           early_exit_layers=csv_ints(early_exit, "--early-exit"), n_trials=trials,
                           timeout=timeout, prompts_file=Path(prompts_file) if prompts_file else None,
-                          n_prompts=n_prompts, max_new_tokens=max_new_tokens, study=study, device=device,
-                          save=not no_save, max_memory=tuple(max_memory), offload=offload,
-                          calibration_iterations=calibration_iterations)
+                          n_prompts=n_prompts, max_new_tokens=max_new_tokens, study=study,
+                          device=check_device(device), save=not no_save, max_memory=tuple(max_memory),
+                          offload=offload, calibration_iterations=calibration_iterations)
     parsed_budgets = csv_ints(budgets, "--budgets")
     if parsed_budgets:
         options = TuneOptions(**{**options.__dict__, "budgets": parsed_budgets})
@@ -360,4 +374,4 @@ def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_b
                             specinfer_budgets=benchmark.parse_budgets(specinfer_budgets) if specinfer_budgets
                             else None,
                             methods=benchmark.parse_methods(methods), assisted=not no_assisted,
-                            threads=threads, device=device, json_lines=as_json, **kwargs)
+                            threads=threads, device=check_device(device), json_lines=as_json, **kwargs)

@@ -11,3 +11,8 @@ class UsageError(SpecexecError):
     """Bad flags or input: exit code 2, like click's own usage errors."""
 
     exit_code = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised by the CLI's handler (specexec_cli.signals) so the command unwinds like
+    Ctrl-C and exits 143. A BaseException, so no `except Exception` on the way swallows it."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from specexec_cli.decoding.config import METHODS
 from specexec_cli.errors import SpecexecError
+from specexec_cli.fsutil import disk_full_as_error
 from specexec_cli.hardware import (
     GIB,
     GpuInfo,
@@ -175,7 +176,10 @@ def save_profile(profile: Profile, directory: Path | None = None) -> Path:
     if not profile.created_at:
         profile.created_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     path = (directory or profiles_dir()) / profile_filename(profile.target, profile.fingerprint)
-    write_json_atomic(path, profile.to_dict())
+    data = profile.to_dict()
+    need = len(json.dumps(data, indent=2)) + 4096
+    with disk_full_as_error(path.parent, need, f"writing profile {path.name}"):
+        write_json_atomic(path, data)
     return path
 
 

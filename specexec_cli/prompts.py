@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +50,41 @@ def looks_like_jsonl(text: str) -> bool:
     return isinstance(record, dict) and "prompt" in record
 
 
+BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """Bytes of a prompt file or stdin as text: UTF-8 (a BOM is dropped) or UTF-16 with a BOM;
+    anything else is a UsageError naming the first bad byte."""
+    encoding = next((name for bom, name in BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        bad = data[exc.start:exc.start + 1].hex()
+        raise UsageError(f"{source}: not UTF-8 text (byte 0x{bad} at offset {exc.start}); "
+                         "save it as UTF-8") from None
+
+
+def read_stream(stream: TextIO, source: str = "<stdin>") -> str:
+    """All of a text stream, decoded by `decode_text` from its bytes when it has a binary buffer."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        return decode_text(buffer.read(), source)
+    text = stream.read()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{source}: not UTF-8 text (at character {exc.start})") from None
+    return text
+
+
 def parse_text(text: str, source: str, input_format: str) -> list[Prompt]:
     """A whole file or stdin: one plain-text prompt, or JSON Lines (by format or by detection)."""
     if input_format == "jsonl" or (input_format == "auto" and looks_like_jsonl(text)):
         return parse_jsonl(text.splitlines(), source)
     if not text.strip():
         raise UsageError(f"{source}: empty prompt")
-    return [Prompt("1", text.rstrip("\n"))]
+    return [Prompt("1", text.rstrip("\r\n"))]
 
 
 def collect_prompts(flag_prompts: tuple[str, ...], files: tuple[str, ...], stdin: TextIO,
@@ -64,24 +93,25 @@ def collect_prompts(flag_prompts: tuple[str, ...], files: tuple[str, ...], stdin
     prompts: list[Prompt] = []
     for text in flag_prompts:
         if text == "-":
-            prompts += parse_text(stdin.read(), "<stdin>", input_format)
+            prompts += parse_text(read_stream(stdin), "<stdin>", input_format)
         else:
-            prompts.append(Prompt(str(len(prompts) + 1), text))
+            prompts.append(Prompt(str(len(prompts) + 1), check_text(text, "--prompt")))
     for name in files:
         if name == "-":
-            prompts += parse_text(stdin.read(), "<stdin>", input_format)
+            prompts += parse_text(read_stream(stdin), "<stdin>", input_format)
             continue
         path = Path(name)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except OSError as exc:
-            raise UsageError(f"cannot read prompt file {name}: {exc.strerror}") from None
+            raise UsageError(f"cannot read prompt file {name}: {exc.strerror or exc}") from None
+        text = decode_text(data, name)
         fmt = "jsonl" if input_format == "auto" and path.suffix in (".jsonl", ".ndjson") else input_format
         prompts += parse_text(text, name, fmt)
     if not flag_prompts and not files:
         if stdin.isatty():
             raise UsageError("no prompt: pass --prompt TEXT, --file FILE, or pipe text on stdin")
-        prompts = parse_text(stdin.read(), "<stdin>", input_format)
+        prompts = parse_text(read_stream(stdin), "<stdin>", input_format)
     return prompts
 
 
@@ -94,7 +124,20 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, str]], chat_templat
     return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged when it is valid Unicode; a command-line argument that was not UTF-8 arrives
+    with lone surrogates (Python's surrogateescape), which tokenizers reject: a UsageError instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{what} is not UTF-8 text (at character {exc.start})") from None
+    return text
+
+
 def encode_prompt(tokenizer: Any, text: str, system: str | None, chat_template: bool) -> list[int]:
     """Token ids for one prompt, wrapped in the tokenizer's chat template when it has one."""
+    check_text(text, "the prompt")
+    if system:
+        check_text(system, "--system")
     system_turn = [{"role": "system", "content": system}] if system else []
     return encode_messages(tokenizer, [*system_turn, {"role": "user", "content": text}], chat_template)

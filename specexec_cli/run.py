@@ -66,6 +66,32 @@ def default_draft_name(target_name: str) -> str:
     return drafts[0].name
 
 
+def layer_count(spec: Any) -> int | None:
+    """Decoder layers of a model, from the registry or a local config.json, without loading weights."""
+    if spec.n_layers is not None:
+        return spec.n_layers
+    if spec.kind == "local" and spec.path is not None:
+        try:
+            config = json.loads((spec.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        count = config.get("num_hidden_layers") if isinstance(config, dict) else None
+        return count if isinstance(count, int) else None
+    return None
+
+
+def check_names(target_name: str, draft_name: str | None, early_exit: int | None) -> None:
+    """Fail on an unknown model name or an early-exit draft deeper than the target before any load."""
+    from specexec_cli.models.registry import resolve
+
+    target = resolve(target_name)
+    if draft_name not in (None, "none") and early_exit is None:
+        resolve(draft_name)
+    total = layer_count(target) if early_exit is not None else None
+    if total is not None and early_exit > total:
+        raise UsageError(f"--draft first-layers:{early_exit}: the target has {total} layers (use 1..{total})")
+
+
 def load_pair(target_name: str, draft_name: str | None, method: str, device: str,
               dtype: torch.dtype, load_target: Callable[..., tuple[Any, Any]] | None = None) -> ModelPair:
     """Load the target and, unless decoding plainly, a tokenizer-compatible draft.
@@ -81,6 +107,7 @@ def load_pair(target_name: str, draft_name: str | None, method: str, device: str
     if needs_draft and draft_name is None:
         draft_name = default_draft_name(target_name)  # fail on a missing draft before loading weights
     early_exit = early_exit_layers(draft_name) if needs_draft else None  # bad N fails before any load
+    check_names(target_name, draft_name if needs_draft else None, early_exit)
     draft, draft_tokenizer = None, None
     if needs_draft and early_exit is None:
         log(f"loading draft {draft_name}")
@@ -131,9 +158,25 @@ def prompt_context(prompts: list[Prompt], config: GenerationConfig, system: str 
     return context_len
 
 
+def unused_offload_flags(options: OffloadOptions, plan: Any, n_layers: int) -> list[str]:
+    """What the user asked for that the memory plan does not do, one sentence each."""
+    warnings = []
+    if options.offload in ("ram", "disk") and plan.resident_layers >= n_layers:
+        warnings.append(f"--offload {options.offload} has no effect: all {n_layers} layers fit on the "
+                        "device and stay resident (cap memory with --max-memory, or pass "
+                        "--resident-layers N, to stream)")
+    elif options.offload_dir and (plan.offload != "disk" or plan.resident_layers >= n_layers):
+        warnings.append(f"--offload-dir {options.offload_dir} is unused: no layer streams from disk")
+    return warnings
+
+
 def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: int | Callable[[Any], int]):
     """A `load_target` for `load_pair` that streams the target's layers (specexec_cli.runtime).
     context_len: tokens the KV caches must hold, or a function of the tokenizer giving it."""
+    if options.offload_dir:
+        from specexec_cli.fsutil import check_writable_dir
+
+        check_writable_dir(options.offload_dir, "--offload-dir")
 
     def load(name: str, device: str, dtype: torch.dtype,
              draft: torch.nn.Module | None = None) -> tuple[Any, Any]:
@@ -156,9 +199,8 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
                                       draft=draft, max_memory=parse_caps(options.max_memory))
         plan = model.offload_engine.plan
         log(f"offload plan: {plan.summary()}")
-        if plan.offload != "none" and plan.resident_layers == model.config.num_hidden_layers:
-            log("offload plan: every layer fits in memory, so nothing streams; cap memory with "
-                "--max-memory or set --resident-layers to stream")
+        for warning in unused_offload_flags(options, plan, len(model.offload_engine.layers)):
+            log(f"warning: {warning}")
         if model.offload_engine.pinned.cuda:
             log(model.offload_engine.pinned.summary())
         return model, tokenizer

@@ -14,6 +14,10 @@
 - `smollm2` (session scope, slow): the converted real SmolLM2-135M-Instruct, float32, as
   (model, tokenizer). The first run converts it into the user cache (~40 s); later runs reuse it.
   Tests using it must be marked `@pytest.mark.slow`; it skips when the package is not installed.
+
+Hypothesis profiles: "default" (the CLI fuzzer's examples per command within the default suite's time
+budget) and "fuzz-slow" (`pytest tests/test_fuzz_cli.py --hypothesis-profile fuzz-slow`, a long run).
+Tests that set max_examples themselves keep their own counts.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from hypothesis import settings
 from tiny_pairs import tiny_model
+
+FUZZ_EXAMPLES = {"default": 20, "fuzz-slow": 400}
+for _name, _count in FUZZ_EXAMPLES.items():
+    settings.register_profile(_name, max_examples=_count, deadline=None)
 
 TINY_VOCAB = 320
 TINY_SPECIALS = ("<s>", "</s>", "<pad>", "<unk>")

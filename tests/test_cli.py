@@ -109,7 +109,7 @@ def test_malformed_jsonl_names_the_line(model_dirs, tmp_path):
 
 def test_unknown_model_is_one_line_error(model_dirs):
     result = CliRunner().invoke(main, ["generate", "--target", "no-such-model-xyz", "-p", "hi"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input
     assert "no-such-model-xyz" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

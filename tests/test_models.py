@@ -394,8 +394,9 @@ def test_early_exit_draft_with_kv_cache(tiny_qwen2):
 
 def test_early_exit_draft_layer_count_is_checked(tiny_llama):
     for bad in (0, 3):
-        with pytest.raises(SpecexecError, match="1..2 layers"):
+        with pytest.raises(SpecexecError, match=r"has 2 layers \(use 1\.\.2\)") as info:
             make_early_exit_draft(tiny_llama, bad)
+        assert info.value.exit_code == 2  # bad input
 
 
 # --- the real bundled models (slow: first run converts them into the user cache) --------------

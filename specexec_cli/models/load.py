@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from specexec_cli.errors import SpecexecError
+from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.models import bundled
+from specexec_cli.models.integrity import check_model_folder
 from specexec_cli.models.registry import ModelSpec, hub_cache_dir, hub_offline, resolve
 
 HUB_ERRORS_NOT_FOUND = ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError")
@@ -59,12 +60,15 @@ def gguf_folder(path: Path) -> Path:
 def local_source(spec: ModelSpec) -> Path | None:
     """The folder to load `spec` from, converting bundled or GGUF weights first; None for the hub."""
     if spec.kind == "bundled":
-        return bundled.bundled_folder(spec.name)
-    if spec.kind == "gguf":
-        return gguf_folder(spec.path)
-    if spec.kind == "local":
-        return spec.path
-    return None
+        folder = bundled.bundled_folder(spec.name)
+    elif spec.kind == "gguf":
+        folder = gguf_folder(spec.path)
+    elif spec.kind == "local":
+        folder = spec.path
+    else:
+        return None
+    check_model_folder(folder)
+    return folder
 
 
 def _from_folder(loader: Any, folder: Path, **kwargs: Any) -> Any:
@@ -252,7 +256,7 @@ def make_early_exit_draft(model: Any, n_layers: int) -> Any:
     config = model.config
     total = config.num_hidden_layers
     if not 1 <= n_layers <= total:
-        raise SpecexecError(f"early-exit draft needs 1..{total} layers, got {n_layers}")
+        raise UsageError(f"--draft first-layers:{n_layers}: the target has {total} layers (use 1..{total})")
     base_name = model.base_model_prefix
     base = getattr(model, base_name, None)
     if base is None or not isinstance(getattr(base, "layers", None), torch.nn.ModuleList):

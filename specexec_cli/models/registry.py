@@ -189,10 +189,10 @@ def _entry_by_hub_id(hub_id: str) -> ModelSpec | None:
     return None
 
 
-def _unknown(name: str) -> SpecexecError:
+def _unknown(name: str) -> UsageError:
     close = difflib.get_close_matches(name.lower(), registry_names(), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return SpecexecError(
+    return UsageError(
         f"unknown model '{name}'{hint}; run `specexec models` for known names, "
         "or pass a hub id (org/name), a local folder or a .gguf file"
     )
@@ -201,14 +201,14 @@ def _unknown(name: str) -> SpecexecError:
 def _resolve_path(path: Path, given: str) -> ModelSpec:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise SpecexecError(f"{given} is a file but not a .gguf; pass a model folder or a .gguf file")
+            raise UsageError(f"{given} is a file but not a .gguf; pass a model folder or a .gguf file")
         return ModelSpec(name=path.stem, kind="gguf", path=path.resolve())
     if (path / "config.json").is_file():
         return ModelSpec(name=path.resolve().name, kind="local", path=path.resolve())
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return ModelSpec(name=ggufs[0].stem, kind="gguf", path=ggufs[0].resolve())
-    raise SpecexecError(f"folder {given} holds no config.json (and not exactly one .gguf file)")
+    raise UsageError(f"folder {given} holds no config.json (and not exactly one .gguf file)")
 
 
 def _looks_like_path(text: str) -> bool:
@@ -219,7 +219,7 @@ def resolve(name_or_path: str) -> ModelSpec:
     """Turn a registry alias, hub id, local folder or .gguf path into a ModelSpec."""
     text = str(name_or_path).strip()
     if not text:
-        raise SpecexecError("empty model name; run `specexec models` for known names")
+        raise UsageError("empty model name; run `specexec models` for known names")
     spec = get_entry(text)
     if spec is not None:
         return spec
@@ -230,7 +230,7 @@ def resolve(name_or_path: str) -> ModelSpec:
         known = _entry_by_hub_id(text)
         return known if known is not None else ModelSpec(name=text, kind="hub", hub_id=text)
     if _looks_like_path(text):
-        raise SpecexecError(f"no such file or folder: {text}")
+        raise UsageError(f"no such file or folder: {text}")
     raise _unknown(text)
 
 
