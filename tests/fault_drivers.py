@@ -32,6 +32,11 @@ class FakeTensor:
         return 4
 
 
+class FakeGenerationConfig(types.SimpleNamespace):
+    def save_pretrained(self, folder: str) -> None:
+        Path(folder, "generation_config.json").write_text(json.dumps({"eos_token_id": self.eos_token_id}))
+
+
 class FakeModel:
     """Just what convert_gguf uses of a transformers model; save_pretrained writes slowly."""
 
@@ -40,7 +45,7 @@ class FakeModel:
 
     def __init__(self) -> None:
         self.config = types.SimpleNamespace(model_type="fake")
-        self.generation_config = types.SimpleNamespace(eos_token_id=1)
+        self.generation_config = FakeGenerationConfig(eos_token_id=1)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> FakeModel:
@@ -55,6 +60,9 @@ class FakeModel:
 
     def load_state_dict(self, *args, **kwargs) -> None:
         return None
+
+    def to(self, dtype) -> FakeModel:
+        return self
 
     def save_pretrained(self, folder: str) -> None:
         for i, name in enumerate(WEIGHT_FILES):
@@ -80,6 +88,7 @@ def fake_modules() -> dict[str, types.ModuleType]:
     """`torch` and `transformers` stand-ins, enough for bundled.convert_gguf."""
     torch = types.ModuleType("torch")
     torch.float32 = "float32"
+    torch.float16 = "float16"
     torch.device = lambda name: contextlib.nullcontext()
     transformers = types.ModuleType("transformers")
     transformers.AutoModelForCausalLM = FakeModel

@@ -272,13 +272,17 @@ def convert_gguf(
     work = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "converting"), dir=dest.parent))
     try:
         start = time.perf_counter()
-        gguf = read_gguf(gguf_dir / gguf_name)
-        need = gguf_convert.output_bytes(gguf)
+        try:
+            gguf = read_gguf(gguf_dir / gguf_name)
+        except (OSError, SpecexecError):  # not a file this parser reads: transformers says why
+            gguf = None
+        need = gguf_convert.output_bytes(gguf) if gguf is not None else 0
         with disk_full_as_error(dest.parent, need, f"converting {dest.name}"):
-            if gguf.architecture in gguf_convert.FAST_ARCHITECTURES:
+            if gguf is not None and gguf.architecture in gguf_convert.FAST_ARCHITECTURES:
                 generation_config = gguf_convert.convert(gguf, work, tokenizer_cache_dir())
             else:
-                generation_config = _convert_with_transformers(gguf_dir, gguf_name, work)
+                what = f"converting {dest.name}"
+                generation_config = _convert_with_transformers(gguf_dir, gguf_name, work, what)
             _merge_eos(generation_config, extra_eos)
             generation_config.save_pretrained(str(work))
             marker = dict(source, format=STORE_FORMAT, dtype=STORE_DTYPE,
@@ -301,7 +305,7 @@ def convert_gguf(
         raise
 
 
-def _convert_with_transformers(gguf_dir: Path, gguf_name: str, work: Path):
+def _convert_with_transformers(gguf_dir: Path, gguf_name: str, work: Path, what: str):
     """transformers' GGUF loader (slow: it dequantizes into a float32 model first); saves the model in
     STORE_DTYPE and the tokenizer into `work`, returns the generation config."""
     import torch
@@ -319,8 +323,10 @@ def _convert_with_transformers(gguf_dir: Path, gguf_name: str, work: Path):
     model.to(getattr(torch, STORE_DTYPE))  # round to nearest; see the module docstring
     generation_config = gguf_model.generation_config
     del gguf_model
-    model.save_pretrained(str(work))
-    tokenizer.save_pretrained(str(work))
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with disk_full_as_error(work.parent, need, what):
+        model.save_pretrained(str(work))
+        tokenizer.save_pretrained(str(work))
     return generation_config
 
 

@@ -134,11 +134,12 @@ def write_tokenizer(gguf: GGUFFile, dest: Path, cache: Path) -> None:
         shutil.copy2(file, dest / file.name)
 
 
-def convert(gguf: GGUFFile, dest: Path, tokenizer_cache: Path, dtype: torch.dtype = torch.float16) -> Any:
-    """Write config, generation config, weights and tokenizer of `gguf` into the existing folder `dest`;
-    returns the generation config (the caller may add EOS ids and save it again)."""
+def convert(gguf: GGUFFile, dest: Path, tokenizer_cache: Path, dtype: torch.dtype | None = None) -> Any:
+    """Write config, generation config, weights (in `dtype`, default float16) and tokenizer of `gguf` into
+    the existing folder `dest`; returns the generation config (the caller may add EOS ids and save it)."""
     from transformers import GenerationConfig
 
+    dtype = dtype or torch.float16
     if gguf.architecture not in FAST_ARCHITECTURES:
         raise SpecexecError(f"no fast GGUF conversion for architecture {gguf.architecture!r}")
     config = hf_config(gguf)
