@@ -113,6 +113,9 @@ def test_16bit_files_stream_as_16bit_and_compute_exactly_in_fp32(tmp_path, store
     assert engine.layers[0].layout.nbytes <= fp32_layer // 2 + 4096  # 16-bit bytes are stored and moved
     assert all(t.dtype == stored for t in engine.layers[0].layout.tensors.values())
     assert engine.cleanup_dir is None  # the disk tier reads the files in place
+    # upcasts go into one reused float32 scratch buffer, not fresh tensors per layer and pass
+    assert engine._scratch is not None and engine._scratch.dtype == torch.float32
+    assert engine._scratch.numel() >= max(b.scratch_numel for b in engine.layers) > 0
     got, want = passes(model), passes(ref)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)  # the upcast is exact, so the float32 logits are identical

@@ -3,9 +3,10 @@
 Reads go through `os.preadv` into caller-owned buffers (a pinned staging buffer on CUDA, the ring
 slot itself on CPU) and are followed by `posix_fadvise(DONTNEED)` on the range just read, so that
 streaming a target from disk every forward does not grow the page cache without bound. A layer's
-ranges are cut into large aligned chunks (`READ_CHUNK`) that several threads read at once: one
-synchronous read at a time leaves an SSD (or a virtual disk) with a queue depth of 1, well below its
-sequential bandwidth; `os.preadv` releases the GIL, so plain threads suffice.
+ranges can be cut into chunks (`READ_CHUNK`) that several threads read at once (`READ_THREADS`), for
+drives that need a queue depth above 1 to reach their sequential bandwidth; `os.preadv` releases the
+GIL, so plain threads suffice. Buffered reads cost CPU (the kernel copies every byte: ~0.6 of a core
+at 1.7 GB/s here), which a 2-core machine takes from the computation.
 
 A safetensors file is: 8 bytes little-endian header length N, N bytes of JSON
 (`{name: {"dtype": "F16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`),
@@ -42,8 +43,12 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 _HAS_FADVISE = hasattr(os, "posix_fadvise")
-READ_CHUNK = 16 << 20  # bytes per read request when a layer is split across reader threads
-READ_THREADS = 4  # reads in flight per FileReader (queue depth)
+# Reads in flight per streaming FileReader, and the bytes per read request when there are several.
+# Measured here (virtual disk, 2 cores, cold reads of the bundled 1.5B, docs/benchmarks.md): one 64 MiB
+# read at a time 1.4-1.9 GB/s; 4 x 1 MiB 0.6-2.0 GB/s; 4 x 16 MiB 0.5 GB/s; O_DIRECT 0.5 GB/s. So one
+# large read at a time is the default; an NVMe drive may do better with SPECEXEC_READ_THREADS=4.
+READ_THREADS = int(os.environ.get("SPECEXEC_READ_THREADS", "1"))
+READ_CHUNK = int(os.environ.get("SPECEXEC_READ_CHUNK_MIB", "1")) << 20
 
 
 @dataclass(frozen=True)

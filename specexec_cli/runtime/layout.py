@@ -130,6 +130,14 @@ def is_view(recipe: ParamRecipe, layout: LayerLayout, dtype: torch.dtype) -> boo
     return spec.codec == "raw" and layout.tensors[spec.keys[0]].dtype == dtype
 
 
+def is_upcast(recipe: ParamRecipe, layout: LayerLayout, dtype: torch.dtype) -> bool:
+    """True when the parameter is one raw float weight stored narrower than `dtype` (a plain upcast)."""
+    if recipe.stacked or recipe.parts[0][0].codec != "raw":
+        return False
+    stored = layout.tensors[recipe.parts[0][0].keys[0]].dtype
+    return stored.is_floating_point and stored != dtype and dtype_bytes(stored) < dtype_bytes(dtype)
+
+
 def decode_weight(spec: WeightSpec, views: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Build one dense weight on the views' device."""
     t = [views[k] for k in spec.keys]
