@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_VOCAB, _word_tokenizer
-from tiny_pairs import tiny_pair
+from conftest import TINY_VOCAB, _word_tokenizer, save_tiny_cli_pair
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specexec_cli.cli import main
@@ -20,13 +19,7 @@ from specexec_cli.cli import main
 def model_dirs(tmp_path_factory):
     """Folders holding a tiny float32 target and draft with a word-level tokenizer (no download)."""
     root = tmp_path_factory.mktemp("models")
-    tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB - 4)])
-    target, draft = tiny_pair("llama", vocab=TINY_VOCAB, dtype=torch.float32)
-    for name, model in (("target", target), ("draft", draft)):
-        model.config.max_position_embeddings = 64
-        model.config.eos_token_id = 1
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    save_tiny_cli_pair(root)
     other = _word_tokenizer([f"x{i}" for i in range(TINY_VOCAB - 4)])
     torch.manual_seed(5)
     stranger = LlamaForCausalLM(LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,

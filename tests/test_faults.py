@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from conftest import TINY_VOCAB, _word_tokenizer
+from conftest import save_tiny_cli_pair
 from fault_drivers import FakeModel, fake_modules, folder_is_complete
-from tiny_pairs import tiny_pair
 
 from specexec_cli.cli import main
 from specexec_cli.errors import SpecexecError
@@ -48,13 +46,7 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB - 4)])
-    target, draft = tiny_pair("llama", vocab=TINY_VOCAB, dtype=torch.float32)
-    for name, model in (("target", target), ("draft", draft)):
-        model.config.max_position_embeddings = 64
-        model.config.eos_token_id = 1
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    save_tiny_cli_pair(root)
     return root
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_VOCAB, _word_tokenizer
+from conftest import save_tiny_cli_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_pairs import tiny_pair
 
 from specexec_cli.cli import main
 
@@ -46,13 +45,7 @@ class Reached(BaseException):  # noqa: N818 - a marker, not an error
 def world(tmp_path_factory):
     """Tiny models, a few input files, and an environment where nothing slow or global happens."""
     root = tmp_path_factory.mktemp("fuzz")
-    tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB - 4)])
-    target, draft = tiny_pair("llama", vocab=TINY_VOCAB, dtype=torch.float32)
-    for name, model in (("target", target), ("draft", draft)):
-        model.config.max_position_embeddings = 64
-        model.config.eos_token_id = 1
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    save_tiny_cli_pair(root)
     (root / "bench.json").write_text(json.dumps([["a", "w1 w2"], ["b", "[INST] w3 [/INST]"]]))
     (root / "a-file.txt").write_text("w1")
     with pytest.MonkeyPatch.context() as patch:

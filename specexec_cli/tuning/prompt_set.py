@@ -14,17 +14,16 @@ from pathlib import Path
 import torch
 
 from specexec_cli.bench import load_prompt_set, parse_llama2_chat, strip_llama2_wrapper
-from specexec_cli.errors import SpecexecError
+from specexec_cli.errors import UsageError
 from specexec_cli.prompts import Prompt, encode_messages, parse_text
 
 PROMPTS_RESOURCE = "data/calibration_prompts.json"
 PROMPTS_SCHEMA_VERSION = 1
 
 
-
 def _packaged_format(data: dict, origin: str) -> list[Prompt]:
     if data.get("schema_version") != PROMPTS_SCHEMA_VERSION:
-        raise SpecexecError(
+        raise UsageError(
             f"{origin}: prompt file schema version {data.get('schema_version')!r}, expected 1"
         )
     prompts = [
@@ -33,7 +32,7 @@ def _packaged_format(data: dict, origin: str) -> list[Prompt]:
         if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"].strip()
     ]
     if not prompts:
-        raise SpecexecError(f"{origin}: no prompts found")
+        raise UsageError(f"{origin}: no prompts found")
     return prompts
 
 
@@ -45,19 +44,19 @@ def read_prompts(path: Path) -> list[Prompt]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecexecError(f"cannot read prompts {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise UsageError(f"cannot read prompts {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SpecexecError(f"prompts file {path} is not valid JSON ({exc.msg})") from None
+            raise UsageError(f"prompts file {path} is not valid JSON ({exc.msg})") from None
         if isinstance(data, dict):
             return _packaged_format(data, f"prompts file {path}")
         prompts = [Prompt(pid, user) for pid, user in load_prompt_set(path, None)]
     else:
         prompts = [Prompt(p.id, strip_llama2_wrapper(p.text)) for p in parse_text(text, str(path), "auto")]
     if not prompts:
-        raise SpecexecError(f"prompts file {path}: no prompts found")
+        raise UsageError(f"prompts file {path}: no prompts found")
     return prompts
 
 
