@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from specexec_cli.bench import load_prompt_set, parse_llama2_chat, strip_llama2_wrapper
 from specexec_cli.errors import UsageError
+from specexec_cli.prompt_sets import load_prompt_set, parse_llama2_chat, strip_llama2_wrapper
 from specexec_cli.prompts import Prompt, encode_messages, parse_text
 
 PROMPTS_RESOURCE = "data/calibration_prompts.json"
