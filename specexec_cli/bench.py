@@ -470,7 +470,7 @@ def run_benchmark(
 
 
 def describe_offload(model: Any) -> str:
-    """'streamed from disk, 26 of 28 layers, 2.9 GB per pass' for table headers."""
+    """'disk: 26 of 28 layers streamed, 2.44 GB per pass' for table headers."""
     engine = model.offload_engine
     plan = engine.plan
     streamed = sum(engine.layers[i].layout.nbytes for i in engine.streamed)

@@ -333,7 +333,7 @@ def profiles_rm(ref: str) -> None:
 @click.option("-d", "--draft", default=None, help="[default: qwen2.5-coder-0.5b]")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 16].")
+@click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 32].")
 @click.option("--max-beam-len", type=int, default=None, help="Draft passes per iteration [default: 8].")
 @click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
               help="Stream the target (every method runs on the same streamed target) [default: resident].")
@@ -349,7 +349,7 @@ def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_b
 
     \b
     The streamed regime (the target read from disk for every pass, memory capped):
-      specexec bench --offload disk --max-memory cpu=4GiB --no-assisted
+      specexec bench --offload disk --max-memory cpu=5GiB --no-assisted
     """
     from specexec_cli import bench as benchmark
     from specexec_cli.run import OffloadOptions

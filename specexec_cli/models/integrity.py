@@ -3,30 +3,17 @@ header says (a truncated copy, a disk that filled up, a killed `cp`). Only heade
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 from specexec_cli.errors import SpecexecError
 from specexec_cli.models.bundled import MARKER_FILE
-
-MAX_HEADER_BYTES = 100 << 20
+from specexec_cli.runtime.disk import read_raw_header
 
 
 def expected_size(path: Path) -> int:
     """Bytes a safetensors file must have according to its header; ValueError when the header is bad."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_HEADER_BYTES:
-            raise ValueError(f"header length {header_len} is implausible")
-        raw = f.read(header_len)
-    if len(raw) < header_len:
-        raise ValueError("the header is cut short")
+    header_len, header = read_raw_header(path)
     try:
-        header = json.loads(raw)
         ends = [int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"]
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise ValueError(f"the header is not valid ({type(exc).__name__})") from None

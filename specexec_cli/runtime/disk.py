@@ -72,12 +72,34 @@ class ReadOp:
     dst_offset: int
 
 
+MAX_HEADER_BYTES = 100 << 20  # a larger header length means the file is not safetensors
+
+
+def read_raw_header(path: str | os.PathLike) -> tuple[int, dict]:
+    """(header length, header JSON object) of a safetensors file; ValueError when it is not one."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise ValueError(f"header length {header_len} is implausible")
+        raw = f.read(header_len)
+    if len(raw) < header_len:
+        raise ValueError("the header is cut short")
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"the header is not valid ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not valid (not a JSON object)")
+    return header_len, header
+
+
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorLocation]:
     """Parse one safetensors file's header into absolute tensor locations (no tensor data is read)."""
     path = str(path)
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+    header_len, header = read_raw_header(path)
     data_start = 8 + header_len
     out: dict[str, TensorLocation] = {}
     for name, info in header.items():

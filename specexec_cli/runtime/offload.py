@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -38,7 +39,7 @@ from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.runtime import caps
 from specexec_cli.runtime import plan as planner
 from specexec_cli.runtime.disk import READ_THREADS, BlobWriter, CheckpointIndex, FileReader, ReadOp
-from specexec_cli.runtime.layout import LayerLayout, _numel, align, build_param, dtype_bytes, is_upcast
+from specexec_cli.runtime.layout import LayerLayout, align, build_param, dtype_bytes, is_upcast
 from specexec_cli.runtime.loader import (
     FLOAT_QUANTS,
     QUANTS,
@@ -71,7 +72,7 @@ class BoundLayer:
         self.module = module
         self.layout = layout
         self.dtype = dtype
-        self.targets = []  # (owning module, attribute, recipe, meta placeholder, scratch offset or None)
+        self.targets = []  # (owning module, attribute, recipe, meta placeholder, scratch range or None)
         self.scratch_numel = 0  # elements of `dtype` the upcast weights need
         for recipe in layout.recipes:
             owner_name, _, attr = recipe.name.rpartition(".")
@@ -80,18 +81,19 @@ class BoundLayer:
                 torch.empty(recipe.shape, dtype=dtype, device="meta"), requires_grad=False
             )
             owner._parameters[attr] = placeholder
-            offset = None
+            span = None  # (start, end) in the scratch buffer
             if is_upcast(recipe, layout, dtype):
-                offset = self.scratch_numel
-                self.scratch_numel += align(_numel(recipe.shape), 64)
-            self.targets.append((owner, attr, recipe, placeholder, offset))
+                numel = math.prod(recipe.shape)
+                span = (self.scratch_numel, self.scratch_numel + numel)
+                self.scratch_numel += align(numel, 64)
+            self.targets.append((owner, attr, recipe, placeholder, span))
 
     def bind(self, views: dict[str, torch.Tensor], scratch: torch.Tensor | None = None) -> None:
         """Point the parameters at the stored tensors (views of a buffer from `layout.views`); upcast
         weights go into `scratch` (1-D, `dtype`, >= scratch_numel) when given."""
-        for owner, attr, recipe, _, offset in self.targets:
-            if offset is not None and scratch is not None:
-                out = scratch[offset : offset + _numel(recipe.shape)].view(recipe.shape)
+        for owner, attr, recipe, _, span in self.targets:
+            if span is not None and scratch is not None:
+                out = scratch[span[0] : span[1]].view(recipe.shape)
                 out.copy_(views[recipe.parts[0][0].keys[0]])
                 owner._parameters[attr] = out
             else:
