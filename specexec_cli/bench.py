@@ -26,6 +26,7 @@ import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
 from specexec_cli.decoding.generate import GenerationResult, generate
+from specexec_cli.devices import MAX_THREADS
 from specexec_cli.errors import UsageError
 from specexec_cli.prompt_sets import (  # noqa: F401 - re-exported for scripts and tests
     DEFAULT_PROMPTS,
@@ -409,8 +410,8 @@ def run_benchmark(
 
     if n_prompts < 1 or max_new_tokens < 1:
         raise UsageError("--n-prompts and --max-new-tokens must be >= 1")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     if threads:
         torch.set_num_threads(threads)
     methods = tuple(m for m in methods if assisted or m != "assisted")

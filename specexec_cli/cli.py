@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from specexec_cli import __version__
-from specexec_cli.devices import check_device
+from specexec_cli.devices import MAX_THREADS, check_device
 from specexec_cli.errors import SpecexecError, Terminated
 from specexec_cli.messages import one_line, unexpected
 
@@ -331,7 +331,7 @@ def profiles_rm(ref: str) -> None:
 @click.option("--no-assisted", is_flag=True, help="Skip transformers' assisted generation.")
 @click.option("-t", "--target", default=None, help="[default: qwen2.5-coder-1.5b]")
 @click.option("-d", "--draft", default=None, help="[default: qwen2.5-coder-0.5b]")
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="torch CPU threads.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 32].")
 @click.option("--max-beam-len", type=int, default=None, help="Draft passes per iteration [default: 8].")

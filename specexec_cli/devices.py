@@ -6,6 +6,8 @@ from __future__ import annotations
 from specexec_cli.errors import UsageError
 
 SUPPORTED = ("cpu", "cuda", "mps", "xpu")
+# Upper bound for `--threads`: torch takes a C int, and more threads than this helps no machine.
+MAX_THREADS = 1024
 
 
 def _backend_count(kind: str) -> int:

@@ -32,7 +32,9 @@ from tiny_pairs import tiny_model
 
 FUZZ_EXAMPLES = {"default": 20, "fuzz-slow": 400}
 for _name, _count in FUZZ_EXAMPLES.items():
-    settings.register_profile(_name, max_examples=_count, deadline=None)
+    # The default profile is derandomized so CI and a local run draw the same examples; the slow
+    # profile explores with fresh random draws every run.
+    settings.register_profile(_name, max_examples=_count, deadline=None, derandomize=_name == "default")
 
 TINY_VOCAB = 320
 TINY_SPECIALS = ("<s>", "</s>", "<pad>", "<unk>")
