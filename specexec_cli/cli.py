@@ -105,12 +105,18 @@ def main() -> None:
               help="First layers kept on the device [default: as many as fit].")
 @click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers.")
 @click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Prompts decoded together, sharing each target pass; with a tree method the budget is "
+              "shared by their trees [default: the profile's, else 8 when the target is offloaded, "
+              "else 1].")
+@click.option("--unordered", is_flag=True,
+              help="Write each result when it finishes, not in input order (JSON Lines carry the id).")
 @click.option("--no-profile", is_flag=True, help="Ignore tuned and starting profiles.")
 @friendly_errors
 def generate(prompts, files, input_format, target, draft, method, budget, max_n_beams, max_beam_len,
              max_branch_width, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
              no_chat_template, stream, as_json, verbose, device, dtype, offload, quant, buffers,
-             resident_layers, offload_dir, max_memory, no_profile) -> None:
+             resident_layers, offload_dir, max_memory, batch_size, unordered, no_profile) -> None:
     """Generate text; only the generated text (or JSON Lines with --json) goes to stdout.
 
     \b
@@ -118,6 +124,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
       specexec generate -p "Write a Python function that reverses a list"
       echo "Explain KV caches" | specexec generate --stream
       specexec generate -f prompts.jsonl --json > results.jsonl
+      specexec generate -f prompts.jsonl --json --offload disk --max-memory cpu=5GiB --batch-size 8
     """
     from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
     from specexec_cli.prompts import collect_prompts
@@ -126,6 +133,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
         FLOAT_FORMATS,
         TREE_DEFAULTS,
         OffloadOptions,
+        default_batch_size,
         default_device,
         load_pair,
         offloaded_loader,
@@ -145,7 +153,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     flags = dict(method=method, draft=draft, budget=budget, max_n_beams=max_n_beams,
                  max_beam_len=max_beam_len, max_branch_width=max_branch_width, offload=offload,
                  buffers=buffers, resident_layers=resident_layers, quantization=quant or dtype,
-                 max_memory=list(max_memory) or None)
+                 max_memory=list(max_memory) or None, batch_size=batch_size)
     settings = resolve_settings(target, flags, use_profile=not no_profile)
     tree = TreeConfig(**{key: settings[key] for key in TREE_DEFAULTS})
     config = GenerationConfig(**{**config.__dict__, "method": settings["method"], "tree": tree})
@@ -156,18 +164,26 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     caps = tuple(settings.get("max_memory") or ())
     parse_caps(caps)  # a bad size fails before any weights load
     load_target = None
-    if (weight_quant or settings.get("offload", "none") != "none" or buffers or resident_layers is not None
-            or offload_dir or caps):
+    offloaded = bool(weight_quant or settings.get("offload", "none") != "none" or buffers
+                     or resident_layers is not None or offload_dir or caps)
+    lanes = settings.get("batch_size") or default_batch_size(len(batch), offloaded, stream and not as_json)
+    if stream and not as_json and lanes > 1:
+        raise click.UsageError("--stream prints one prompt at a time: drop --batch-size or set it to 1")
+    if offloaded:
         options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
                                  settings.get("resident_layers"), offload_dir, caps)
-        context = prompt_context(batch, config, system, not no_chat_template)  # longest prompt + new tokens
+        # the caches hold the `lanes` longest prompts plus their new tokens
+        context = prompt_context(batch, config, system, not no_chat_template, batch_size=lanes)
         load_target = offloaded_loader(options, tree.budget, context)
     dtype_name = fmt if fmt in FLOAT_FORMATS else dtype
     pair = load_pair(target, settings.get("draft"), config.method, device, parse_dtype(dtype_name, device),
                      load_target)
     config = GenerationConfig(**{**config.__dict__, "eos_token_ids": pair.eos_token_ids})
+    lanes = min(lanes, len(batch))
+    if lanes > 1:
+        click.echo(f"batch: {len(batch)} prompts, up to {lanes} per target pass", err=True)
     run_batch(pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,
-              stream=stream, verbose=verbose, out=sys.stdout)
+              stream=stream, verbose=verbose, out=sys.stdout, batch_size=lanes, unordered=unordered)
 
 # --- models -----------------------------------------------------------------------------------
 

@@ -15,9 +15,18 @@ from specexec_cli.errors import SpecexecError, UsageError
 GB = 1e9
 
 
+def expand_user(path: str | os.PathLike) -> Path:
+    """`path` with a leading ~ or ~user expanded; left as written when that user or home is unknown
+    (as a shell leaves `~nobody-here`), instead of pathlib's RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def check_writable_dir(path: str, flag: str) -> Path:
     """The folder `path` (created if missing) when this process can write there, else a UsageError."""
-    folder = Path(path).expanduser()
+    folder = expand_user(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from specexec_cli.decoding.config import METHODS
 from specexec_cli.errors import SpecexecError
-from specexec_cli.fsutil import disk_full_as_error
+from specexec_cli.fsutil import disk_full_as_error, expand_user
 from specexec_cli.hardware import (
     GIB,
     GpuInfo,
@@ -213,7 +213,7 @@ def resolve_profile(ref: str, directory: Path | None = None, fingerprint: str | 
     """The profile file that `ref` names: a path, a file name or stem in the profile folder, or a
     target name (the one tuned on this machine when `fingerprint` is given and several exist)."""
     directory = directory or profiles_dir()
-    as_path = Path(ref).expanduser()
+    as_path = expand_user(ref)
     if as_path.suffix == SUFFIX and as_path.is_file():
         return as_path
     for candidate in (directory / ref, directory / f"{ref}{SUFFIX}"):

@@ -1,25 +1,26 @@
 """Glue between the CLI and the library: load a target/draft pair, run a batch, write each result.
 
-Each finished prompt's result is written and flushed before the next prompt starts, so a failure or
-Ctrl-C later in a batch loses nothing already done.
+Each finished prompt's result is written and flushed as soon as it and every earlier prompt are done,
+and whatever finished is written when a failure or Ctrl-C stops the run, so nothing done is lost.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, TreeConfig
-from specexec_cli.decoding.generate import GenerationResult, generate
+from specexec_cli.decoding.generate import GenerationResult, generate_many
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.prompts import Prompt, encode_prompt
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
+DEFAULT_BATCH = 8  # prompts per pass by default when the target is offloaded
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -146,16 +147,27 @@ def tree_headroom(tree: TreeConfig) -> int:
 
 
 def prompt_context(prompts: list[Prompt], config: GenerationConfig, system: str | None,
-                   chat_template: bool) -> Callable[[Any], int]:
+                   chat_template: bool, batch_size: int = 1) -> Callable[[Any], int]:
     """The context the KV caches must hold, as a function of the tokenizer (known only at load time):
-    longest encoded prompt + max_new_tokens + `tree_headroom`."""
+    the `batch_size` longest encoded prompts + max_new_tokens for each (their caches are packed into
+    one, decoding/packed.py) + `tree_headroom`."""
 
     def context_len(tokenizer: Any) -> int:
-        longest = max((len(encode_prompt(tokenizer, p.text, system, chat_template)) for p in prompts),
-                      default=1)
-        return longest + config.max_new_tokens + tree_headroom(config.tree)
+        lengths = sorted((len(encode_prompt(tokenizer, p.text, system, chat_template)) for p in prompts),
+                         reverse=True)[: max(1, batch_size)] or [1]
+        lanes = min(max(1, batch_size), len(lengths))
+        return sum(lengths) + lanes * config.max_new_tokens + tree_headroom(config.tree)
 
     return context_len
+
+
+def default_batch_size(n_prompts: int, offloaded: bool, stream: bool) -> int:
+    """--batch-size when neither the flag nor the profile sets it: up to DEFAULT_BATCH prompts share each
+    pass when the target is offloaded (a pass then costs about the same for one prompt or several);
+    one at a time when resident, or when streaming text."""
+    if stream or not offloaded:
+        return 1
+    return max(1, min(DEFAULT_BATCH, n_prompts))
 
 
 def unused_offload_flags(options: OffloadOptions, plan: Any, n_layers: int) -> list[str]:
@@ -257,34 +269,82 @@ def describe(prompt: Prompt, result: GenerationResult) -> str:
             f"host {share:.0%}, finish: {result.finish_reason}")
 
 
-def run_batch(pair: ModelPair, prompts: list[Prompt], config: GenerationConfig, *, system: str | None,
-              chat_template: bool, as_json: bool, stream: bool, verbose: bool, out: TextIO) -> int:
-    """Generate for every prompt in order, writing each result as soon as it is done; returns the count."""
-    done = 0
+class OrderedWriter:
+    """Writes each prompt's output line as soon as it and every earlier prompt are done (or at once,
+    `unordered`). `close` writes what is still held back when the run stops early, so no finished result
+    is lost, and says which prompts did not finish."""
+
+    def __init__(self, out: TextIO, unordered: bool) -> None:
+        self.out, self.unordered = out, unordered
+        self.held: dict[int, str] = {}
+        self.next_index = 0
+        self.written = 0
+
+    def put(self, index: int, text: str) -> None:
+        if self.unordered:
+            self._write(text)
+            return
+        self.held[index] = text
+        while self.next_index in self.held:
+            self._write(self.held.pop(self.next_index))
+            self.next_index += 1
+
+    def close(self, prompts: list[Prompt]) -> None:
+        if self.held:
+            missing = [prompts[i].id for i in range(self.next_index, max(self.held)) if i not in self.held]
+            log(f"warning: the run stopped before prompt(s) {', '.join(missing)} finished; the "
+                f"{len(self.held)} later result(s) that did finish follow without them")
+            for index in sorted(self.held):
+                self._write(self.held.pop(index))
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+        self.written += 1
+
+
+def encoded_prompts(pair: ModelPair, prompts: list[Prompt], config: GenerationConfig, system: str | None,
+                    chat_template: bool) -> Iterator[torch.Tensor]:
+    """Each prompt's token ids [L], checked when it is reached (a bad one raises then)."""
+    limit = getattr(pair.target.config, "max_position_embeddings", None)
     for prompt in prompts:
         ids = encode_prompt(pair.tokenizer, prompt.text, system, chat_template)
         if not ids:
             raise UsageError(f"prompt {prompt.id} encodes to no tokens")
-        limit = getattr(pair.target.config, "max_position_embeddings", None)
         if limit and len(ids) + config.max_new_tokens + config.tree.max_beam_len > limit:
             raise SpecexecError(f"prompt {prompt.id} has {len(ids)} tokens; with --max-new-tokens "
                                 f"{config.max_new_tokens} it exceeds the model's context of {limit}")
+        yield torch.tensor(ids)
 
-        def write_piece(piece: str) -> None:
-            out.write(piece)
-            out.flush()
 
-        result = generate(pair.target, pair.draft, torch.tensor([ids]), config,
-                          decode=lambda t: pair.tokenizer.decode(t, skip_special_tokens=True),
-                          on_text=write_piece if stream and not as_json else None)
-        if as_json:
-            out.write(json.dumps(result_record(prompt, result, config), ensure_ascii=False) + "\n")
-        elif stream:
-            out.write("\n")
-        else:
-            out.write(result.text + "\n")
+def run_batch(pair: ModelPair, prompts: list[Prompt], config: GenerationConfig, *, system: str | None,
+              chat_template: bool, as_json: bool, stream: bool, verbose: bool, out: TextIO,
+              batch_size: int = 1, unordered: bool = False) -> int:
+    """Generate for every prompt, `batch_size` at a time sharing each target pass; write each result
+    as soon as it and all earlier ones are done (any order if `unordered`). Returns the count written.
+
+    On an error or Ctrl-C, every finished result is written before the exception goes on."""
+    writer = OrderedWriter(out, unordered)
+    streaming = stream and not as_json
+
+    def write_piece(piece: str) -> None:
+        out.write(piece)
         out.flush()
-        done += 1
+
+    def on_result(index: int, result: GenerationResult) -> None:
+        if as_json:
+            writer.put(index, json.dumps(result_record(prompts[index], result, config), ensure_ascii=False)
+                       + "\n")
+        else:
+            writer.put(index, "\n" if streaming else result.text + "\n")
         if verbose:
-            log(describe(prompt, result))
-    return done
+            log(describe(prompts[index], result))
+
+    try:
+        generate_many(pair.target, pair.draft, encoded_prompts(pair, prompts, config, system, chat_template),
+                      config, on_result, batch_size=1 if streaming else batch_size,
+                      decode=lambda t: pair.tokenizer.decode(t, skip_special_tokens=True),
+                      on_text=write_piece if streaming else None)
+    finally:
+        writer.close(prompts)
+    return writer.written

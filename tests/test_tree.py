@@ -10,6 +10,8 @@ from tiny_pairs import tiny_pair
 
 from specexec_cli.decoding.config import GenerationConfig, TreeConfig
 from specexec_cli.decoding.forward import cache_length, causal_pattern, forward, new_cache
+from specexec_cli.decoding.lanes import Lane
+from specexec_cli.decoding.sampling import TokenDraws
 from specexec_cli.decoding.specexec import SpecExecDecoder
 from specexec_cli.decoding.tree import Tree
 
@@ -80,14 +82,16 @@ def test_caches_after_compaction_equal_fresh_prefill(family):
     target, draft = tiny_pair(family)
     config = GenerationConfig(method="specexec", max_new_tokens=64,
                               tree=TreeConfig(budget=48, max_n_beams=8, max_beam_len=6, max_branch_width=4))
-    decoder = SpecExecDecoder(target, draft, config, generator=None)
-    sequence = torch.tensor([5, 17, 3, 99, 42])
+    decoder = SpecExecDecoder(target, draft, config)
+    lane = Lane(key=0, sequence=torch.tensor([5, 17, 3, 99, 42]), draws=TokenDraws(0, torch.device("cpu")))
     accepted_lengths = []
     for _ in range(6):
-        emitted = decoder.step(sequence)
+        (emitted,) = decoder.step([lane])
         accepted_lengths.append(len(emitted))
-        sequence = torch.cat([sequence, torch.tensor(emitted)])
-        for model, cache in ((target, decoder.target_cache), (draft, decoder.draft_cache)):
+        lane.extend(emitted)
+        sequence = lane.sequence
+        for model, packed in ((target, decoder.target_cache), (draft, decoder.draft_cache)):
+            cache = packed.cache
             length = cache_length(cache)
             assert length <= sequence.numel()
             fresh = new_cache()
@@ -97,5 +101,5 @@ def test_caches_after_compaction_equal_fresh_prefill(family):
             for kept, ref in zip(cache.layers, fresh.layers, strict=True):
                 torch.testing.assert_close(kept.keys, ref.keys)
                 torch.testing.assert_close(kept.values, ref.values)
-        assert cache_length(decoder.target_cache) == sequence.numel() - 1
+        assert cache_length(decoder.target_cache.cache) == sequence.numel() - 1
     assert max(accepted_lengths) > 1  # the check covered multi-token acceptances

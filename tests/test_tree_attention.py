@@ -9,11 +9,14 @@ import torch
 from tiny_pairs import tiny_model
 
 from specexec_cli.decoding.config import GenerationConfig, TreeConfig
-from specexec_cli.decoding.forward import causal_pattern, forward, new_cache, use_tree_attention
+from specexec_cli.decoding.forward import causal_pattern, forward, use_tree_attention
 from specexec_cli.decoding.generate import generate
+from specexec_cli.decoding.lanes import Lane
+from specexec_cli.decoding.packed import PackedCache
+from specexec_cli.decoding.sampling import TokenDraws
 from specexec_cli.decoding.stats import PassStats
 from specexec_cli.decoding.tree import Tree
-from specexec_cli.decoding.tree_passes import target_tree_pass
+from specexec_cli.decoding.tree_passes import Roots, target_tree_pass
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,12 +47,16 @@ def test_tree_pass_equals_per_path_passes(family, attention, cached):
     model = tiny_model(family, 2, seed=3, attn_implementation=attention)
     assert model.config._attn_implementation == attention
     prompt = torch.tensor([3, 14, 15, 92, 65, 35, 89])  # the last token is the tree's root
-    cache = new_cache()
+    cache = PackedCache(torch.device("cpu"))
+    lane = Lane(key=7, sequence=prompt, draws=TokenDraws(0, torch.device("cpu")))
     if cached:  # the target already holds a prefix; the pass then feeds the rest plus the tree
-        forward(model, cache, prompt[:cached], torch.arange(cached), causal_pattern(0, cached, "cpu"))
+        forward(model, cache.cache, prompt[:cached], torch.arange(cached), causal_pattern(0, cached, "cpu"))
+        cache.appended(torch.full((cached,), lane.key))
+        lane.target_seen = cached
     tree = build_tree(int(prompt[-1]))
     with torch.inference_mode():
-        logits = target_tree_pass(model, cache, prompt, tree, PassStats())  # [size, V]
+        roots = Roots.of([lane], torch.device("cpu"))
+        logits = target_tree_pass(model, cache, [lane], tree, roots, PassStats())  # [size, V]
         assert logits.shape == (tree.size, model.config.vocab_size)
         for node in range(tree.size):
             ids = torch.cat([prompt, torch.tensor(path_tokens(tree, node), dtype=torch.long)])

@@ -1,33 +1,42 @@
-"""Plain decoding: one target pass per token. The reference every speculative method must equal."""
+"""Plain decoding: one target pass per token. The reference every speculative method must equal.
+
+With several lanes, each pass feeds every lane the committed tokens the target has not seen, packed
+into one sequence, and draws one token per lane from its last row.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig
-from specexec_cli.decoding.forward import cache_length, causal_pattern, forward, new_cache, use_tree_attention
+from specexec_cli.decoding.forward import forward
+from specexec_cli.decoding.lanes import Lane, LaneDecoder
+from specexec_cli.decoding.packed import chain_pattern, lane_ranges, lane_rows
 from specexec_cli.decoding.sampling import draw
-from specexec_cli.decoding.stats import PassStats
+from specexec_cli.decoding.tree_passes import keep_rows
 
 
-class AutoregressiveDecoder:
-    """Feeds the committed tokens the target has not seen and draws one token from the last position."""
+class AutoregressiveDecoder(LaneDecoder):
+    """Feeds the committed tokens the target has not seen and draws one token from each lane's last row."""
 
-    def __init__(self, target: torch.nn.Module, config: GenerationConfig,
-                 generator: torch.Generator | None) -> None:
-        self.target, self.config, self.generator = target, config, generator
-        use_tree_attention(target)
-        self.cache = new_cache()
-        self.stats = PassStats()
+    def __init__(self, target: torch.nn.Module, config: GenerationConfig) -> None:
+        super().__init__(target, None, config)
 
     @torch.inference_mode()
-    def step(self, sequence: torch.Tensor) -> list[int]:
-        past, n = cache_length(self.cache), sequence.numel()
-        positions = torch.arange(past, n, device=sequence.device)
-        attend = causal_pattern(past, n - past, sequence.device)
-        logits = self.stats.timed(
-            "target", self.target.device,
-            lambda: forward(self.target, self.cache, sequence[past:], positions, attend, keep=1)[-1],
-        )
+    def step(self, lanes: list[Lane]) -> list[list[int]]:
+        cache, device = self.target_cache, self.device
+        counts = [lane.n - lane.target_seen for lane in lanes]
+        rows = lane_rows([lane.key for lane in lanes], counts, device)  # [T]
+        positions = lane_ranges([lane.target_seen for lane in lanes], [lane.n for lane in lanes], device)
+        ids = torch.cat([lane.sequence[lane.target_seen :] for lane in lanes])
+        attend = torch.cat([cache.sees_past(rows), chain_pattern(rows, positions)], dim=1)
+        logits = self.stats.timed("target", self.target.device, lambda: forward(
+            self.target, cache.cache, ids, positions, attend, keep=keep_rows(counts, device)))  # [R, V]
+        cache.appended(rows)
+        for lane in lanes:
+            lane.target_seen = lane.n
         self.stats.iterations += 1
-        return [int(draw(logits, self.config.sampling, self.generator))]
+        sampling = self.config.sampling
+        if sampling.greedy:
+            return [[token] for token in logits.argmax(dim=-1).tolist()]
+        return [[int(draw(logits[i], sampling, lane.draws.at(lane.n)))] for i, lane in enumerate(lanes)]

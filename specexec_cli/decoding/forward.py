@@ -44,10 +44,11 @@ def forward(
     input_ids: torch.Tensor,  # [T] token ids
     position_ids: torch.Tensor,  # [T] absolute positions
     attend: torch.Tensor,  # [T, past + T] bool
-    keep: int = 0,
+    keep: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """Run the model on T new tokens; returns logits [T, V] (only the last `keep` rows [keep, V] when
-    keep > 0: the LM head then skips the rest) and appends T entries to `cache`."""
+    keep > 0, or the rows listed by a 1-D index tensor `keep`: the LM head then skips the rest) and
+    appends T entries to `cache`."""
     dtype = model.dtype
     mask = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
     mask.masked_fill_(~attend, torch.finfo(dtype).min)

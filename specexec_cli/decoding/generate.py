@@ -1,20 +1,23 @@
 """The generation loop: run a decoder until EOS, a stop string or max_new_tokens, and report stats.
 
-`generate` is the one entry point the CLI, the benchmark and the tuner call. Tokens are committed one
-at a time from each iteration's output, so EOS and the token limit are honoured exactly (a speculative
-iteration may produce more tokens than are needed; the extra ones are dropped).
+`generate` decodes one prompt; `generate_many` decodes a stream of prompts, several at a time sharing
+each target pass. Tokens are committed one at a time from each iteration's output, so EOS and the token
+limit are honoured exactly (a speculative iteration may produce more tokens than are needed; the extra
+ones are dropped).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from specexec_cli.decoding.autoregressive import AutoregressiveDecoder
 from specexec_cli.decoding.config import GenerationConfig
+from specexec_cli.decoding.lanes import Lane, LaneDecoder
+from specexec_cli.decoding.sampling import TokenDraws
 from specexec_cli.decoding.specexec import SpecExecDecoder
 from specexec_cli.decoding.specinfer import SpecInferDecoder
 from specexec_cli.decoding.stats import PassStats
@@ -54,15 +57,15 @@ class GenerationResult:
 
 
 def make_decoder(target: torch.nn.Module, draft: torch.nn.Module | None, config: GenerationConfig,
-                 generator: torch.Generator | None):
-    """The decoder object for config.method (each has `.step(sequence) -> list[int]` and `.stats`)."""
+                 max_lanes: int = 1) -> LaneDecoder:
+    """The decoder for config.method; `max_lanes`: the most prompts that will share a pass."""
     if config.method == "autoregressive":
-        return AutoregressiveDecoder(target, config, generator)
+        return AutoregressiveDecoder(target, config)
     if draft is None:
         raise UsageError(f"method {config.method!r} needs a draft model")
     if config.method == "specexec":
-        return SpecExecDecoder(target, draft, config, generator)
-    return SpecInferDecoder(target, draft, config, generator)
+        return SpecExecDecoder(target, draft, config)
+    return SpecInferDecoder(target, draft, config, max_lanes)
 
 
 class StopStringWatcher:
@@ -102,6 +105,110 @@ class StopStringWatcher:
         return piece
 
 
+class _Run:
+    """One prompt in flight: its lane, what it has produced so far and when it finishes."""
+
+    def __init__(self, index: int, lane: Lane, config: GenerationConfig,
+                 decode: Callable[[list[int]], str] | None, on_text: Callable[[str], None] | None,
+                 stats: PassStats) -> None:
+        self.index, self.lane, self.config, self.decode, self.on_text = index, lane, config, decode, on_text
+        self.watcher = StopStringWatcher(decode, config.stop_strings) if decode is not None else None
+        self.eos = set(config.eos_token_ids)
+        self.new_tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.stopped_by_string = False
+        self.start_stats = stats.snapshot()
+        self.start = time.perf_counter()
+
+    def take(self, emitted: list[int]) -> None:
+        """Commit an iteration's tokens up to EOS or the token limit; check the stop strings."""
+        fresh = []
+        for token in emitted:
+            fresh.append(token)
+            if token in self.eos:
+                self.finish_reason = "stop"
+                break
+            if len(self.new_tokens) + len(fresh) >= self.config.max_new_tokens:
+                self.finish_reason = "length"
+                break
+        self.new_tokens += fresh
+        self.lane.extend(fresh)
+        if self.watcher is not None and (self.config.stop_strings or self.on_text):
+            piece, self.stopped_by_string = self.watcher.update(self.new_tokens)
+            if self.stopped_by_string:
+                self.finish_reason = "stop"
+            if self.on_text and piece:
+                self.on_text(piece)
+
+    def result(self, stats: PassStats) -> GenerationResult:
+        elapsed = time.perf_counter() - self.start
+        text = None
+        if self.watcher is not None:
+            if not self.stopped_by_string:
+                self.watcher.text = self.decode(self.new_tokens)
+            tail = self.watcher.finish()
+            if self.on_text and tail:
+                self.on_text(tail)
+            text = self.watcher.text
+        return GenerationResult(self.new_tokens, text, self.finish_reason or "length", elapsed,
+                                stats.since(self.start_stats))
+
+
+def generate_many(
+    target: torch.nn.Module,
+    draft: torch.nn.Module | None,
+    prompts: Iterable[torch.Tensor],  # each [L] or [1, L]
+    config: GenerationConfig,
+    on_result: Callable[[int, GenerationResult], None],
+    batch_size: int = 1,
+    decode: Callable[[list[int]], str] | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> None:
+    """Generate for every prompt, up to `batch_size` at a time sharing each target pass (continuous
+    batching: a finished prompt leaves and the next one from `prompts` takes its place).
+
+    `on_result(index, result)` is called as each prompt finishes (not necessarily in input order).
+    `prompts` is read lazily; when reading it fails (a bad prompt), the prompts already in flight are
+    finished and delivered first, then the error is raised. `on_text` streams text and needs batch_size 1.
+    """
+    config.validate()
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if (config.stop_strings or on_text) and decode is None:
+        raise ValueError("stop strings and streaming need a decode function")
+    if on_text is not None and batch_size > 1:
+        raise UsageError("streaming (--stream) prints one prompt at a time: use --batch-size 1")
+    device = target.device
+    decoder = make_decoder(target, draft, config, batch_size)
+    queue = enumerate(prompts)
+    active: list[_Run] = []
+    exhausted, failure = False, None
+    while True:
+        while not exhausted and len(active) < batch_size:
+            try:
+                item = next(queue, None)
+                if item is not None and item[1].numel() == 0:
+                    raise UsageError("the prompt is empty")
+            except Exception as exc:  # a bad prompt: finish the ones in flight, then report it
+                item, failure = None, exc
+            if item is None:
+                exhausted = True
+                break
+            index, ids = item
+            lane = Lane(key=index, sequence=ids.reshape(-1).to(device), draws=TokenDraws(config.seed, device))
+            active.append(_Run(index, lane, config, decode, on_text, decoder.stats))
+        if not active:
+            if failure is not None:
+                raise failure
+            return
+        for run, emitted in zip(active, decoder.step([run.lane for run in active]), strict=True):
+            run.take(emitted)
+        for run in [run for run in active if run.finish_reason is not None]:
+            decoder.remove(run.lane)
+            active.remove(run)
+            on_result(run.index, run.result(decoder.stats))
+
+
 def generate(
     target: torch.nn.Module,
     draft: torch.nn.Module | None,
@@ -112,48 +219,7 @@ def generate(
 ) -> GenerationResult:
     """Generate from one prompt. `decode` turns token ids into text (needed for stop strings and
     streaming); `on_text` receives each newly final piece of text as it is produced."""
-    config.validate()
-    if (config.stop_strings or on_text) and decode is None:
-        raise ValueError("stop strings and streaming need a decode function")
-    device = target.device
-    generator = None
-    if config.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(config.seed)
-    decoder = make_decoder(target, draft, config, generator)
-    sequence = input_ids.reshape(-1).to(device)
-    prompt_len = sequence.numel()
-    if prompt_len == 0:
-        raise UsageError("the prompt is empty")
-    watcher = StopStringWatcher(decode, config.stop_strings) if decode is not None else None
-    eos = set(config.eos_token_ids)
-    new_tokens: list[int] = []
-    finish_reason, stopped_by_string = "length", False
-    start = time.perf_counter()
-    while finish_reason == "length" and len(new_tokens) < config.max_new_tokens:
-        emitted = decoder.step(sequence)
-        for token in emitted:
-            new_tokens.append(token)
-            if token in eos:
-                finish_reason = "stop"
-                break
-            if len(new_tokens) >= config.max_new_tokens:
-                break
-        fresh = torch.tensor(new_tokens[sequence.numel() - prompt_len :], dtype=sequence.dtype, device=device)
-        sequence = torch.cat([sequence, fresh])
-        if watcher is not None and (config.stop_strings or on_text):
-            piece, stopped_by_string = watcher.update(new_tokens)
-            if stopped_by_string:
-                finish_reason = "stop"
-            if on_text and piece:
-                on_text(piece)
-    elapsed = time.perf_counter() - start
-    text = None
-    if watcher is not None:
-        if not stopped_by_string:
-            watcher.text = decode(new_tokens)
-        tail = watcher.finish()
-        if on_text and tail:
-            on_text(tail)
-        text = watcher.text
-    return GenerationResult(new_tokens, text, finish_reason, elapsed, decoder.stats)
+    results: list[GenerationResult] = []
+    generate_many(target, draft, [input_ids], config, lambda _index, result: results.append(result),
+                  decode=decode, on_text=on_text)
+    return results[0]

@@ -54,3 +54,38 @@ def draw(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Genera
 def draw_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One sample from a single distribution [V] (already warped and normalised)."""
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(value: int) -> int:
+    """splitmix64's finalizer: nearby inputs give unrelated 64-bit outputs."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+class TokenDraws:
+    """Where one prompt's randomness comes from.
+
+    `at(position)` is a generator seeded from (seed, position): the token at output position t is drawn
+    with the same random numbers whatever the tree looked like, however many tokens earlier iterations
+    accepted and whichever prompts shared the pass. Since SpecExec's tree is only a lookup cache, its
+    sampled output then equals plain sampling with the same seed token for token (up to rounding of
+    the logits), and a prompt's output does not depend on its batch. `stream` is one sequential
+    generator for what is not tied to an output position (SpecInfer's stems and coin flips).
+    """
+
+    def __init__(self, seed: int | None, device: torch.device) -> None:
+        if seed is None:  # from torch's global generator, so torch.manual_seed still reproduces runs
+            seed = int(torch.randint(0, 2**62, (), generator=None))
+        self.seed, self.device = seed, torch.device(device)
+        self.stream = torch.Generator(device=self.device)
+        self.stream.manual_seed(_mix64(seed) >> 1)
+
+    def at(self, position: int) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(_mix64(_mix64(self.seed) ^ position) >> 1)
+        return generator

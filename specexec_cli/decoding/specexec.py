@@ -12,15 +12,17 @@ from __future__ import annotations
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
-from specexec_cli.decoding.forward import new_cache, use_tree_attention
+from specexec_cli.decoding.lanes import Lane, LaneDecoder
+from specexec_cli.decoding.packed import PackedCache
 from specexec_cli.decoding.sampling import draw, probabilities
 from specexec_cli.decoding.stats import PassStats
 from specexec_cli.decoding.tree import Tree
 from specexec_cli.decoding.tree_passes import (
-    commit_path,
+    Roots,
+    commit_paths,
     draft_catch_up,
     draft_tree_pass,
-    greedy_walk,
+    greedy_walks,
     target_tree_pass,
     walk,
 )
@@ -32,22 +34,30 @@ def draft_log_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Ten
     return torch.log_softmax(logits.float() / scale, dim=-1)
 
 
-def grow_tree(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: GenerationConfig,
-              stats: PassStats) -> Tree:
-    """Grow the draft tree best-first from the last committed token (brief, step 1)."""
+def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roots: Roots,
+              config: GenerationConfig, stats: PassStats) -> Tree:
+    """Grow the draft tree best-first from each lane's last committed token (brief, step 1).
+
+    With several lanes the trees form one forest and the budget is shared: the `budget` best nodes by
+    draft path probability are kept across all trees, so more of the budget goes to the prompts whose
+    continuations the draft is surest of (a node's path probability is the draft's estimate of what it
+    adds to the expected tokens per pass). Each draft pass runs up to `max_n_beams` nodes of all trees.
+    """
     tree_cfg = config.tree
     width = tree_cfg.max_branch_width
-    capacity = tree_cfg.budget + 1 + tree_cfg.max_n_beams * width
-    n = sequence.numel()
-    tree = Tree(sequence[-1], capacity, sequence.device)
-    nodes = torch.zeros(1, dtype=torch.long, device=sequence.device)
-    logits = draft_catch_up(draft, cache, sequence, stats)[None]
+    n_roots = len(lanes)
+    device = lanes[0].sequence.device
+    capacity = tree_cfg.budget + n_roots + max(tree_cfg.max_n_beams, n_roots) * width
+    tree = Tree(torch.stack([lane.sequence[-1] for lane in lanes]), capacity, device)
+    nodes = torch.arange(n_roots, device=device)
+    logits = draft_catch_up(draft, cache, lanes, stats)  # [R, V]
+    base = cache.length  # the tree's slots in the draft cache start here
     for step in range(tree_cfg.max_beam_len):
         if step > 0:
             nodes = tree.best_unexpanded(tree_cfg.max_n_beams, tree_cfg.budget)
             if nodes.numel() == 0:
                 break
-            logits = draft_tree_pass(draft, cache, tree, nodes, n, stats)
+            logits = draft_tree_pass(draft, cache, tree, roots, nodes, base, stats)
         log_q = draft_log_probs(logits, config.sampling)  # [B, V]
         top = torch.topk(log_q, min(width, log_q.shape[-1]), dim=-1)  # [B, width]
         child_scores = tree.scores[nodes][:, None] + top.values.clamp(max=0.0)  # [B, width]
@@ -55,19 +65,23 @@ def grow_tree(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: Gen
         # out the -inf ones would cost a host sync per pass for a case that hardly ever happens.
         parents = nodes[:, None].expand_as(top.indices)
         tree.add_children(parents.reshape(-1), top.indices.reshape(-1), child_scores.reshape(-1))
-        tree.keep_best(tree_cfg.budget + 1)
+        tree.keep_best(tree_cfg.budget + n_roots)
     return tree
 
 
-def validate(tree: Tree, target_logits: torch.Tensor, sampling: SamplingConfig,
-             generator: torch.Generator | None) -> tuple[list[int], list[int]]:
-    """Walk from the root, drawing the target's token at each visited node (brief, step 3).
+def validate(tree: Tree, target_logits: torch.Tensor, lanes: list[Lane],
+             sampling: SamplingConfig) -> list[tuple[list[int], list[int]]]:
+    """Per lane, walk from its root, drawing the target's token at each visited node (brief, step 3).
 
-    Returns (accepted path as node indices, emitted tokens = path tokens + the target's bonus token).
+    Returns per lane (accepted path as node indices, emitted tokens = path tokens + the target's bonus
+    token). A sampled token landing at position t of a lane is drawn with that lane's generator for t.
     """
     if sampling.greedy:
-        return greedy_walk(tree, target_logits)
-    return walk(tree, lambda node: int(draw(target_logits[node], sampling, generator)))
+        return greedy_walks(tree, target_logits)
+    lookup = tree.children_lookup()
+    return [walk(tree, lambda node, step, lane=lane: int(draw(target_logits[node], sampling,
+                                                              lane.draws.at(lane.n + step))), lookup, root)
+            for root, lane in enumerate(lanes)]
 
 
 CURVE_ROWS = 64  # target rows turned into distributions at a time by `acceptance_curve`
@@ -111,28 +125,27 @@ def acceptance_curve(tree: Tree, target_logits: torch.Tensor, sampling: Sampling
     return 1.0 + torch.cumsum(path_prob[order], dim=0)
 
 
-class SpecExecDecoder:
-    """Holds both KV caches across iterations; `step` commits at least one token per target pass."""
+class SpecExecDecoder(LaneDecoder):
+    """Holds both packed KV caches across iterations; `step` commits at least one token per lane per
+    target pass."""
 
-    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, config: GenerationConfig,
-                 generator: torch.Generator | None) -> None:
-        self.target, self.draft, self.config, self.generator = target, draft, config, generator
-        self.target_cache, self.draft_cache = new_cache(), new_cache()
-        use_tree_attention(target)
-        use_tree_attention(draft)
-        self.stats = PassStats()
+    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, config: GenerationConfig) -> None:
+        super().__init__(target, draft, config)
 
     @torch.inference_mode()
-    def step(self, sequence: torch.Tensor) -> list[int]:
-        """One iteration over committed tokens `sequence` [n]; returns the newly emitted tokens."""
-        n = sequence.numel()
-        tree = grow_tree(self.draft, self.draft_cache, sequence, self.config, self.stats)
-        logits = target_tree_pass(self.target, self.target_cache, sequence, tree, self.stats)
+    def step(self, lanes: list[Lane]) -> list[list[int]]:
+        """One iteration over `lanes`; returns each lane's newly emitted tokens."""
+        roots = Roots.of(lanes, self.device)
+        tree = grow_tree(self.draft, self.draft_cache, lanes, roots, self.config, self.stats)
+        draft_base = self.draft_cache.length - tree.slot_node.numel()
+        target_start = self.target_cache.length
+        logits = target_tree_pass(self.target, self.target_cache, lanes, tree, roots, self.stats)
         self.observe(tree, logits)
-        path, emitted = validate(tree, logits, self.config.sampling, self.generator)
-        commit_path(self.target_cache, self.draft_cache, tree, path, n)
+        walks = validate(tree, logits, lanes, self.config.sampling)
+        commit_paths(self.target_cache, self.draft_cache, tree, lanes, [p for p, _ in walks],
+                     target_start, draft_base)
         self.stats.iterations += 1
-        return emitted
+        return [emitted for _, emitted in walks]
 
     def observe(self, tree: Tree, logits: torch.Tensor) -> None:
         """Called with every grown tree and the target's logits over it, before validation; for

@@ -13,23 +13,28 @@ from __future__ import annotations
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
-from specexec_cli.decoding.forward import new_cache, use_tree_attention
+from specexec_cli.decoding.lanes import Lane, LaneDecoder
+from specexec_cli.decoding.packed import PackedCache
 from specexec_cli.decoding.sampling import draw_from, probabilities
 from specexec_cli.decoding.stats import PassStats
 from specexec_cli.decoding.tree import Tree
 from specexec_cli.decoding.tree_passes import (
-    commit_path,
+    Roots,
+    commit_paths,
     draft_catch_up,
     draft_tree_pass,
-    greedy_walk,
+    greedy_walks,
     target_tree_pass,
 )
 
 
-def stem_shape(config: GenerationConfig) -> tuple[int, int]:
-    """(number of stems, stem length) for the configured budget."""
-    n_stems = min(config.tree.max_n_beams, config.tree.budget)
-    return n_stems, max(1, config.tree.budget // n_stems)
+def stem_shape(config: GenerationConfig, max_lanes: int = 1) -> tuple[int, int]:
+    """(number of stems, stem length) of one lane's tree. With up to `max_lanes` prompts per pass each
+    lane gets budget // max_lanes tokens: a fixed share, so a lane's tree (and its sampled output) does
+    not depend on which other prompts share the pass."""
+    budget = max(1, config.tree.budget // max_lanes)
+    n_stems = min(config.tree.max_n_beams, budget)
+    return n_stems, max(1, budget // n_stems)
 
 
 def drafting_sampling(sampling: SamplingConfig) -> SamplingConfig:
@@ -57,28 +62,36 @@ def distinct_children(stem_at: torch.Tensor, samples: torch.Tensor, vocab: int
     return distinct[order] // vocab, distinct[order] % vocab, rank[inverse]
 
 
-def sample_stems(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: GenerationConfig,
-                 generator: torch.Generator | None, stats: PassStats) -> tuple[Tree, dict[int, torch.Tensor]]:
-    """Sample the stems into a tree; returns it and the draft distribution q [V] at each inner node.
+def sample_stems(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roots: Roots,
+                 config: GenerationConfig, shape: tuple[int, int], stats: PassStats
+                 ) -> tuple[Tree, dict[int, torch.Tensor]]:
+    """Sample each lane's stems into one forest; returns it and the draft distribution q [V] at each
+    inner node.
 
     All stems advance one depth per draft pass, so the nodes a pass runs are the children the previous
-    pass created: tree indices first .. first + count - 1, in order. One host sync per pass."""
-    n_stems, length = stem_shape(config)
+    pass created: tree indices first .. first + count - 1, in order. Each lane samples with its own
+    generator. One host sync per pass."""
+    n_stems, length = shape
     q_sampling = drafting_sampling(config.sampling)
-    n, device = sequence.numel(), sequence.device
-    tree = Tree(sequence[-1], 1 + n_stems * length, device)
+    n_roots, device = len(lanes), roots.keys.device
+    tree = Tree(torch.stack([lane.sequence[-1] for lane in lanes]), n_roots * (1 + n_stems * length), device)
     q_at: dict[int, torch.Tensor] = {}
-    logits = draft_catch_up(draft, cache, sequence, stats)[None]  # [1, V]
-    first, count = 0, 1  # the nodes whose logits we hold: the root
-    stem_at = torch.zeros(n_stems, dtype=torch.long, device=device)  # the node each stem has reached
+    logits = draft_catch_up(draft, cache, lanes, stats)  # [R, V]
+    base = cache.length
+    first, count = 0, n_roots  # the nodes whose logits we hold: the roots
+    # the node each stem has reached, lane by lane: [R * n_stems]
+    stem_at = torch.arange(n_roots, device=device).repeat_interleave(n_stems)
     for depth in range(length):
         if depth > 0:
             nodes = torch.arange(first, first + count, device=device)
-            logits = draft_tree_pass(draft, cache, tree, nodes, n, stats)  # [count, V]
+            logits = draft_tree_pass(draft, cache, tree, roots, nodes, base, stats)  # [count, V]
         q = probabilities(logits, q_sampling)  # [count, V]
         for row in range(count):
             q_at[first + row] = q[row]
-        samples = torch.multinomial(q[stem_at - first], 1, generator=generator).squeeze(1)  # [n_stems]
+        samples = torch.cat([
+            torch.multinomial(q[stem_at[r * n_stems : (r + 1) * n_stems] - first], 1,
+                              generator=lane.draws.stream).squeeze(1)
+            for r, lane in enumerate(lanes)])  # [R * n_stems]
         parents, tokens, child = distinct_children(stem_at, samples, q.shape[-1])
         first, count = tree.size, parents.numel()
         tree.add_children(parents, tokens, torch.zeros(count, device=device))
@@ -86,16 +99,12 @@ def sample_stems(draft: torch.nn.Module, cache, sequence: torch.Tensor, config: 
     return tree, q_at
 
 
-def validate(tree: Tree, target_logits: torch.Tensor, q_at: dict[int, torch.Tensor],
-             sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[list[int], list[int]]:
-    """Multi-step speculative sampling from the root; returns (accepted path, emitted tokens)."""
-    if sampling.greedy:
-        return greedy_walk(tree, target_logits)
-    parents, tokens = torch.stack([tree.parents[: tree.size], tree.tokens[: tree.size]]).tolist()
-    children: dict[int, list[int]] = {}
-    for child, parent in enumerate(parents[1:], start=1):
-        children.setdefault(parent, []).append(child)
-    node, path, emitted = 0, [], []
+def speculative_walk(tree: Tree, target_logits: torch.Tensor, q_at: dict[int, torch.Tensor],
+                     sampling: SamplingConfig, generator: torch.Generator, root: int,
+                     parents: list[int], tokens: list[int], children: dict[int, list[int]]
+                     ) -> tuple[list[int], list[int]]:
+    """Multi-step speculative sampling from `root`; returns (accepted path, emitted tokens)."""
+    node, path, emitted = root, [], []
     while True:
         p = probabilities(target_logits[node], sampling).double()
         accepted = None
@@ -120,24 +129,39 @@ def validate(tree: Tree, target_logits: torch.Tensor, q_at: dict[int, torch.Tens
         node = accepted
 
 
-class SpecInferDecoder:
-    """Same cache handling as SpecExec; only the tree and its validation differ."""
+def validate(tree: Tree, target_logits: torch.Tensor, q_at: dict[int, torch.Tensor], lanes: list[Lane],
+             sampling: SamplingConfig) -> list[tuple[list[int], list[int]]]:
+    """Per lane: (accepted path, emitted tokens), greedy or by multi-step speculative sampling."""
+    if sampling.greedy:
+        return greedy_walks(tree, target_logits)
+    parents, tokens = torch.stack([tree.parents[: tree.size], tree.tokens[: tree.size]]).tolist()
+    children: dict[int, list[int]] = {}
+    for child, parent in enumerate(parents):
+        if parent >= 0:
+            children.setdefault(parent, []).append(child)
+    return [speculative_walk(tree, target_logits, q_at, sampling, lane.draws.stream, root, parents, tokens,
+                             children) for root, lane in enumerate(lanes)]
+
+
+class SpecInferDecoder(LaneDecoder):
+    """Same cache handling as SpecExec; only the tree and its validation differ. `max_lanes`: the most
+    prompts that will share a pass (each lane's tree gets budget // max_lanes tokens)."""
 
     def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, config: GenerationConfig,
-                 generator: torch.Generator | None) -> None:
-        self.target, self.draft, self.config, self.generator = target, draft, config, generator
-        self.target_cache, self.draft_cache = new_cache(), new_cache()
-        use_tree_attention(target)
-        use_tree_attention(draft)
-        self.stats = PassStats()
+                 max_lanes: int = 1) -> None:
+        super().__init__(target, draft, config)
+        self.shape = stem_shape(config, max_lanes)
 
     @torch.inference_mode()
-    def step(self, sequence: torch.Tensor) -> list[int]:
-        n = sequence.numel()
-        tree, q_at = sample_stems(self.draft, self.draft_cache, sequence, self.config, self.generator,
+    def step(self, lanes: list[Lane]) -> list[list[int]]:
+        roots = Roots.of(lanes, self.device)
+        tree, q_at = sample_stems(self.draft, self.draft_cache, lanes, roots, self.config, self.shape,
                                   self.stats)
-        logits = target_tree_pass(self.target, self.target_cache, sequence, tree, self.stats)
-        path, emitted = validate(tree, logits, q_at, self.config.sampling, self.generator)
-        commit_path(self.target_cache, self.draft_cache, tree, path, n)
+        draft_base = self.draft_cache.length - tree.slot_node.numel()
+        target_start = self.target_cache.length
+        logits = target_tree_pass(self.target, self.target_cache, lanes, tree, roots, self.stats)
+        walks = validate(tree, logits, q_at, lanes, self.config.sampling)
+        commit_paths(self.target_cache, self.draft_cache, tree, lanes, [p for p, _ in walks],
+                     target_start, draft_base)
         self.stats.iterations += 1
-        return emitted
+        return [emitted for _, emitted in walks]

@@ -73,3 +73,16 @@ class PassStats:
                 return
             self._seconds[which] += start.elapsed_time(end) / 1000.0
             self._pending.pop(0)
+
+    def since(self, earlier: PassStats) -> PassStats:
+        """The passes and seconds counted after `earlier` (a `snapshot` of this object)."""
+        later = self.snapshot()
+        return PassStats(
+            later.target_passes - earlier.target_passes, later.draft_passes - earlier.draft_passes,
+            later.iterations - earlier.iterations,
+            {which: later._seconds[which] - earlier._seconds[which] for which in later._seconds})
+
+    def snapshot(self) -> PassStats:
+        """A frozen copy of the counters (waits for the timed passes to finish on the device)."""
+        self._collect(wait=True)
+        return PassStats(self.target_passes, self.draft_passes, self.iterations, dict(self._seconds))

@@ -1,9 +1,11 @@
 """The speculative tree as preallocated tensors: token, parent, depth, score and ancestor bits.
 
-Node 0 is the root: the last committed token. Nodes are stored in insertion order, so a parent always
-has a smaller index than its children; every operation here keeps that order. `ancestors[i, j]` is True
-when node j is node i or one of its ancestors, which is exactly the attention pattern of node i inside
-the tree. The draft model's cache holds one slot per node it has processed (`draft_slot`), appended in
+Node 0 is the root: the last committed token. A forest for a batch of prompts has one root per prompt,
+nodes 0 .. n_roots - 1, and `roots[i]` says which tree node i belongs to. Nodes are stored in insertion
+order, so a parent always has a smaller index than its children; every operation here keeps that
+order. `ancestors[i, j]` is True when node j is node i or one of its ancestors, which is exactly the
+attention pattern of node i inside the tree (so trees of a forest never see each other). The draft
+model's cache holds one slot per node it has processed (`draft_slot`), appended in
 the order the draft ran them.
 """
 
@@ -13,9 +15,12 @@ import torch
 
 
 class Tree:
-    """A tree of at most `capacity` nodes, grown by `add_children` and trimmed by `keep_best`."""
+    """A tree (or a forest: one root per prompt) of at most `capacity` nodes, grown by `add_children` and
+    trimmed by `keep_best`. `root_token`: one token, or [R] tokens for R roots."""
 
     def __init__(self, root_token: int | torch.Tensor, capacity: int, device: torch.device | str) -> None:
+        root_tokens = torch.as_tensor(root_token, device=device).reshape(-1)  # [R]
+        n_roots = root_tokens.numel()
         self.capacity = capacity
         self.device = torch.device(device)
         self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)
@@ -29,10 +34,15 @@ class Tree:
         self.draft_slot = torch.full((capacity,), -1, dtype=torch.long, device=device)
         # Node held by each draft cache slot, -1 once that node was trimmed away.
         self.slot_node = torch.empty(0, dtype=torch.long, device=device)
-        self.tokens[0] = root_token  # a 0-dim device tensor is copied on the device: no host sync
-        self.ancestors[0, 0] = True
-        self.expanded[0] = True  # the root's children come from the draft's catch-up pass
-        self.size = 1
+        # The root (0 .. n_roots - 1) each node descends from.
+        self.roots = torch.zeros(capacity, dtype=torch.long, device=device)
+        first = torch.arange(n_roots, device=device)
+        self.tokens[:n_roots] = root_tokens  # a device tensor is copied on the device: no host sync
+        self.roots[:n_roots] = first
+        self.ancestors[first, first] = True
+        self.expanded[:n_roots] = True  # the roots' children come from the draft's catch-up pass
+        self.n_roots = n_roots
+        self.size = n_roots
 
     def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Append children (all [N]) and return their node indices [N]. Parents must already exist."""
@@ -43,6 +53,7 @@ class Tree:
         self.tokens[new] = tokens
         self.parents[new] = parents
         self.depths[new] = self.depths[parents] + 1
+        self.roots[new] = self.roots[parents]
         self.scores[new] = scores
         self.ancestors[new] = self.ancestors[parents]
         self.ancestors[new, new] = True
@@ -53,11 +64,12 @@ class Tree:
 
     def best_unexpanded(self, max_nodes: int, budget: int) -> torch.Tensor:
         """Up to `max_nodes` unexpanded nodes, best score first, whose children could still enter the
-        `budget + 1` best nodes (a child scores at most its parent, and loses ties to older nodes)."""
+        `n_roots + budget` best nodes (a child scores at most its parent, and loses ties to older nodes)."""
         n = self.size
+        keep = self.n_roots + budget
         scores = self.scores[:n].masked_fill(self.expanded[:n], float("-inf"))
-        if n >= budget + 1:
-            weakest_kept = torch.sort(self.scores[:n], descending=True, stable=True).values[budget]
+        if n >= keep:
+            weakest_kept = torch.sort(self.scores[:n], descending=True, stable=True).values[keep - 1]
             scores = scores.masked_fill(scores <= weakest_kept, float("-inf"))
         k = min(max_nodes, n)
         best = torch.topk(scores, k, sorted=True)
@@ -74,7 +86,8 @@ class Tree:
         """Trim to the `keep` best nodes by score, ties to the older node, keeping insertion order.
 
         Scores never rise from parent to child and a parent is older than its children, so the kept
-        set is closed under ancestors. Work is a sort plus a gather of the ancestor bits.
+        set is closed under ancestors; the roots score 0 and are the oldest, so they always stay. Work
+        is a sort plus a gather of the ancestor bits.
         """
         n = self.size
         if n <= keep:
@@ -83,7 +96,7 @@ class Tree:
         kept = torch.sort(order[:keep]).values  # back to insertion order
         remap = torch.full((n,), -1, dtype=torch.long, device=self.device)
         remap[kept] = torch.arange(keep, device=self.device)
-        for name in ("tokens", "depths", "scores", "expanded", "draft_slot"):
+        for name in ("tokens", "depths", "scores", "expanded", "draft_slot", "roots"):
             column = getattr(self, name)
             column[:keep] = column[kept].clone()
         parents = self.parents[kept]
@@ -101,5 +114,6 @@ class Tree:
 
 
 def lookup_of(parents: list[int], tokens: list[int]) -> dict[tuple[int, int], int]:
-    """(parent, token) -> child from the host copies of the parents and tokens columns (root included)."""
-    return {(p, t): i for i, (p, t) in enumerate(zip(parents[1:], tokens[1:], strict=True), start=1)}
+    """(parent, token) -> child from the host copies of the parents and tokens columns (roots included:
+    their parent is -1)."""
+    return {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens, strict=True)) if p >= 0}

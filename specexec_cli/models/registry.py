@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.fsutil import expand_user
 from specexec_cli.models import bundled
 
 KINDS = ("bundled", "hub", "local", "gguf")
@@ -223,7 +224,7 @@ def resolve(name_or_path: str) -> ModelSpec:
     spec = get_entry(text)
     if spec is not None:
         return spec
-    path = Path(text).expanduser()
+    path = expand_user(text)
     if path.exists():
         return _resolve_path(path, text)
     if HUB_ID.match(text):
@@ -256,9 +257,9 @@ def drafts_for(target: str | ModelSpec) -> list[ModelSpec]:
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache, read from HF_HUB_CACHE / HF_HOME now (not at import time)."""
     if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+        return expand_user(os.environ["HF_HUB_CACHE"])
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+        return expand_user(os.environ["HF_HOME"]) / "hub"
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.fsutil import expand_user
 from specexec_cli.runtime import caps
 from specexec_cli.runtime import plan as planner
 from specexec_cli.runtime.disk import READ_THREADS, BlobWriter, CheckpointIndex, FileReader, ReadOp
@@ -499,7 +500,7 @@ def resolve_device_dtype(
 
 def resolve_checkpoint(name: str | os.PathLike) -> Path:
     """A local checkpoint directory, or a hub repo id resolved through the local hub cache / download."""
-    path = Path(name).expanduser()
+    path = expand_user(name)
     if path.is_dir():
         return path
     try:

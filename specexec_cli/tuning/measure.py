@@ -19,6 +19,8 @@ import torch
 from specexec_cli.decoding.config import GenerationConfig
 from specexec_cli.decoding.forward import causal_pattern, forward, new_cache
 from specexec_cli.decoding.kv import keep_tail
+from specexec_cli.decoding.lanes import Lane
+from specexec_cli.decoding.sampling import TokenDraws
 from specexec_cli.decoding.specexec import SpecExecDecoder, acceptance_curve
 from specexec_cli.decoding.tree import Tree
 from specexec_cli.tuning.cost_model import AcceptanceCurve, LatencyCurve, streamed_curve
@@ -172,7 +174,7 @@ class _CalibrationDecoder(SpecExecDecoder):
     """SpecExecDecoder recording, for each iteration, G(K) and the top-K tree depth."""
 
     def __init__(self, target, draft, config: GenerationConfig) -> None:
-        super().__init__(target, draft, config, generator=None)
+        super().__init__(target, draft, config)
         self.curves: list[torch.Tensor] = []
         self.depth_curves: list[torch.Tensor] = []
 
@@ -227,13 +229,12 @@ def measure_acceptance(
     start = time.perf_counter()
     for ids in prompts:
         decoder = _CalibrationDecoder(target, draft, config)
-        sequence = ids.reshape(-1).to(target.device)
+        device = target.device
+        lane = Lane(key=0, sequence=ids.reshape(-1).to(device), draws=TokenDraws(config.seed, device))
         t0 = time.perf_counter()
         for _ in range(iterations_per_prompt):
-            emitted = decoder.step(sequence)
-            sequence = torch.cat(
-                [sequence, torch.tensor(emitted, dtype=sequence.dtype, device=sequence.device)]
-            )
+            (emitted,) = decoder.step([lane])
+            lane.extend(emitted)
         elapsed = time.perf_counter() - t0
         stats = decoder.stats
         host += max(0.0, elapsed - stats.target_s - stats.draft_s)

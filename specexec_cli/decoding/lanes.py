@@ -1,0 +1,63 @@
+"""One prompt being decoded ("a lane" of a batch): its committed tokens, how much of them each model's
+cache holds and its randomness; and the base every decoder builds on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specexec_cli.decoding.forward import use_tree_attention
+from specexec_cli.decoding.packed import PackedCache
+from specexec_cli.decoding.sampling import TokenDraws
+from specexec_cli.decoding.stats import PassStats
+
+
+@dataclass
+class Lane:
+    """Cache invariants between iterations, with n committed tokens (prompt + output so far):
+    the target cache holds `target_seen` <= n - 1 of them (the last committed token is fed as a tree
+    root or as the next plain-decoding input); the draft cache holds `draft_seen` <= n of them."""
+
+    key: int  # owner id of this lane's slots in the packed caches (unique per decoder)
+    sequence: torch.Tensor  # [n] committed tokens, on the device
+    draws: TokenDraws
+    target_seen: int = 0
+    draft_seen: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.sequence.numel()
+
+    def extend(self, tokens: list[int]) -> None:
+        """Append newly committed tokens (one host-to-device copy)."""
+        if tokens:
+            fresh = torch.tensor(tokens, dtype=self.sequence.dtype, device=self.sequence.device)
+            self.sequence = torch.cat([self.sequence, fresh])
+
+
+class LaneDecoder:
+    """What every decoder shares: the models, one packed KV cache per model, and the pass counters.
+
+    A decoder serves any number of lanes: `step(lanes)` runs one iteration over all of them (one target
+    pass) and returns each lane's new tokens; `remove(lane)` frees a finished lane's cache slots.
+    """
+
+    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module | None, config: Any) -> None:
+        self.target, self.draft, self.config = target, draft, config
+        self.device = target.device
+        use_tree_attention(target)
+        if draft is not None:
+            use_tree_attention(draft)
+        self.target_cache = PackedCache(self.device)
+        self.draft_cache = PackedCache(self.device)
+        self.stats = PassStats()
+
+    def step(self, lanes: list[Lane]) -> list[list[int]]:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def remove(self, lane: Lane) -> None:
+        self.target_cache.release(lane.key)
+        self.draft_cache.release(lane.key)
