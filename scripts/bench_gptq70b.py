@@ -349,4 +349,5 @@ def report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if main()["dequant_per_layer"]["triton_equals_torch"] is False:
+        sys.exit("bench_gptq70b: the Triton kernel and the torch reference gave different bits")
