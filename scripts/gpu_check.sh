@@ -4,12 +4,16 @@
 # 1. CPU checks that need no GPU: the package imports, the CUDA-logic and host-sync tests.
 # 2. Stops with "no CUDA device" (exit 3) when torch sees none.
 # 3. The test suite on CUDA (SPECEXEC_TEST_DEVICE=cuda: device-parametrized tests run there too),
-#    the bf16/fp16 near-tie exactness checks, and scripts/bench_offload.py --device cuda --dtype fp16.
+#    the bf16/fp16 near-tie exactness checks, the Triton GPTQ dequantization kernel against the torch
+#    reference (bit for bit; triton must be installed: SPECEXEC_REQUIRE_TRITON=1 turns its skip into a
+#    failure), scripts/bench_offload.py --device cuda --dtype fp16, and scripts/bench_gptq70b.py: a
+#    Llama-70B-shaped GPTQ target (16 random layers, scaled to 80) streamed from pinned RAM, its
+#    efficiency against the pinned H2D floor (goal >= 0.85) and SpecExec's expected tok/s from the
+#    bundled pair's acceptance curve measured on CPU (OUT_DIR/bench_gptq70b.json).
 # Each step's log goes to OUT_DIR (default gpu-check-out/); OUT_DIR/summary.md and summary.json hold
 # one row per step: exit code and seconds. Budget: under 9 minutes on an H100.
 # --dry-run prints the steps without running them; GPU_CHECK_SKIP_CPU_TESTS=1 skips the CPU pytest step
 # (the test of this script uses it).
-# Not yet here: the Llama-70B-shaped GPTQ streaming benchmark and a Triton dequantization check.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -71,8 +75,11 @@ fi
 # --- 3. on the GPU -------------------------------------------------------------------------------
 export SPECEXEC_TEST_DEVICE=cuda
 step exactness-16bit 180 "$PY" -m pytest -q tests/test_exactness_16bit.py tests/test_tree_attention.py
+step triton-dequant 120 env SPECEXEC_REQUIRE_TRITON=1 "$PY" -m pytest -q -rs tests/test_gptq_triton.py
 step test-suite-cuda 240 "$PY" -m pytest -q -x tests
 step bench-offload-fp16 120 "$PY" scripts/bench_offload.py --device cuda --dtype fp16 --shape tinyllama \
     --layers 0 --tokens 1,64,256,1024 --tiers none,ram --no-accelerate
+step bench-gptq70b 180 "$PY" scripts/bench_gptq70b.py --device cuda --dtype fp16 --layers 16 \
+    --curve docs/data/bench_tune_cpu.json --out "$OUT/bench_gptq70b.json"
 summarize
 exit "$FAILED"

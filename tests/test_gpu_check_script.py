@@ -24,8 +24,11 @@ def test_dry_run_lists_every_step(tmp_path):
     result = run("--dry-run", str(tmp_path))
     assert result.returncode == 0, result.stderr
     steps = [line.split(":")[0].removeprefix("[dry-run] ") for line in result.stdout.splitlines()]
-    assert steps == ["import", "cpu-cuda-logic", "exactness-16bit", "test-suite-cuda", "bench-offload-fp16"]
+    assert steps == ["import", "cpu-cuda-logic", "exactness-16bit", "triton-dequant", "test-suite-cuda",
+                     "bench-offload-fp16", "bench-gptq70b"]
     assert "--device cuda --dtype fp16" in result.stdout
+    assert "SPECEXEC_REQUIRE_TRITON=1" in result.stdout and "tests/test_gptq_triton.py" in result.stdout
+    assert "scripts/bench_gptq70b.py --device cuda" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

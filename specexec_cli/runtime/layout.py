@@ -5,8 +5,9 @@ A layer buffer holds *stored tensors* (raw 16/32-bit weights, GPTQ qweight/qzero
 NF4 codes and absmax, int8 rows and scales) at aligned byte offsets. Every module parameter of the
 layer has a *recipe*: which stored tensors it comes from and with which codec. Raw weights in the
 compute dtype become zero-copy views; everything else is decoded on the device just before the
-layer runs. Mixtral-style fused expert parameters ([experts, out, in]) are stacks of per-expert
-weights, each of which may itself be raw or quantized.
+layer runs (GPTQ through `gptq_dispatch`: one fused Triton kernel on CUDA, plain torch elsewhere).
+Mixtral-style fused expert parameters ([experts, out, in]) are stacks of per-expert weights, each of
+which may itself be raw or quantized.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specexec_cli.runtime import quant
+from specexec_cli.runtime import gptq_dispatch, quant
 
 ALIGN = 256  # byte alignment of every stored tensor inside a layer buffer
 
@@ -147,7 +148,7 @@ def decode_weight(spec: WeightSpec, views: dict[str, torch.Tensor], dtype: torch
     if spec.codec == "gptq":
         bits, zero_offset = spec.args
         g_idx = t[3] if len(t) > 3 else None
-        return quant.dequantize_gptq(t[0], t[1], t[2], g_idx, bits, zero_offset, dtype)
+        return gptq_dispatch.dequantize_gptq(t[0], t[1], t[2], g_idx, bits, zero_offset, dtype)
     if spec.codec == "nf4":
         (blocksize,) = spec.args
         return quant.dequantize_nf4(t[0], t[1], spec.shape, dtype, blocksize)

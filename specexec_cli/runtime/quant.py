@@ -1,8 +1,10 @@
 """Weight formats the offloaded runtime streams: GPTQ packed ints, bitsandbytes NF4 and int8.
 
-All dequantization is plain torch (or bitsandbytes, which has CPU kernels since 0.45), so the same
-code runs on CPU and CUDA. Weights stream in their packed form and are expanded on the device just
-before the layer that uses them runs.
+All dequantization here is plain torch (or bitsandbytes, which has CPU kernels since 0.45), so the
+same code runs on CPU and CUDA. Weights stream in their packed form and are expanded on the device
+just before the layer that uses them runs. On CUDA, GPTQ goes through `gptq_dispatch`, which fuses
+`dequantize_gptq` into one Triton kernel (`gptq_triton`) where it can; `dequantize_gptq` stays the
+reference that kernel matches bit for bit.
 
 GPTQ format (as published on the hub by AutoGPTQ / GPTQModel, safetensors):
   qweight  int32 [in / (32/bits), out]   `32/bits` values per int32 along the *input* dim, low bits first
@@ -135,6 +137,10 @@ def dequantize_gptq(
 
     g_idx None means the trivial grouping (row i in group i // (in / groups)), which avoids a gather.
     (q - zero) is a small integer, exact in any float dtype, so the only rounding is the final product.
+    The work dtype is the wider of `dtype` and the scales' dtype (float32 for float16 scales with
+    bfloat16 compute). For float16/bfloat16 scales that product is exact in float32, so this equals
+    float32(q - zero) * float32(scale) rounded once to `dtype`: the Triton kernel's arithmetic
+    (gptq_triton's docstring). This reference materializes ~40 bytes of intermediates per weight.
     """
     # compute where the scales are exact (fp16 scales with bf16 compute: in fp32, then one rounding)
     work = torch.promote_types(dtype, scales.dtype)
