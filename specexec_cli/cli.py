@@ -12,7 +12,7 @@ import click
 
 from specexec_cli import __version__
 from specexec_cli.devices import MAX_THREADS, check_device
-from specexec_cli.errors import SpecexecError, Terminated
+from specexec_cli.errors import SpecexecError, Terminated, UsageError
 from specexec_cli.messages import one_line, unexpected
 
 EXIT_INTERRUPTED = 130
@@ -168,7 +168,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
                      or resident_layers is not None or offload_dir or caps)
     lanes = settings.get("batch_size") or default_batch_size(len(batch), offloaded, stream and not as_json)
     if stream and not as_json and lanes > 1:
-        raise click.UsageError("--stream prints one prompt at a time: drop --batch-size or set it to 1")
+        raise UsageError("--stream prints one prompt at a time: drop --batch-size or set it to 1")
     if offloaded:
         options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
                                  settings.get("resident_layers"), offload_dir, caps)

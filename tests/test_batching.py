@@ -39,7 +39,10 @@ def decode(ids: list[int]) -> str:
     return " ".join(f"w{i}" for i in ids)
 
 
-def config_for(method: str, sampling: SamplingConfig = SamplingConfig(), seed: int | None = None,
+GREEDY = SamplingConfig()
+
+
+def config_for(method: str, sampling: SamplingConfig = GREEDY, seed: int | None = None,
                max_new_tokens: int = 20) -> GenerationConfig:
     tree = TreeConfig(budget=24, max_n_beams=6, max_beam_len=4, max_branch_width=4)
     return GenerationConfig(method=method, max_new_tokens=max_new_tokens, sampling=sampling, tree=tree,

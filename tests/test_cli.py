@@ -205,3 +205,54 @@ def test_tuned_profile_supplies_settings_and_flags_override(model_dirs, tmp_path
     ignored = run(model_dirs, "-p", "w3 w4", "--json", "--no-profile")
     assert json.loads(ignored.stdout)["method"] == "specexec" and "profile:" not in ignored.stderr
     assert record["text"] == json.loads(from_profile.stdout)["text"]
+
+
+# --- --batch-size -------------------------------------------------------------------------------
+
+
+def batch_file(tmp_path, n: int = 7):
+    """JSON Lines prompts of very different lengths."""
+    source = tmp_path / "many.jsonl"
+    source.write_text("".join(json.dumps({"id": f"p{i}", "prompt": " ".join(f"w{4 + (i * 7 + k) % 90}"
+                                                                             for k in range(1 + 5 * i))})
+                              + "\n" for i in range(n)))
+    return source
+
+
+@pytest.mark.parametrize("method", ["specexec", "autoregressive"])
+def test_batched_results_equal_one_by_one_in_input_order(model_dirs, tmp_path, method):
+    source = batch_file(tmp_path)
+    alone = run(model_dirs, "-f", str(source), "--json", "--method", method, "--batch-size", "1")
+    batched = run(model_dirs, "-f", str(source), "--json", "--method", method, "--batch-size", "3")
+    assert alone.exit_code == batched.exit_code == 0, batched.stderr
+    one = [json.loads(line) for line in alone.stdout.splitlines()]
+    many = [json.loads(line) for line in batched.stdout.splitlines()]
+    assert [r["id"] for r in many] == [f"p{i}" for i in range(7)]
+    assert [(r["text"], r["finish_reason"]) for r in many] == [(r["text"], r["finish_reason"]) for r in one]
+    assert "up to 3 per target pass" in batched.stderr
+
+
+def test_unordered_writes_every_result_once(model_dirs, tmp_path):
+    source = batch_file(tmp_path)
+    ordered = run(model_dirs, "-f", str(source), "--json", "--batch-size", "4")
+    unordered = run(model_dirs, "-f", str(source), "--json", "--batch-size", "4", "--unordered")
+    assert ordered.exit_code == unordered.exit_code == 0, unordered.stderr
+    by_id = {json.loads(line)["id"]: json.loads(line)["text"] for line in ordered.stdout.splitlines()}
+    records = [json.loads(line) for line in unordered.stdout.splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(by_id)
+    assert all(by_id[r["id"]] == r["text"] for r in records)
+
+
+def test_stream_refuses_a_batch(model_dirs):
+    result = run(model_dirs, "-p", "w1", "-p", "w2", "--stream", "--batch-size", "2")
+    assert result.exit_code == 2 and "--stream" in result.stderr
+
+
+def test_a_failing_prompt_in_a_batch_keeps_every_earlier_result(model_dirs, tmp_path):
+    source = tmp_path / "batch.jsonl"
+    prompts = [("a", "w1 w2"), ("b", "w3 w4 w5"), ("c", "w6"), ("long", " ".join(["w1"] * 80))]
+    source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in prompts))
+    result = run(model_dirs, "-f", str(source), "--json", "--batch-size", "3")
+    assert result.exit_code == 1
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["a", "b", "c"]
+    assert "long" in result.stderr.strip().splitlines()[-1]

@@ -201,3 +201,22 @@ def test_truncated_weights_are_detected_at_load(model_dirs, tmp_path, converted)
     assert error.startswith(f"error: model folder {folder} is damaged: model.safetensors")
     assert "truncated" in error
     assert ("rm -r" in error) == converted and "Traceback" not in result.stderr
+
+
+def test_interrupted_batch_writes_every_finished_result(model_dirs, tmp_path):
+    """--batch-size 4: results held back for input order are written when Ctrl-C stops the run."""
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps({"id": i, "prompt": " ".join(f"w{4 + (i + k) % 50}" for k in range(
+        1 + i % 9))}) + "\n" for i in range(300)))
+    child = start([sys.executable, "-m", "specexec_cli", "generate", "--target", str(model_dirs / "target"),
+                   "--draft", str(model_dirs / "draft"), "--no-profile", "-n", "24", "--json",
+                   "--batch-size", "4", "-f", str(batch)])
+    first = child.stdout.readline()
+    child.send_signal(signal.SIGINT)
+    rest, stderr = child.communicate(timeout=120)
+    lines = [first, *rest.splitlines(keepends=True)]
+    ids = [int(json.loads(line)["id"]) for line in lines]
+    assert child.returncode == 130, stderr.decode()
+    assert ids == sorted(set(ids)) and 1 <= len(ids) < 300 and all(line.endswith(b"\n") for line in lines)
+    text = stderr.decode()
+    assert "Traceback" not in text and text.strip().splitlines()[-1] == "interrupted"

@@ -44,7 +44,10 @@ def model_dirs(tmp_path_factory):
     return root
 
 
-def test_generate_plans_the_offload_context_from_the_prompts(model_dirs, monkeypatch):
+@pytest.mark.parametrize("batch_flag,lanes", [(["--batch-size", "1"], 1), ([], 2)])
+def test_generate_plans_the_offload_context_from_the_prompts(model_dirs, monkeypatch, batch_flag, lanes):
+    """Alone: the longest prompt + new tokens; batched (offloaded default: both prompts in one batch):
+    both prompts + new tokens for each, as their caches are packed into one."""
     from specexec_cli.runtime import offload
 
     seen = []
@@ -57,10 +60,11 @@ def test_generate_plans_the_offload_context_from_the_prompts(model_dirs, monkeyp
     monkeypatch.setattr(offload, "load_offloaded_target", recording)
     args = ["generate", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
             "--no-chat-template", "--no-profile", "-n", "6", "--offload", "ram", "--budget", "8",
-            "--max-n-beams", "4", "--max-beam-len", "3", "-p", "w1 w2", "-p", "w3 w4 w5 w6 w7"]
+            "--max-n-beams", "4", "--max-beam-len", "3", "-p", "w1 w2", "-p", "w3 w4 w5 w6 w7", *batch_flag]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.stderr
-    assert seen == [5 + 6 + tree_headroom(TreeConfig(budget=8, max_n_beams=4, max_beam_len=3))]
+    prompts = 5 if lanes == 1 else 5 + 2
+    assert seen == [prompts + lanes * 6 + tree_headroom(TreeConfig(budget=8, max_n_beams=4, max_beam_len=3))]
 
 
 def random_tree(n_nodes: int, seed: int) -> Tree:

@@ -163,13 +163,14 @@ def generate_many(
     batch_size: int = 1,
     decode: Callable[[list[int]], str] | None = None,
     on_text: Callable[[str], None] | None = None,
-) -> None:
+) -> PassStats:
     """Generate for every prompt, up to `batch_size` at a time sharing each target pass (continuous
     batching: a finished prompt leaves and the next one from `prompts` takes its place).
 
     `on_result(index, result)` is called as each prompt finishes (not necessarily in input order).
     `prompts` is read lazily; when reading it fails (a bad prompt), the prompts already in flight are
     finished and delivered first, then the error is raised. `on_text` streams text and needs batch_size 1.
+    Returns the counters of every pass the run made.
     """
     config.validate()
     if batch_size < 1:
@@ -200,7 +201,7 @@ def generate_many(
         if not active:
             if failure is not None:
                 raise failure
-            return
+            return decoder.stats
         for run, emitted in zip(active, decoder.step([run.lane for run in active]), strict=True):
             run.take(emitted)
         for run in [run for run in active if run.finish_reason is not None]:

@@ -1,0 +1,149 @@
+"""Batch throughput (issue 10): the same prompts decoded one by one, then B at a time sharing each
+target pass (`generate --batch-size B`), in one process on the same loaded models.
+
+Prints a markdown table on stdout (progress on stderr): total tokens/s, speedup over one by one,
+tokens per target pass, whether every output equals its one-by-one output, and latency (the first
+result of the batch, and the mean per prompt, against the same prompts alone).
+
+Example (CPU, target streamed from disk under a 5 GiB cap; the issue's full setting):
+  python scripts/bench_batch.py --offload disk --max-memory cpu=5GiB --n-prompts 32 -n 64 \
+      --batch-sizes 2,4,8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specexec_cli.decoding.config import GenerationConfig, TreeConfig  # noqa: E402
+from specexec_cli.decoding.generate import GenerationResult, generate_many  # noqa: E402
+from specexec_cli.prompt_sets import load_conversations  # noqa: E402
+from specexec_cli.prompts import encode_messages  # noqa: E402
+from specexec_cli.run import OffloadOptions, load_pair, offloaded_loader, tree_headroom  # noqa: E402
+
+OASST = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "oasst.json"
+
+
+def log(message: str) -> None:
+    print(f"[bench_batch {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def timed_run(pair, prompts: list[torch.Tensor], config: GenerationConfig, batch_size: int) -> dict:
+    """Decode `prompts` `batch_size` at a time; results in input order and when each arrived."""
+    results: dict[int, GenerationResult] = {}
+    arrived: dict[int, float] = {}
+    start = time.perf_counter()
+
+    def keep(index: int, result: GenerationResult) -> None:
+        results[index] = result
+        arrived[index] = time.perf_counter() - start
+
+    passes = 0
+    if batch_size == 0:  # one by one: a fresh decoder per prompt, exactly as `--batch-size 1`
+        for index, ids in enumerate(prompts):
+            passes += generate_many(pair.target, pair.draft, [ids], config,
+                                    lambda _i, r, index=index: keep(index, r)).target_passes
+    else:
+        stats = generate_many(pair.target, pair.draft, prompts, config, keep, batch_size=batch_size)
+        passes = stats.target_passes
+    seconds = time.perf_counter() - start
+    ordered = [results[i] for i in range(len(prompts))]
+    return {"seconds": seconds, "results": ordered, "arrived": [arrived[i] for i in range(len(prompts))],
+            "passes": passes}
+
+
+def summarize(method: str, batch: int, run: dict, alone: dict) -> dict:
+    tokens = sum(r.n_new_tokens for r in run["results"])
+    same = all(a.token_ids == b.token_ids for a, b in zip(run["results"], alone["results"], strict=True))
+    first = min(run["arrived"])
+    first_alone = alone["results"][run["arrived"].index(first)].elapsed_s
+    return {
+        "method": method, "batch": batch or 1, "mode": "batched" if batch else "one by one",
+        "tokens": tokens, "seconds": round(run["seconds"], 1),
+        "tok/s": round(tokens / run["seconds"], 3),
+        "speedup": round(alone["seconds"] / run["seconds"], 2),
+        "target passes": run["passes"], "tok/pass": round(tokens / max(1, run["passes"]), 2),
+        "same output": same,
+        "first result s": round(first, 1), "first vs alone": round(first / first_alone, 2),
+        "mean latency s": round(statistics.mean(r.elapsed_s for r in run["results"]), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--prompts", default=str(OASST), help="[id, text] JSON prompt set")
+    parser.add_argument("--n-prompts", type=int, default=32)
+    parser.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    parser.add_argument("--methods", default="specexec", help="comma list: specexec,specinfer,autoregressive")
+    parser.add_argument("--batch-sizes", default="2,4,8,16")
+    parser.add_argument("--budget", type=int, default=16,
+                        help="tree tokens per target pass (shared by a batch)")
+    parser.add_argument("--max-n-beams", type=int, default=32)
+    parser.add_argument("--max-beam-len", type=int, default=8)
+    parser.add_argument("--offload", default="disk")
+    parser.add_argument("--max-memory", action="append", default=None, help="e.g. cpu=5GiB")
+    parser.add_argument("--resident-layers", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    methods = args.methods.split(",")
+    tree = TreeConfig(budget=args.budget, max_n_beams=args.max_n_beams, max_beam_len=args.max_beam_len,
+                      max_branch_width=8)
+    conversations = load_conversations(args.prompts, args.n_prompts)
+    dtype = torch.float32 if args.device == "cpu" else torch.float16
+    options = OffloadOptions(args.offload, None, 2, args.resident_layers, None, tuple(args.max_memory or ()))
+    lanes = max(batch_sizes)
+
+    def context(tokenizer) -> int:
+        longest = sorted((len(encode_messages(tokenizer, m)) for _, m in conversations), reverse=True)
+        return sum(longest[:lanes]) + lanes * args.max_new_tokens + tree_headroom(tree)
+
+    loader = None if args.offload == "none" else offloaded_loader(options, args.budget, context)
+    needs_draft = any(m != "autoregressive" for m in methods)
+    pair = load_pair(args.target, args.draft if needs_draft else "none",
+                     "specexec" if needs_draft else "autoregressive", args.device, dtype, loader)
+    prompts = [torch.tensor(encode_messages(pair.tokenizer, m)) for _, m in conversations]
+    log(f"{len(prompts)} prompts ({sum(p.numel() for p in prompts)} tokens) from {args.prompts}; "
+        f"{args.max_new_tokens} new tokens each, greedy")
+    warm = GenerationConfig(method="autoregressive", max_new_tokens=2, eos_token_ids=pair.eos_token_ids)
+    generate_many(pair.target, None, prompts[:1], warm, lambda *_: None)
+    rows = []
+    for method in methods:
+        config = GenerationConfig(method=method, max_new_tokens=args.max_new_tokens, tree=tree,
+                                  eos_token_ids=pair.eos_token_ids)
+        log(f"{method}: one by one")
+        alone = timed_run(pair, prompts, config, 0)
+        rows.append(summarize(method, 0, alone, alone))
+        log(f"  {rows[-1]['tok/s']} tok/s")
+        for batch in batch_sizes:
+            log(f"{method}: batch {batch}")
+            rows.append(summarize(method, batch, timed_run(pair, prompts, config, batch), alone))
+            row = rows[-1]
+            log(f"  {row['tok/s']} tok/s, {row['speedup']}x, same output: {row['same output']}")
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("| " + " | ".join("---" for _ in columns) + " |")
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    if args.json:
+        setting = {k: v for k, v in vars(args).items() if k != "json"}
+        Path(args.json).write_text(json.dumps({"setting": setting, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
