@@ -166,8 +166,10 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     load_target = None
     offloaded = bool(weight_quant or settings.get("offload", "none") != "none" or buffers
                      or resident_layers is not None or offload_dir or caps)
-    lanes = settings.get("batch_size") or default_batch_size(len(batch), offloaded, stream and not as_json)
-    if stream and not as_json and lanes > 1:
+    streaming = stream and not as_json
+    profile_batch = None if streaming else settings.get("batch_size")  # streaming: one prompt at a time
+    lanes = batch_size or profile_batch or default_batch_size(len(batch), offloaded, streaming)
+    if streaming and lanes > 1:
         raise UsageError("--stream prints one prompt at a time: drop --batch-size or set it to 1")
     if offloaded:
         options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
