@@ -166,8 +166,10 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     load_target = None
     offloaded = bool(weight_quant or settings.get("offload", "none") != "none" or buffers
                      or resident_layers is not None or offload_dir or caps)
-    lanes = settings.get("batch_size") or default_batch_size(len(batch), offloaded, stream and not as_json)
-    if stream and not as_json and lanes > 1:
+    streaming = stream and not as_json
+    profile_batch = None if streaming else settings.get("batch_size")  # streaming: one prompt at a time
+    lanes = batch_size or profile_batch or default_batch_size(len(batch), offloaded, streaming)
+    if streaming and lanes > 1:
         raise UsageError("--stream prints one prompt at a time: drop --batch-size or set it to 1")
     if offloaded:
         options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
@@ -268,11 +270,25 @@ def probe(as_json: bool, refresh: bool) -> None:
               "--max-memory) [default: auto with --max-memory, else the loader's own placement].")
 @click.option("--calibration-iterations", type=int, default=8, show_default=True,
               help="SpecExec iterations per prompt for the acceptance curve.")
+@click.option("--batch-prompts", type=click.Path(dir_okay=False), default=None,
+              help="A batch workload, read like generate's -f (plain text or JSON Lines): after the search, "
+              "the best configuration is measured at each --batch-sizes on these prompts and the fastest "
+              "size is saved as the profile's batch size; offloaded targets are planned for its caches.")
+@click.option("--batch-sizes", default="1,2,4,8,16", show_default=True,
+              help="Comma-separated batch sizes to measure (capped by the number of batch prompts).")
+@click.option("--batch-new-tokens", type=click.IntRange(min=1), default=None,
+              help="New tokens per prompt in the batch measurement [default: --max-new-tokens].")
 @click.option("--no-save", is_flag=True, help="Do not write a profile.")
 @friendly_errors
 def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_file, n_prompts,
-         max_new_tokens, study, device, max_memory, offload, calibration_iterations, no_save) -> None:
-    """Search draft, quantization and tree budget for the most tokens/s here; save a profile."""
+         max_new_tokens, study, device, max_memory, offload, calibration_iterations, batch_prompts,
+         batch_sizes, batch_new_tokens, no_save) -> None:
+    """Search draft, quantization and tree budget for the most tokens/s here; save a profile.
+
+    \b
+    With --batch-prompts FILE, also pick the batch size (prompts per target pass) for that workload:
+      specexec tune -t qwen2.5-coder-1.5b --max-memory cpu=5GiB --batch-prompts prompts.jsonl
+    """
     from pathlib import Path
 
     from specexec_cli.tuning.tune import TuneOptions
@@ -283,7 +299,10 @@ def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_f
                           timeout=timeout, prompts_file=Path(prompts_file) if prompts_file else None,
                           n_prompts=n_prompts, max_new_tokens=max_new_tokens, study=study,
                           device=check_device(device), save=not no_save, max_memory=tuple(max_memory),
-                          offload=offload, calibration_iterations=calibration_iterations)
+                          offload=offload, calibration_iterations=calibration_iterations,
+                          batch_prompts_file=Path(batch_prompts) if batch_prompts else None,
+                          batch_sizes=csv_ints(batch_sizes, "--batch-sizes") or (),
+                          batch_new_tokens=batch_new_tokens)
     parsed_budgets = csv_ints(budgets, "--budgets")
     if parsed_budgets:
         options = TuneOptions(**{**options.__dict__, "budgets": parsed_budgets})

@@ -52,8 +52,9 @@ SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
     "buffers": int,  # GPU layer buffers in the prefetch ring
     "resident_layers": int,
     "max_memory": list,  # --max-memory values, e.g. ["cpu=4GiB"]
+    "batch_size": int,  # prompts per target pass (tune --batch-prompts)
 }
-POSITIVE_INTS = ("budget", "max_n_beams", "max_beam_len", "max_branch_width", "buffers")
+POSITIVE_INTS = ("budget", "max_n_beams", "max_beam_len", "max_branch_width", "buffers", "batch_size")
 
 
 @dataclass
@@ -355,8 +356,9 @@ def settings_for_generate(
 def describe_settings(settings: Mapping) -> str:
     """One line such as `specexec draft=qwen2.5-coder-0.5b fp32 budget=16 beams=8x8`."""
     method = settings.get("method", "specexec")
+    batch = f" batch={settings['batch_size']}" if settings.get("batch_size") else ""
     if method == "autoregressive":
-        return f"autoregressive {settings.get('quantization', '')}".strip()
+        return f"autoregressive {settings.get('quantization', '')}".strip() + batch
     parts = [method, f"draft={settings.get('draft')}", settings.get("quantization", "")]
     if "budget" in settings:
         parts.append(f"budget={settings['budget']}")
@@ -366,7 +368,7 @@ def describe_settings(settings: Mapping) -> str:
         parts.append(f"offload={settings['offload']}/{settings.get('buffers', '-')}")
     if settings.get("max_memory"):
         parts.append("max-memory=" + ",".join(settings["max_memory"]))
-    return " ".join(p for p in parts if p)
+    return " ".join(p for p in parts if p) + batch
 
 
 def format_profile_list(entries: list[ProfileEntry], fingerprint: str | None = None) -> str:

@@ -279,6 +279,8 @@ def tune_args(draw, root: Path) -> list[str]:
         optional("--timeout", FLOATS), optional("--prompts", prompt_file(root)),
         optional("--n-prompts", numbers(-1, 3)), optional("--max-new-tokens", numbers(-1, 4)),
         optional("--study", any_text), optional("--device", DEVICES),
+        optional("--batch-prompts", prompt_file(root)), optional("--batch-sizes", csv),
+        optional("--batch-new-tokens", numbers(-1, 4)),
         st.sampled_from([[], ["--no-save"], ["--bogus"]]),
     ))
     return args

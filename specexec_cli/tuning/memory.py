@@ -22,10 +22,14 @@ from specexec_cli.tuning.shape import ModelShape
 from specexec_cli.tuning.space import Candidate, parse_early_exit
 
 
-def tree_activation_bytes(shape: ModelShape, budget: int, context: int, dtype_bytes: int = 4) -> int:
-    """Peak working memory of one target pass over budget + 1 tree tokens behind `context` tokens:
-    the logits, one layer's attention scores and MLP activations, and the KV cache."""
-    tokens = budget + 1
+def tree_activation_bytes(
+    shape: ModelShape, budget: int, context: int, dtype_bytes: int = 4, lanes: int = 1
+) -> int:
+    """Peak working memory of one target pass over the tree tokens behind `context` tokens: the logits,
+    one layer's attention scores and MLP activations, and the KV cache. A batch of `lanes` prompts
+    shares the budget in a forest with one root each, behind their packed caches (`context` is then
+    the sum of their contexts)."""
+    tokens = budget + max(1, lanes)
     logits = tokens * shape.vocab_size * 4
     scores = shape.n_heads * tokens * (context + tokens) * dtype_bytes
     mlp = 2 * tokens * shape.intermediate_size * dtype_bytes
@@ -160,13 +164,15 @@ def memory_checker(
     context: int,
     caps: dict[str, int] | None = None,
     plan_context: int | None = None,
+    lanes: int = 1,
 ) -> Callable[[Candidate], str | None]:
     """The feasibility test the search runs before loading anything.
 
     A candidate placed in an offload tier (under --max-memory) is checked by the runtime's planner on the
     probed facts with the caps applied, at its budget, with its draft: the question the runtime asks
     before it loads (`plan_context`: the context the runtime plans for). Otherwise the resident estimate
-    of `memory_problem`."""
+    of `memory_problem`. For a batch workload, `context` (and `plan_context`) hold the packed caches of
+    `lanes` prompts, whose trees share the budget."""
     target_shape = model_shape(target)
     gpu_free = max((g.memory_free for g in probe.gpus), default=None) if device.type == "cuda" else None
     budget_mem = MemoryBudget(device_free=gpu_free, host_available=probe.host.ram_available)
@@ -203,7 +209,7 @@ def memory_checker(
                 return str(exc)
             return None
         target_bytes = target_shape.weight_bytes(candidate.quantization)
-        activations = tree_activation_bytes(target_shape, candidate.budget, context)
+        activations = tree_activation_bytes(target_shape, candidate.budget, context, lanes=lanes)
         offloaded = gpu_free is not None and target_bytes > 0.8 * gpu_free
         buffers = 2 * target_shape.layer_bytes(candidate.quantization)
         return memory_problem(

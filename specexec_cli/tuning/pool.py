@@ -31,10 +31,18 @@ class Placement:
     offload: str  # none | ram | disk
     max_memory: dict[str, int] = field(default_factory=dict)
     budget: int | None = None
-    context_len: int = 2048
+    context_len: int | Callable[[Any], int] = 2048  # or a function of the tokenizer (a batch workload)
     draft: Any = None
 
+    def for_tokenizer(self, tokenizer: Any) -> Placement:
+        """This placement with its context worked out for `tokenizer` (a no-op when it is a number)."""
+        if callable(self.context_len):
+            return replace(self, context_len=int(self.context_len(tokenizer)))
+        return self
 
+
+# Loads a target variant placed under the caps; the placement's context may be a function of the
+# tokenizer, which the loader resolves with Placement.for_tokenizer once it has loaded the tokenizer.
 StreamFn = Callable[[str, str, torch.device, Placement], tuple[Any, Any]]
 
 
@@ -91,7 +99,8 @@ def load_placed_variant(name: str, quant: str, device: torch.device, placement: 
     from specexec_cli.models.load import load_tokenizer
 
     spec, source = _registry_source(name, quant)
-    return load_planned(source, quant, device, placement), load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec)
+    return load_planned(source, quant, device, placement.for_tokenizer(tokenizer)), tokenizer
 
 
 def load_planned(source: Any, quant: str, device: torch.device, placement: Placement) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from specexec_cli import hardware, profiles
+from specexec_cli.tuning.batch_stage import BatchChoice
 from specexec_cli.tuning.calibration import Calibration
 from specexec_cli.tuning.pool import ModelPool
 from specexec_cli.tuning.results import SearchResult
@@ -23,6 +24,7 @@ def make_profile(
     options: TuneOptions,
     pool: ModelPool,
     calibration: Calibration,
+    batch: BatchChoice | None = None,
 ) -> profiles.Profile:
     settings: dict = {"method": "autoregressive" if best.autoregressive else "specexec"}
     settings["quantization"] = best.quantization
@@ -46,6 +48,14 @@ def make_profile(
     measured.update(
         max_new_tokens=options.max_new_tokens, prompts=options.n_prompts, temperature=options.temperature
     )
+    notes = [result.verdict()]
+    if batch is not None:  # the batch stage's choice, for generate's default --batch-size
+        settings["batch_size"] = batch.best.batch_size
+        speedup = batch.speedup(batch.best)
+        measured.update(batch_size=batch.best.batch_size, batch_tokens_per_s=batch.best.tokens_per_s)
+        if speedup is not None:
+            measured["batch_speedup"] = speedup
+        notes.append(batch.summary())
     predicted = {"tokens_per_s": evaluation.predicted} if evaluation.predicted is not None else {}
     return profiles.Profile(
         target=target,
@@ -56,5 +66,5 @@ def make_profile(
         predicted=predicted,
         probe={**probe.to_dict(), "calibration": calibration.to_dict()},
         source=f"specexec tune (study {result.study_name})",
-        notes=[result.verdict()],
+        notes=notes,
     )

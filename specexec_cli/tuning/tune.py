@@ -14,6 +14,10 @@ offload tier under the caps; the planner keeps as many layers resident as the la
 room for, so the searched placement is the tier. Streamed variants are predicted by the cost model's
 streamed formula from a few timed passes, and the profile records the tier, buffers, resident layers
 and the caps, which `specexec generate` then loads again.
+
+With --batch-prompts, placed targets are planned for the caches of the largest batch size tried
+(tuning.batch_workload), and after the search a batch stage measures the best configuration at each
+batch size on those prompts (tuning.batch_stage); the fastest size goes into the profile.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.runtime.caps import parse_caps
 from specexec_cli.runtime.plan import OFFLOADS
 from specexec_cli.tuning import log
+from specexec_cli.tuning.batch_stage import BatchChoice, run_batch_stage
+from specexec_cli.tuning.batch_workload import (
+    DEFAULT_BATCH_SIZES,
+    MAX_BATCH_SIZE,
+    BatchWorkload,
+    batch_sizes_to_try,
+    batch_workload,
+)
 from specexec_cli.tuning.calibration import Calibration, calibrate
 from specexec_cli.tuning.memory import memory_checker, model_shape
 from specexec_cli.tuning.objective import GenerationObjective, TrialRecord
@@ -97,6 +109,9 @@ class TuneOptions:
     offload: str | None = None  # auto | none | ram | disk; None: auto with --max-memory, else no tiers
     hopeless_ratio: float = 0.5  # rule out trials predicted below this x the best measured (0: never)
     progress: bool = True
+    batch_prompts_file: Path | None = None  # a batch workload: also tune the batch size on it
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # capped by the number of batch prompts
+    batch_new_tokens: int | None = None  # per prompt in the batch stage; None: max_new_tokens
 
     def validate(self) -> None:
         if self.n_trials < 1:
@@ -114,6 +129,7 @@ class TuneOptions:
         caps_of(self)  # a bad --max-memory fails before anything loads
         if self.offload not in (None, "auto", *OFFLOADS):
             raise UsageError(f"--offload must be one of auto, {', '.join(OFFLOADS)}; got {self.offload!r}")
+        batch_sizes_to_try(self.batch_sizes, MAX_BATCH_SIZE)  # a bad --batch-sizes fails at once
         if self.calibration_iterations < 1:
             raise UsageError(f"--calibration-iterations must be >= 1, got {self.calibration_iterations}")
         for quant in self.quantizations or ():
@@ -197,6 +213,7 @@ class TuneReport:
     profile: profiles.Profile | None
     profile_path: Path | None
     objective: GenerationObjective
+    batch: BatchChoice | None = None  # the batch stage, with --batch-prompts
 
     @property
     def records(self) -> dict[Candidate, TrialRecord]:
@@ -204,6 +221,8 @@ class TuneReport:
 
     def summary(self) -> str:
         lines = [format_results(self.result)]
+        if self.batch is not None:
+            lines.append(self.batch.summary())
         if self.profile_path is not None:
             lines.append(f"profile saved to {self.profile_path}")
         return "\n".join(lines)
@@ -213,7 +232,9 @@ ATTR_CALIBRATION = "calibration"
 ATTR_SETUP = "setup"
 
 
-def check_same_setup(study, space: SearchSpace, options: TuneOptions) -> None:
+def check_same_setup(
+    study, space: SearchSpace, options: TuneOptions, workload: BatchWorkload | None = None
+) -> None:
     """A study keeps one search space and one measurement protocol; resuming with others would mix
     incomparable numbers (and Optuna refuses changed choices), so that is a clear error instead."""
     setup = {
@@ -229,6 +250,8 @@ def check_same_setup(study, space: SearchSpace, options: TuneOptions) -> None:
     }
     if options.max_memory:
         setup["max_memory"] = list(options.max_memory)
+    if workload is not None and space.offloads != (DEFAULT_PLACEMENT,):  # placed for N caches
+        setup["batch_plan"] = [str(options.batch_prompts_file), workload.largest, workload.new_tokens]
     stored = study.user_attrs.get(ATTR_SETUP)
     if stored is None:
         study.set_user_attr(ATTR_SETUP, setup)
@@ -259,6 +282,8 @@ def study_name_for(target: str, fingerprint: str, options: TuneOptions | None = 
         name += "@max-memory=" + ",".join(options.max_memory)
     if options is not None and options.offload:
         name += f"@offload={options.offload}"
+    if options is not None and options.batch_prompts_file and offload_tiers(options) != (DEFAULT_PLACEMENT,):
+        name += f"@batch={max(options.batch_sizes)}"  # planned for the batch's caches: another study
     return name
 
 
@@ -304,11 +329,13 @@ def tune(
     )
     study_name = options.study or study_name_for(target_key, probe.fingerprint, options)
     storage = options.storage or default_storage_path()
+    workload = batch_workload(options, space, PLAN_CONTEXT)
     study = open_study(storage, study_name, options.seed)
-    check_same_setup(study, space, options)
+    check_same_setup(study, space, options, workload)
     prompt_texts = load_tune_prompts(options)
     caps = caps_of(options)
-    placement = Placement("auto", caps, max(space.budgets), PLAN_CONTEXT)
+    plan_context = workload.plan_context if workload else PLAN_CONTEXT  # N caches for a batch workload
+    placement = Placement("auto", caps, max(space.budgets), plan_context)
     first_variant = variant_name(*space.variants[0])
     pool = pool or ModelPool(
         options.target, device, load_fn, stream_fn, placement, plan_draft(space), first_variant
@@ -333,6 +360,10 @@ def tune(
     else:
         log(f"reusing the calibration stored with study {study_name}")
     context = max(p.numel() for p in prompts) + options.max_new_tokens
+    planned, lanes = PLAN_CONTEXT, 1
+    if workload is not None:  # the largest batch's packed caches and its forest must fit too
+        planned, lanes = workload.plan_context(tokenizer), workload.largest
+        context = max(context, workload.caches_context(tokenizer))
     result = run_search(
         space,
         objective,
@@ -343,15 +374,19 @@ def tune(
         if options.timeout is None
         else max(1.0, options.timeout - (time.perf_counter() - start)),
         predict=calibration.predict,
-        infeasible=memory_checker(options.target, probe, device, context, caps, PLAN_CONTEXT),
+        infeasible=memory_checker(options.target, probe, device, context, caps, planned, lanes),
         hopeless_ratio=options.hopeless_ratio,
         seed=options.seed,
         progress=options.progress,
     )
-    profile = path = None
+    profile = path = batch = None
     best = result.best
+    if best is not None and workload is not None:
+        batch = run_batch_stage(
+            pool, best.candidate, workload, tokenizer, options.seed, options.max_branch_width
+        )
     if best is not None:
-        profile = make_profile(target_key, best.candidate, result, probe, options, pool, calibration)
+        profile = make_profile(target_key, best.candidate, result, probe, options, pool, calibration, batch)
         if options.save:
             path = profiles.save_profile(profile, options.profiles_dir)
-    return TuneReport(result, calibration, space, profile, path, objective)
+    return TuneReport(result, calibration, space, profile, path, objective, batch)
