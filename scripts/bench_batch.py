@@ -5,6 +5,12 @@ Prints a markdown table on stdout (progress on stderr): total tokens/s, speedup 
 tokens per target pass, whether every output equals its one-by-one output, and latency (the first
 result of the batch, and the mean per prompt, against the same prompts alone).
 
+The prompts' own passes (prefill) cost the same compute one by one or batched; where that compute is
+not hidden behind the weight reads (a CPU: ~30 ms per prompt token for the 1.5B) it bounds every
+speedup. `--prompt-baseline` times the prompts alone (one by one, 1 new token each) and adds the
+column "speedup beyond prompts" = (one by one - prompts) / (run - prompts), the speedup of the part
+of the run that batching can change. `--batch-budgets` runs each batch size at several shared budgets.
+
 Example (CPU, target streamed from disk under a 5 GiB cap; the issue's full setting):
   python scripts/bench_batch.py --offload disk --max-memory cpu=5GiB --n-prompts 32 -n 64 \
       --batch-sizes 2,4,8,16
@@ -17,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -60,13 +67,15 @@ def timed_run(pair, prompts: list[torch.Tensor], config: GenerationConfig, batch
             "passes": passes}
 
 
-def summarize(method: str, batch: int, run: dict, alone: dict) -> dict:
+def summarize(method: str, batch: int, budget: int, run: dict, alone: dict,
+              prompt_s: float | None) -> dict:
     tokens = sum(r.n_new_tokens for r in run["results"])
     same = all(a.token_ids == b.token_ids for a, b in zip(run["results"], alone["results"], strict=True))
     first = min(run["arrived"])
     first_alone = alone["results"][run["arrived"].index(first)].elapsed_s
     return {
-        "method": method, "batch": batch or 1, "mode": "batched" if batch else "one by one",
+        "method": method, "batch": batch or 1, "budget": budget,
+        "mode": "batched" if batch else "one by one",
         "tokens": tokens, "seconds": round(run["seconds"], 1),
         "tok/s": round(tokens / run["seconds"], 3),
         "speedup": round(alone["seconds"] / run["seconds"], 2),
@@ -74,6 +83,8 @@ def summarize(method: str, batch: int, run: dict, alone: dict) -> dict:
         "same output": same,
         "first result s": round(first, 1), "first vs alone": round(first / first_alone, 2),
         "mean latency s": round(statistics.mean(r.elapsed_s for r in run["results"]), 1),
+        "speedup beyond prompts": "-" if prompt_s is None else round(
+            (alone["seconds"] - prompt_s) / max(1e-9, run["seconds"] - prompt_s), 2),
     }
 
 
@@ -89,6 +100,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="2,4,8,16")
     parser.add_argument("--budget", type=int, default=16,
                         help="tree tokens per target pass (shared by a batch)")
+    parser.add_argument("--batch-budgets", default=None,
+                        help="comma list of shared budgets for the batched runs (default: --budget)")
+    parser.add_argument("--prompt-baseline", action="store_true",
+                        help="time the prompts alone (1 new token each) for 'speedup beyond prompts'")
     parser.add_argument("--max-n-beams", type=int, default=32)
     parser.add_argument("--max-beam-len", type=int, default=8)
     parser.add_argument("--offload", default="disk")
@@ -101,6 +116,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_budgets = [int(b) for b in (args.batch_budgets or str(args.budget)).split(",")]
     methods = args.methods.split(",")
     tree = TreeConfig(budget=args.budget, max_n_beams=args.max_n_beams, max_beam_len=args.max_beam_len,
                       max_branch_width=8)
@@ -113,7 +129,8 @@ def main() -> None:
         longest = sorted((len(encode_messages(tokenizer, m)) for _, m in conversations), reverse=True)
         return sum(longest[:lanes]) + lanes * args.max_new_tokens + tree_headroom(tree)
 
-    loader = None if args.offload == "none" else offloaded_loader(options, args.budget, context)
+    loader = None if args.offload == "none" else offloaded_loader(options, max(args.budget, *batch_budgets),
+                                                                  context)
     needs_draft = any(m != "autoregressive" for m in methods)
     pair = load_pair(args.target, args.draft if needs_draft else "none",
                      "specexec" if needs_draft else "autoregressive", args.device, dtype, loader)
@@ -126,15 +143,23 @@ def main() -> None:
     for method in methods:
         config = GenerationConfig(method=method, max_new_tokens=args.max_new_tokens, tree=tree,
                                   eos_token_ids=pair.eos_token_ids)
+        prompt_s = None
+        if args.prompt_baseline:
+            log(f"{method}: the prompts alone (1 new token each)")
+            prompt_s = timed_run(pair, prompts, replace(config, max_new_tokens=1), 0)["seconds"]
+            log(f"  {prompt_s:.1f} s")
         log(f"{method}: one by one")
         alone = timed_run(pair, prompts, config, 0)
-        rows.append(summarize(method, 0, alone, alone))
+        rows.append(summarize(method, 0, args.budget, alone, alone, prompt_s))
         log(f"  {rows[-1]['tok/s']} tok/s")
-        for batch in batch_sizes:
-            log(f"{method}: batch {batch}")
-            rows.append(summarize(method, batch, timed_run(pair, prompts, config, batch), alone))
-            row = rows[-1]
-            log(f"  {row['tok/s']} tok/s, {row['speedup']}x, same output: {row['same output']}")
+        for budget in batch_budgets:
+            batch_config = replace(config, tree=replace(tree, budget=budget))
+            for batch in batch_sizes:
+                log(f"{method}: batch {batch}, budget {budget}")
+                run = timed_run(pair, prompts, batch_config, batch)
+                rows.append(summarize(method, batch, budget, run, alone, prompt_s))
+                row = rows[-1]
+                log(f"  {row['tok/s']} tok/s, {row['speedup']}x, same output: {row['same output']}")
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
     print("| " + " | ".join("---" for _ in columns) + " |")
@@ -142,7 +167,8 @@ def main() -> None:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
     if args.json:
         setting = {k: v for k, v in vars(args).items() if k != "json"}
-        Path(args.json).write_text(json.dumps({"setting": setting, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"setting": setting, "prompts_alone_s": prompt_s, "rows": rows},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, TreeConfig
-from specexec_cli.decoding.generate import generate
+from specexec_cli.decoding.generate import generate, generate_many
 from specexec_cli.models.load import eos_token_ids, make_early_exit_draft
 from specexec_cli.prompts import encode_prompt
 
@@ -70,3 +70,64 @@ def test_streamed_specexec_on_the_bundled_pair_equals_plain_decoding():
     assert result.token_ids == reference.token_ids
     assert result.n_target_passes < reference.n_target_passes
     engine.close()
+
+
+BATCH_PROMPTS = [
+    "Reply with the single word OK.",
+    "Name three uses of a hash map.",
+    "Here is a long story. " + "Once upon a time a fox lived by a river and watched the boats. " * 12
+    + "Summarize the story in one sentence.",
+    "What is 2 + 2?",
+    "Write a haiku about autumn leaves.",
+    "List the planets of the solar system, one per line.",
+    "Explain recursion to a child. Use two short paragraphs.",
+    "Translate 'good morning' into French.",
+]
+
+
+@pytest.mark.parametrize("method", ["specexec", "specinfer", "autoregressive"])
+def test_batched_greedy_equals_each_prompt_alone_on_smollm2(smollm2, method):
+    """Prompts of 8 to 190 tokens, decoded 1, 3 and 8 at a time through one packed target pass, give
+    each prompt's own output token for token, with EOS, a stop string and the token limit all hit."""
+    model, tokenizer = smollm2
+    draft = make_early_exit_draft(model, 24) if method != "autoregressive" else None
+    prompts = [torch.tensor(encode_prompt(tokenizer, p, None, True)) for p in BATCH_PROMPTS]
+    tree = TreeConfig(budget=32, max_n_beams=16, max_beam_len=6, max_branch_width=8)
+    config = GenerationConfig(method=method, tree=tree, max_new_tokens=24,
+                              eos_token_ids=eos_token_ids(model, tokenizer), stop_strings=("\n\n",))
+    decode = tokenizer.decode
+    alone = {}
+    generate_many(model, draft, prompts, config, lambda i, r: alone.__setitem__(i, r), decode=decode)
+    assert {alone[i].finish_reason for i in alone} == {"stop", "length"}
+    for batch_size in (3, 8):
+        batched = {}
+        generate_many(model, draft, prompts, config, lambda i, r, out=batched: out.__setitem__(i, r),
+                      batch_size=batch_size, decode=decode)
+        for i in range(len(prompts)):
+            assert batched[i].token_ids == alone[i].token_ids, (method, batch_size, i)
+            assert batched[i].text == alone[i].text
+            assert batched[i].finish_reason == alone[i].finish_reason
+
+
+def test_batched_bundled_pair_equals_each_prompt_alone():
+    """The bundled Qwen pair, resident, three prompts of different lengths in one batch."""
+    from specexec_cli.models import bundled
+    from specexec_cli.models.load import load_model
+
+    if not (bundled.is_installed("qwen2.5-coder-0.5b") and bundled.is_installed("qwen2.5-coder-1.5b")):
+        pytest.skip("the bundled Qwen part packages are not installed")
+    draft, _ = load_model("qwen2.5-coder-0.5b", dtype=torch.float32)
+    target, tokenizer = load_model("qwen2.5-coder-1.5b", dtype=torch.float32)
+    texts = ["Write a Python function that reverses a list.", "What does `git rebase` do?",
+             "Explain this code: " + "x = [i * i for i in range(10)]\n" * 6]
+    prompts = [torch.tensor(encode_prompt(tokenizer, t, None, True)) for t in texts]
+    tree = TreeConfig(budget=24, max_n_beams=16, max_beam_len=6, max_branch_width=8)
+    config = GenerationConfig(method="specexec", tree=tree, max_new_tokens=10,
+                              eos_token_ids=eos_token_ids(target, tokenizer))
+    plain = GenerationConfig(method="autoregressive", max_new_tokens=10, eos_token_ids=config.eos_token_ids)
+    reference = [generate(target, None, ids, plain).token_ids for ids in prompts]
+    batched = {}
+    stats = generate_many(target, draft, prompts, config, lambda i, r: batched.__setitem__(i, r),
+                          batch_size=3)
+    assert [batched[i].token_ids for i in range(3)] == reference
+    assert stats.target_passes < 10
