@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
 
+from specexec_cli.decoding.forward import cache_keyword
 from specexec_cli.errors import SpecexecError
 from specexec_cli.models import bundled, load, registry
 from specexec_cli.models.load import check_compatible, eos_token_ids, load_model, make_early_exit_draft
@@ -388,8 +390,9 @@ def test_early_exit_draft_with_kv_cache(tiny_qwen2):
     ids = torch.tensor([[0, 5, 6, 7, 8]])
     with torch.no_grad():
         whole = draft(ids).logits[:, -1]
-        prefix = draft(ids[:, :-1], use_cache=True)
-        step = draft(ids[:, -1:], past_key_values=prefix.past_key_values).logits[:, -1]
+        cache = {cache_keyword(type(draft)): DynamicCache()}
+        draft(ids[:, :-1], use_cache=True, **cache)
+        step = draft(ids[:, -1:], use_cache=True, **cache).logits[:, -1]
     assert torch.allclose(whole, step, atol=1e-10)
     assert len(draft.config.layer_types) == 1
 

@@ -12,6 +12,7 @@ from test_quant import write_gptq_checkpoint
 from tiny_pairs import tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from specexec_cli.decoding.forward import cache_keyword
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.runtime import quant
 from specexec_cli.runtime.offload import load_offloaded_target, model_bytes, plan_target
@@ -52,7 +53,7 @@ def passes(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
             input_ids=prompt,
             attention_mask=additive(causal, dtype),
             position_ids=torch.arange(5)[None],
-            past_key_values=cache,
+            **{cache_keyword(type(model)): cache},
             use_cache=True,
         )
         out.append(r.logits)
@@ -71,7 +72,7 @@ def passes(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
             input_ids=tree,
             attention_mask=additive(attend, dtype),
             position_ids=(5 + torch.tensor(depth))[None],
-            past_key_values=cache,
+            **{cache_keyword(type(model)): cache},
             use_cache=True,
         )
         out.append(r.logits)
@@ -86,7 +87,7 @@ def passes(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
             input_ids=nxt,
             attention_mask=additive(torch.ones(1, 9, dtype=torch.bool), dtype),
             position_ids=torch.tensor([[8]]),
-            past_key_values=cache,
+            **{cache_keyword(type(model)): cache},
             use_cache=True,
         )
         out.append(r.logits)

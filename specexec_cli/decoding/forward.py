@@ -10,6 +10,9 @@ to sdpa with `use_tree_attention` (the loaders also ask for sdpa).
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -20,6 +23,14 @@ def use_tree_attention(model: torch.nn.Module) -> None:
     """Switch `model` to sdpa attention unless it already uses one that honours a 4-D tree mask."""
     if getattr(model.config, "_attn_implementation", None) not in TREE_ATTENTION:
         model.set_attn_implementation("sdpa")
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The name `model_class.forward` takes the KV cache under: transformers renamed `past_key_values`
+    to `cache` (deprecated from 5.2x, removed in 5.40), so ask the signature instead of the version."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def new_cache() -> DynamicCache:
@@ -56,8 +67,8 @@ def forward(
         input_ids=input_ids[None],
         attention_mask=mask[None, None],
         position_ids=position_ids[None],
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=keep,
+        **{cache_keyword(type(model)): cache},
     )
     return out.logits[0]
