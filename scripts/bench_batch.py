@@ -12,7 +12,7 @@ column "speedup beyond prompts" = (one by one - prompts) / (run - prompts), the 
 of the run that batching can change. `--batch-budgets` runs each batch size at several shared budgets.
 
 Example (CPU, target streamed from disk under a 5 GiB cap; the issue's full setting):
-  python scripts/bench_batch.py --offload disk --max-memory cpu=5GiB --n-prompts 32 -n 64 \
+  python scripts/bench_batch.py --offload disk --max-memory cpu=6GiB --n-prompts 32 -n 64 \
       --batch-sizes 2,4,8,16
 """
 
