@@ -107,8 +107,8 @@ def main() -> None:
 @click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Prompts decoded together, sharing each target pass; with a tree method the budget is "
-              "shared by their trees [default: the profile's, else 8 when the target is offloaded, "
-              "else 1].")
+              "shared by their trees [default: the profile's, else up to 8 when the target is offloaded "
+              "(fewer if the memory plan cannot hold 8 prompts' KV caches), else 1].")
 @click.option("--unordered", is_flag=True,
               help="Write each result when it finishes, not in input order (JSON Lines carry the id).")
 @click.option("--no-profile", is_flag=True, help="Ignore tuned and starting profiles.")
@@ -132,6 +132,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
         DEFAULT_TARGET,
         FLOAT_FORMATS,
         TREE_DEFAULTS,
+        BatchSize,
         OffloadOptions,
         default_batch_size,
         default_device,
@@ -171,17 +172,19 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     lanes = batch_size or profile_batch or default_batch_size(len(batch), offloaded, streaming)
     if streaming and lanes > 1:
         raise UsageError("--stream prints one prompt at a time: drop --batch-size or set it to 1")
+    # the batch size the user left to us may shrink until the batch's caches fit the memory plan
+    batch_plan = BatchSize(min(lanes, len(batch)), planned=not (batch_size or profile_batch))
     if offloaded:
         options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
                                  settings.get("resident_layers"), offload_dir, caps)
         # the caches hold the `lanes` longest prompts plus their new tokens
-        context = prompt_context(batch, config, system, not no_chat_template, batch_size=lanes)
-        load_target = offloaded_loader(options, tree.budget, context)
+        context = prompt_context(batch, config, system, not no_chat_template, batch_size=batch_plan.lanes)
+        load_target = offloaded_loader(options, tree.budget, context, batch_plan)
     dtype_name = fmt if fmt in FLOAT_FORMATS else dtype
     pair = load_pair(target, settings.get("draft"), config.method, device, parse_dtype(dtype_name, device),
                      load_target)
     config = GenerationConfig(**{**config.__dict__, "eos_token_ids": pair.eos_token_ids})
-    lanes = min(lanes, len(batch))
+    lanes = batch_plan.lanes
     if lanes > 1:
         click.echo(f"batch: {len(batch)} prompts, up to {lanes} per target pass", err=True)
     run_batch(pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,

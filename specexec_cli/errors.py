@@ -7,6 +7,11 @@ class SpecexecError(Exception):
     exit_code = 1
 
 
+class DoesNotFit(SpecexecError):
+    """The memory plan refused: the weights, KV caches and tree workspace need more device memory than
+    there is (a smaller batch, budget or context may fit)."""
+
+
 class UsageError(SpecexecError):
     """Bad flags or input: exit code 2, like click's own usage errors."""
 

@@ -16,7 +16,7 @@ import torch
 
 from specexec_cli.decoding.config import GenerationConfig, TreeConfig
 from specexec_cli.decoding.generate import GenerationResult, generate_many
-from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.errors import DoesNotFit, SpecexecError, UsageError
 from specexec_cli.prompts import Prompt, encode_prompt
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
@@ -147,16 +147,19 @@ def tree_headroom(tree: TreeConfig) -> int:
 
 
 def prompt_context(prompts: list[Prompt], config: GenerationConfig, system: str | None,
-                   chat_template: bool, batch_size: int = 1) -> Callable[[Any], int]:
-    """The context the KV caches must hold, as a function of the tokenizer (known only at load time):
-    the `batch_size` longest encoded prompts + max_new_tokens for each (their caches are packed into
-    one, decoding/packed.py) + `tree_headroom`."""
+                   chat_template: bool, batch_size: int = 1) -> Callable[..., int]:
+    """The context the KV caches must hold, as a function of the tokenizer (known only at load time)
+    and optionally of the batch size (default `batch_size`): the `lanes` longest encoded prompts +
+    max_new_tokens for each (their caches are packed into one, decoding/packed.py) + `tree_headroom`."""
 
-    def context_len(tokenizer: Any) -> int:
-        lengths = sorted((len(encode_prompt(tokenizer, p.text, system, chat_template)) for p in prompts),
-                         reverse=True)[: max(1, batch_size)] or [1]
-        lanes = min(max(1, batch_size), len(lengths))
-        return sum(lengths) + lanes * config.max_new_tokens + tree_headroom(config.tree)
+    encoded: list[int] = []  # prompt lengths, longest first (encoded once, on the first call)
+
+    def context_len(tokenizer: Any, lanes: int = batch_size) -> int:
+        if not encoded:
+            lengths = [len(encode_prompt(tokenizer, p.text, system, chat_template)) for p in prompts]
+            encoded.extend(sorted(lengths, reverse=True) or [1])
+        lengths = encoded[: max(1, lanes)]
+        return sum(lengths) + len(lengths) * config.max_new_tokens + tree_headroom(config.tree)
 
     return context_len
 
@@ -182,9 +185,21 @@ def unused_offload_flags(options: OffloadOptions, plan: Any, n_layers: int) -> l
     return warnings
 
 
-def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: int | Callable[[Any], int]):
+@dataclass
+class BatchSize:
+    """Prompts per target pass. `planned`: the user left it to the planner, which may lower it until
+    the batch's KV caches fit the memory plan; `lanes` holds what the plan admitted after loading."""
+
+    lanes: int
+    planned: bool = False
+
+
+def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: int | Callable[..., int],
+                     batch: BatchSize | None = None):
     """A `load_target` for `load_pair` that streams the target's layers (specexec_cli.runtime).
-    context_len: tokens the KV caches must hold, or a function of the tokenizer giving it."""
+    context_len: tokens the KV caches must hold, or a function of the tokenizer giving it (and of the
+    batch size, `prompt_context`, when `batch` is given). With a planned `batch`, a plan that does not
+    fit is retried with one prompt fewer per pass, down to 1 (the plan refuses before any weights load)."""
     if options.offload_dir:
         from specexec_cli.fsutil import check_writable_dir
 
@@ -203,12 +218,27 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
         folder = local_source(spec)
         source = str(folder) if folder is not None else spec.hub_id
         tokenizer = load_tokenizer(spec)
-        context = context_len(tokenizer) if callable(context_len) else context_len
-        model = load_offloaded_target(source, device=device, dtype=dtype, offload=options.offload,
-                                      quant=options.quant, buffers=options.buffers,
-                                      resident_layers=options.resident_layers,
-                                      offload_dir=options.offload_dir, budget=budget, context_len=context,
-                                      draft=draft, max_memory=parse_caps(options.max_memory))
+        while True:
+            if not callable(context_len):
+                context = context_len
+            elif batch is not None:
+                context = context_len(tokenizer, batch.lanes)
+            else:
+                context = context_len(tokenizer)
+            try:
+                model = load_offloaded_target(source, device=device, dtype=dtype, offload=options.offload,
+                                              quant=options.quant, buffers=options.buffers,
+                                              resident_layers=options.resident_layers,
+                                              offload_dir=options.offload_dir, budget=budget,
+                                              context_len=context, draft=draft,
+                                              max_memory=parse_caps(options.max_memory))
+                break
+            except DoesNotFit as error:
+                if batch is None or not batch.planned or batch.lanes <= 1:
+                    raise
+                log(f"batch: the caches of {batch.lanes} prompts do not fit ({error}); "
+                    f"trying {batch.lanes - 1}")
+                batch.lanes -= 1
         plan = model.offload_engine.plan
         log(f"offload plan: {plan.summary()}")
         for warning in unused_offload_flags(options, plan, len(model.offload_engine.layers)):

@@ -14,6 +14,7 @@ from specexec_cli.decoding import specexec
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
 from specexec_cli.decoding.sampling import probabilities
 from specexec_cli.decoding.tree import Tree
+from specexec_cli.errors import DoesNotFit
 from specexec_cli.prompts import Prompt
 from specexec_cli.run import prompt_context, tree_headroom
 
@@ -65,6 +66,42 @@ def test_generate_plans_the_offload_context_from_the_prompts(model_dirs, monkeyp
     assert result.exit_code == 0, result.stderr
     prompts = 5 if lanes == 1 else 5 + 2
     assert seen == [prompts + lanes * 6 + tree_headroom(TreeConfig(budget=8, max_n_beams=4, max_beam_len=3))]
+
+
+@pytest.mark.parametrize("batch_flag", [[], ["--batch-size", "3"]])
+def test_a_planned_batch_shrinks_until_its_caches_fit(model_dirs, monkeypatch, batch_flag):
+    """The offloaded default (all 3 prompts in one batch) is lowered one prompt at a time until the plan
+    admits the packed caches; a batch size the user asked for is refused instead, in one line."""
+    from specexec_cli.runtime import offload
+
+    headroom = tree_headroom(TreeConfig(budget=8, max_n_beams=4, max_beam_len=3))
+    fits = 5 + 3 + 2 * 6 + headroom  # the two longest prompts and their new tokens
+    seen = []
+    real = offload.load_offloaded_target
+
+    def capped(source, **kw):
+        seen.append(kw["context_len"])
+        if kw["context_len"] > fits:
+            raise DoesNotFit(f"budget 8 needs more than {fits} tokens of KV cache")
+        return real(source, **kw)
+
+    monkeypatch.setattr(offload, "load_offloaded_target", capped)
+    args = ["generate", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
+            "--no-chat-template", "--no-profile", "-n", "6", "--offload", "ram", "--budget", "8",
+            "--max-n-beams", "4", "--max-beam-len", "3", "--json",
+            "-p", "w1 w2", "-p", "w3 w4 w5 w6 w7", "-p", "w8 w9 w10", *batch_flag]
+    result = CliRunner().invoke(main, args)
+    if batch_flag:
+        assert result.exit_code == 1
+        assert seen == [5 + 3 + 2 + 3 * 6 + headroom]
+        assert result.stderr.strip().splitlines()[-1].startswith("error: budget 8 needs more")
+        assert result.stdout == ""
+        return
+    assert result.exit_code == 0, result.stderr
+    assert seen == [5 + 3 + 2 + 3 * 6 + headroom, fits]
+    assert "the caches of 3 prompts do not fit" in result.stderr
+    assert "up to 2 per target pass" in result.stderr
+    assert len(result.stdout.splitlines()) == 3
 
 
 def random_tree(n_nodes: int, seed: int) -> Tree:

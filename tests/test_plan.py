@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.errors import DoesNotFit, SpecexecError, UsageError
 from specexec_cli.runtime.plan import (
     HardwareFacts,
     ModelFacts,
@@ -81,6 +81,7 @@ def test_resident_layers_auto_fill_what_the_budget_leaves():
 def test_host_ram_refusal_names_the_gap_and_the_way_out():
     with pytest.raises(SpecexecError) as exc:
         plan(RTX4090_SMALL_HOST, LLAMA70_GPTQ, PlanRequest(offload="ram"))
+    assert not isinstance(exc.value, DoesNotFit)  # no smaller batch would help
     assert (
         str(exc.value)
         == "target needs 36.0 GB of host RAM, 21.7 GB available; use --offload disk or a 4-bit variant"
@@ -133,12 +134,18 @@ def test_budget_too_big_says_the_largest_that_fits():
     assert ok.budget == largest
     auto = plan(tight, LLAMA70_GPTQ, PlanRequest(offload="ram", context_len=8192, reserve_bytes=GB))
     assert auto.budget == largest
-    with pytest.raises(SpecexecError):
+    with pytest.raises(DoesNotFit):  # the type the CLI lowers a planned batch size on
         plan(
             tight,
             LLAMA70_GPTQ,
             PlanRequest(offload="ram", budget=largest + 1, context_len=8192, reserve_bytes=GB),
         )
+    with pytest.raises(DoesNotFit):  # "auto" re-raises the last tier's refusal with its type
+        plan(tight, LLAMA70_GPTQ, replace(req, offload="auto"))
+    # a shorter context (fewer prompts in a batch) admits the same budget
+    shorter = plan(tight, LLAMA70_GPTQ, PlanRequest(offload="ram", budget=largest + 1, context_len=4096,
+                                                    reserve_bytes=GB))
+    assert shorter.budget == largest + 1
 
 
 def test_weights_that_do_not_fit_the_device():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, replace
 
-from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.errors import DoesNotFit, SpecexecError, UsageError
 
 OFFLOADS = ("none", "ram", "disk")
 
@@ -150,13 +150,12 @@ def max_budget(model: ModelFacts, req: PlanRequest, free: int) -> int:
 def plan(hw: HardwareFacts, model: ModelFacts, req: PlanRequest) -> Plan:
     """Decide resident layers, ring buffers and budget, or raise SpecexecError saying what does not fit."""
     if req.offload == "auto":
-        errors = []
         for tier in OFFLOADS:
             try:
                 return plan(hw, model, replace(req, offload=tier))
             except SpecexecError as exc:
-                errors.append(str(exc))
-        raise SpecexecError(errors[-1])
+                last = exc
+        raise last  # the last tier's reason, with its type
     if req.offload not in OFFLOADS:
         raise UsageError(f"--offload must be one of none, ram, disk, auto; got {req.offload!r}")
     if req.buffers < 2:
@@ -202,7 +201,7 @@ def plan(hw: HardwareFacts, model: ModelFacts, req: PlanRequest) -> Plan:
             hint = "use --offload disk or a 4-bit variant"
         else:
             hint = "use a 4-bit --quant, fewer --resident-layers or a smaller draft"
-        raise SpecexecError(
+        raise DoesNotFit(
             f"target needs {gb(smallest)} of {what} ({_parts(model, req, resident, buffers)}), "
             f"{gb(device_pool)} free; {hint}"
         )
@@ -215,14 +214,14 @@ def plan(hw: HardwareFacts, model: ModelFacts, req: PlanRequest) -> Plan:
             raise UsageError(f"--budget must be >= 1, got {req.budget}")
         need = budget_device_bytes(model, req, req.budget)
         if need > left:
-            raise SpecexecError(
+            raise DoesNotFit(
                 f"budget {req.budget} needs {gb(need)} of device memory for KV cache, tree mask and logits, "
                 f"{gb(left)} left after weights and buffers; the largest budget that fits is {best}"
             )
         budget = req.budget
     else:
         if best < 1:
-            raise SpecexecError(
+            raise DoesNotFit(
                 f"no tree budget fits: {gb(left)} of device memory left after weights and buffers"
             )
         budget = best
