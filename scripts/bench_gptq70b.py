@@ -44,7 +44,7 @@ from bench_offload import copy_bandwidth, log, sync, table  # noqa: E402
 from random_gptq import LLAMA_70B, SMOKE, streamed_layer_bytes, write_checkpoint  # noqa: E402
 
 from specexec_cli.runtime import gptq_dispatch, quant  # noqa: E402
-from specexec_cli.runtime.offload import load_offloaded_target  # noqa: E402
+from specexec_cli.runtime.target import load_offloaded_target  # noqa: E402
 from specexec_cli.tuning import cost_model as cm  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

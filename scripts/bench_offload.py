@@ -32,7 +32,7 @@ from specexec_cli.runtime.disk import (  # noqa: E402
     measure_read_bandwidth,
     safetensors_files,
 )
-from specexec_cli.runtime.offload import load_offloaded_target  # noqa: E402
+from specexec_cli.runtime.target import load_offloaded_target  # noqa: E402
 
 SHAPES = {
     # name: (config class, kwargs)

@@ -124,8 +124,8 @@ def smoke_setup(work: Path, args: argparse.Namespace) -> tuple[str, tuple, tuple
     from conftest import _word_tokenizer
     from tiny_pairs import tiny_pair
 
-    from specexec_cli.runtime.offload import load_offloaded_target, plan_target
     from specexec_cli.runtime.plan import HardwareFacts
+    from specexec_cli.runtime.target import load_offloaded_target, plan_target
     from specexec_cli.tuning.tune import PLAN_CONTEXT
 
     target, draft = tiny_pair("qwen2", dtype=torch.float32)

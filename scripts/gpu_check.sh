@@ -60,7 +60,7 @@ EOF
 }
 
 # --- 1. what a CPU can check -------------------------------------------------------------------
-step import 120 "$PY" -c "import specexec_cli.cli, specexec_cli.runtime.offload, specexec_cli.decoding.generate"
+step import 120 "$PY" -c "import specexec_cli.cli, specexec_cli.runtime.target, specexec_cli.decoding.generate"
 if [ "${GPU_CHECK_SKIP_CPU_TESTS:-0}" != 1 ]; then
     step cpu-cuda-logic 300 "$PY" -m pytest -q -x tests/test_cuda_logic.py tests/test_host_syncs.py
 fi

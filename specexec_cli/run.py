@@ -210,7 +210,7 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
         from specexec_cli.models.load import load_tokenizer, local_source
         from specexec_cli.models.registry import resolve
         from specexec_cli.runtime.caps import parse_caps
-        from specexec_cli.runtime.offload import load_offloaded_target
+        from specexec_cli.runtime.target import load_offloaded_target
 
         spec = resolve(name)
         if options.quant == "gptq" and spec.gptq_hub_id:

@@ -154,16 +154,16 @@ def test_offloaded_target_gives_the_same_text(model_dirs, tier, tmp_path):
 
 
 def test_offload_plan_counts_the_draft(model_dirs, monkeypatch):
-    from specexec_cli.runtime import offload
+    from specexec_cli.runtime import target as target_module
 
     seen = []
-    real = offload.load_offloaded_target
+    real = target_module.load_offloaded_target
 
     def recording(source, **kw):
         seen.append(kw.get("draft"))
         return real(source, **kw)
 
-    monkeypatch.setattr(offload, "load_offloaded_target", recording)
+    monkeypatch.setattr(target_module, "load_offloaded_target", recording)
     separate = run(model_dirs, "-p", "w2 w7", "--offload", "ram")
     early = run(model_dirs, "-p", "w2 w7", "--offload", "ram", "--draft", "first-layers:1")
     assert separate.exit_code == 0 and early.exit_code == 0, separate.stderr + early.stderr

@@ -8,7 +8,7 @@ import torch
 
 from specexec_cli.decoding import stats as stats_module
 from specexec_cli.decoding.stats import PassStats
-from specexec_cli.runtime.offload import PinnedPool
+from specexec_cli.runtime.pinned import PinnedPool
 
 CUDA = torch.device("cuda", 0)
 

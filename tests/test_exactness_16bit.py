@@ -92,7 +92,7 @@ def target_for(kind: str, device: str, dtype: torch.dtype) -> tuple[torch.nn.Mod
     draft = draft.to(device)
     if kind == "resident":
         return target.to(device), draft
-    from specexec_cli.runtime.offload import load_offloaded_target
+    from specexec_cli.runtime.target import load_offloaded_target
 
     streamed = load_offloaded_target(target, device=device, offload="ram", buffers=2, resident_layers=0,
                                      hardware=ROOMY if device == "cpu" else None)

@@ -49,16 +49,16 @@ def model_dirs(tmp_path_factory):
 def test_generate_plans_the_offload_context_from_the_prompts(model_dirs, monkeypatch, batch_flag, lanes):
     """Alone: the longest prompt + new tokens; batched (offloaded default: both prompts in one batch):
     both prompts + new tokens for each, as their caches are packed into one."""
-    from specexec_cli.runtime import offload
+    from specexec_cli.runtime import target as target_module
 
     seen = []
-    real = offload.load_offloaded_target
+    real = target_module.load_offloaded_target
 
     def recording(source, **kw):
         seen.append(kw["context_len"])
         return real(source, **kw)
 
-    monkeypatch.setattr(offload, "load_offloaded_target", recording)
+    monkeypatch.setattr(target_module, "load_offloaded_target", recording)
     args = ["generate", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
             "--no-chat-template", "--no-profile", "-n", "6", "--offload", "ram", "--budget", "8",
             "--max-n-beams", "4", "--max-beam-len", "3", "-p", "w1 w2", "-p", "w3 w4 w5 w6 w7", *batch_flag]
@@ -72,12 +72,12 @@ def test_generate_plans_the_offload_context_from_the_prompts(model_dirs, monkeyp
 def test_a_planned_batch_shrinks_until_its_caches_fit(model_dirs, monkeypatch, batch_flag):
     """The offloaded default (all 3 prompts in one batch) is lowered one prompt at a time until the plan
     admits the packed caches; a batch size the user asked for is refused instead, in one line."""
-    from specexec_cli.runtime import offload
+    from specexec_cli.runtime import target as target_module
 
     headroom = tree_headroom(TreeConfig(budget=8, max_n_beams=4, max_beam_len=3))
     fits = 5 + 3 + 2 * 6 + headroom  # the two longest prompts and their new tokens
     seen = []
-    real = offload.load_offloaded_target
+    real = target_module.load_offloaded_target
 
     def capped(source, **kw):
         seen.append(kw["context_len"])
@@ -85,7 +85,7 @@ def test_a_planned_batch_shrinks_until_its_caches_fit(model_dirs, monkeypatch, b
             raise DoesNotFit(f"budget 8 needs more than {fits} tokens of KV cache")
         return real(source, **kw)
 
-    monkeypatch.setattr(offload, "load_offloaded_target", capped)
+    monkeypatch.setattr(target_module, "load_offloaded_target", capped)
     args = ["generate", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
             "--no-chat-template", "--no-profile", "-n", "6", "--offload", "ram", "--budget", "8",
             "--max-n-beams", "4", "--max-beam-len", "3", "--json",

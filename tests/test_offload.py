@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from specexec_cli.decoding.forward import cache_keyword
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.runtime import quant
-from specexec_cli.runtime.offload import load_offloaded_target, model_bytes, plan_target
 from specexec_cli.runtime.plan import HardwareFacts
+from specexec_cli.runtime.target import load_offloaded_target, model_bytes, plan_target
 
 BIG = HardwareFacts(device_mem_free=64 << 30, host_ram_available=64 << 30, disk_free=1 << 40)
 

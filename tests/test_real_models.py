@@ -47,7 +47,7 @@ def test_streamed_specexec_on_the_bundled_pair_equals_plain_decoding():
     gives plain greedy decoding's tokens, for SpecExec on top of it as for plain decoding itself."""
     from specexec_cli.models import bundled
     from specexec_cli.models.load import load_model
-    from specexec_cli.runtime.offload import load_offloaded_target
+    from specexec_cli.runtime.target import load_offloaded_target
 
     if not (bundled.is_installed("qwen2.5-coder-0.5b") and bundled.is_installed("qwen2.5-coder-1.5b")):
         pytest.skip("the bundled Qwen part packages are not installed")

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.runtime.caps import apply_caps, format_caps, parse_caps, parse_size
 from specexec_cli.runtime.disk import FileReader, ReadOp
-from specexec_cli.runtime.offload import plan_target
 from specexec_cli.runtime.plan import HardwareFacts
+from specexec_cli.runtime.target import plan_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GiB = 1 << 30

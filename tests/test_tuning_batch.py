@@ -223,8 +223,8 @@ def test_a_streamed_batch_tune_plans_the_target_for_n_caches(tmp_path, make_word
     from specexec_cli import profiles
     from specexec_cli.prompts import encode_prompt
     from specexec_cli.run import tree_headroom
-    from specexec_cli.runtime.offload import load_offloaded_target, plan_target
     from specexec_cli.runtime.plan import HardwareFacts
+    from specexec_cli.runtime.target import load_offloaded_target, plan_target
     from specexec_cli.tuning.batch_workload import read_batch_prompts, space_tree
     from specexec_cli.tuning.tune import PLAN_CONTEXT, tune
 

@@ -83,7 +83,7 @@ def load_variant(name: str, quant: str, device: torch.device) -> tuple[Any, Any]
 
     if quant in FLOAT_DTYPES:
         return load_model(name, device=device, dtype=FLOAT_DTYPES[quant])
-    from specexec_cli.runtime.offload import load_offloaded_target
+    from specexec_cli.runtime.target import load_offloaded_target
 
     spec, source = _registry_source(name, quant)
     offload = "none" if device.type == "cpu" else "auto"
@@ -106,7 +106,7 @@ def load_placed_variant(name: str, quant: str, device: torch.device, placement: 
 def load_planned(source: Any, quant: str, device: torch.device, placement: Placement) -> Any:
     """load_offloaded_target at the placement's budget, or at the largest budget the plan allows when
     that one does not fit (the trials above it are then ruled out by the memory check or fail)."""
-    from specexec_cli.runtime.offload import load_offloaded_target
+    from specexec_cli.runtime.target import load_offloaded_target
 
     kwargs = dict(
         device=device, quant=quant, offload=placement.offload, resident_layers=None, buffers=2,

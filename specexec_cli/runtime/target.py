@@ -1,0 +1,413 @@
+"""Load a transformers causal LM as an offloaded target: read the checkpoint's layout, plan the memory
+(runtime/plan.py), load the resident parts and build the streaming engine (runtime/offload.py)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.fsutil import expand_user
+from specexec_cli.runtime import caps
+from specexec_cli.runtime import plan as planner
+from specexec_cli.runtime.disk import BlobWriter, CheckpointIndex, FileReader, ReadOp
+from specexec_cli.runtime.layout import dtype_bytes
+from specexec_cli.runtime.loader import (
+    FLOAT_QUANTS,
+    QUANTS,
+    LayerBuilder,
+    LayerSource,
+    ParamRef,
+    WeightRef,
+    checkpoint_param_refs,
+    empty_skeleton,
+    find_layers,
+    gptq_config_of,
+)
+from specexec_cli.runtime.offload import BoundLayer, OffloadEngine
+from specexec_cli.runtime.pinned import PinnedPool
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device_dtype(
+    device: str | torch.device | None, dtype: torch.dtype | str | None, quant: str | None
+) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device} was asked for, but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if isinstance(dtype, str):
+        names = {
+            "fp16": "float16",
+            "bf16": "bfloat16",
+            "fp32": "float32",
+            "fp64": "float64",
+            "half": "float16",
+        }
+        dtype = getattr(torch, names.get(dtype, dtype), None)
+        if not isinstance(dtype, torch.dtype):
+            raise UsageError("dtype must be one of float16, bfloat16, float32, float64")
+    if quant in FLOAT_QUANTS:
+        if dtype is not None and dtype != FLOAT_QUANTS[quant]:
+            raise UsageError(
+                f"--quant {quant} computes in {FLOAT_QUANTS[quant]}, but dtype {dtype} was given"
+            )
+        dtype = FLOAT_QUANTS[quant]
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def resolve_checkpoint(name: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub repo id resolved through the local hub cache / download."""
+    path = expand_user(name)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        )
+    except Exception as exc:
+        raise SpecexecError(
+            f"cannot find model {name!r}: not a directory, and the hub lookup failed ({exc})"
+        ) from exc
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def _model_facts(model: nn.Module, sources: list[LayerSource], dtype: torch.dtype, prefix: str, direct: bool):
+    cfg = model.config
+    seen, resident = set(), 0
+    for name, p in model.named_parameters():
+        if not name.startswith(prefix + ".") and id(p) not in seen:
+            seen.add(id(p))
+            resident += p.numel() * dtype_bytes(dtype)
+    total = sum(s.layout.nbytes for s in sources)
+    return planner.ModelFacts(
+        n_layers=len(sources),
+        layer_bytes=max(s.layout.nbytes for s in sources),
+        total_layer_bytes=total,
+        resident_bytes=resident,
+        kv_bytes_per_token=kv_bytes_per_token(cfg, dtype),
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+        * getattr(cfg, "num_experts_per_tok", 1),
+        dtype_bytes=dtype_bytes(dtype),
+        decode_bytes=max(s.layout.decoded_bytes(dtype) for s in sources),
+        disk_cache_bytes=0 if direct else total,
+    )
+
+
+@dataclass
+class _Prepared:
+    """Everything decided before any weight is read: the skeleton, the layer layouts and the plan."""
+
+    model: nn.Module
+    index: CheckpointIndex | None
+    prefix: str
+    layer_list: nn.ModuleList
+    sources: list[LayerSource]
+    device: torch.device
+    dtype: torch.dtype
+    quant: str
+    plan: planner.Plan
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a resident model's parameters and buffers (e.g. the draft), for the memory plan."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """K and V bytes of every layer for one token."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes(dtype)
+
+
+def _prepare(
+    source, device, dtype, offload, quant, buffers, resident_layers, offload_dir, budget, context_len, draft,
+    hardware, max_memory,
+) -> _Prepared:
+    if offload not in planner.OFFLOADS and offload != "auto":
+        raise UsageError(f"--offload must be one of none, ram, disk, auto; got {offload!r}")
+    if quant is not None and quant not in QUANTS and quant not in FLOAT_QUANTS:
+        raise UsageError(f"--quant must be one of {', '.join(QUANTS)}; got {quant!r}")
+
+    index, gptq = None, None
+    if isinstance(source, nn.Module):
+        model, config = source, source.config
+        if quant == "gptq":
+            raise UsageError("--quant gptq needs a GPTQ checkpoint directory, not a loaded model")
+        if dtype is None and quant is None:
+            dtype = model.dtype  # keep the loaded model's precision
+    else:
+        from transformers import AutoConfig
+
+        directory = resolve_checkpoint(source)
+        config = AutoConfig.from_pretrained(directory)
+        gptq = gptq_config_of(config)
+        if gptq is not None and quant not in (None, "gptq"):
+            raise UsageError(f"{source} is a GPTQ checkpoint; use --quant gptq")
+        if gptq is None and quant == "gptq":
+            raise UsageError(
+                f"--quant gptq needs a GPTQ checkpoint; {source} has no GPTQ quantization_config"
+            )
+        quant = "gptq" if gptq is not None else quant
+    device, dtype = resolve_device_dtype(device, dtype, quant)
+    if quant is None:
+        quant = {v: k for k, v in FLOAT_QUANTS.items()}[dtype]
+    if not isinstance(source, nn.Module):
+        model = empty_skeleton(config, dtype)
+        index = CheckpointIndex(directory)
+    try:
+        prefix, layer_list = find_layers(model)
+        # plan from headers and shapes only (nothing is read yet except GPTQ g_idx)
+        disk_root = Path(offload_dir) if offload_dir else Path(tempfile.gettempdir())
+        if offload_dir and not disk_root.is_dir():
+            raise UsageError(f"--offload-dir {offload_dir}: not a directory")
+        hw = hardware or planner.probe_hardware(
+            device, str(disk_root if disk_root.exists() else disk_root.parent)
+        )
+        hw = caps.apply_caps(hw, max_memory or {}, device.type, device.index)
+        reserve = 256 << 20
+        if device.type == "cuda":
+            reserve += int(0.05 * torch.cuda.mem_get_info(device)[1])
+        request = planner.PlanRequest(
+            offload=offload,
+            buffers=buffers,
+            resident_layers=resident_layers,
+            budget=budget,
+            context_len=context_len,
+            draft_bytes=model_bytes(draft) if draft is not None else 0,
+            draft_kv_bytes_per_token=kv_bytes_per_token(draft.config, draft.dtype)
+            if draft is not None
+            else 0,
+            reserve_bytes=reserve,
+        )
+        error = None
+        for tier in planner.OFFLOADS if offload == "auto" else (offload,):
+            # the disk tier reads checkpoint files in place unless layers need converting (nf4/int8,
+            # model objects, or weights stored wider than the compute dtype)
+            direct = (
+                tier == "disk" and index is not None and quant not in ("nf4", "int8")
+                and not _stored_wider(index, prefix, dtype)
+            )
+            sources = _layer_sources(model, layer_list, prefix, index, quant, dtype, gptq, direct,
+                                     keep_narrow=tier != "none")
+            facts = _model_facts(model, sources, dtype, prefix, direct)
+            try:
+                the_plan = planner.plan(hw, facts, replace(request, offload=tier))
+                break
+            except SpecexecError as exc:
+                error = exc
+        else:
+            raise error
+    except BaseException:
+        if index is not None:
+            index.close()
+        raise
+    return _Prepared(model, index, prefix, layer_list, sources, device, dtype, quant, the_plan)
+
+
+def plan_target(source: str | os.PathLike | nn.Module, **options: Any) -> planner.Plan:
+    """The memory plan `load_offloaded_target(source, **options)` would follow, without loading any
+    weights. Takes the same keyword arguments; raises the same one-line SpecexecError when the run
+    cannot fit."""
+    call = inspect.signature(load_offloaded_target).bind(source, **options)
+    call.apply_defaults()  # load_offloaded_target's signature holds the defaults for both
+    prep = _prepare(*call.args)
+    if prep.index is not None:
+        prep.index.close()
+    return prep.plan
+
+
+def load_offloaded_target(
+    source: str | os.PathLike | nn.Module,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    offload: str = "ram",
+    quant: str | None = None,
+    buffers: int = 2,
+    resident_layers: int | None = 0,
+    offload_dir: str | os.PathLike | None = None,
+    budget: int | None = None,
+    context_len: int = 2048,
+    draft: nn.Module | None = None,
+    hardware: planner.HardwareFacts | None = None,
+    max_memory: dict[str, int] | None = None,
+) -> nn.Module:
+    """Load a causal LM whose decoder layers stream from host RAM or disk; a drop-in for the resident model.
+
+    source: checkpoint directory, hub repo id (safetensors) or a loaded transformers causal LM (its
+      layer weights are moved into the offload store and its parameters replaced; do not reuse it).
+    device: compute device (default cuda if available, else cpu); dtype: compute dtype (default: the
+      --quant's float type; fp16 on CUDA / fp32 on CPU for gptq, nf4, int8; a model object's own).
+    offload: "none" (all layers resident on the device), "ram", "disk", or "auto" (first that fits).
+    quant: fp16 | bf16 | fp32, gptq (checkpoint must be GPTQ), nf4 | int8 (bitsandbytes, quantized at
+      load time); None: gptq for GPTQ checkpoints, else from dtype.
+    buffers: ring size (>= 2); resident_layers: first R layers stay on the device (None: as many as fit).
+    offload_dir: where the disk tier writes converted layers (nf4/int8 or a model object); default tmp.
+    budget, context_len, draft: what else must fit on the device, for the memory plan (budget None:
+      the plan picks the largest that fits, `model.offload_engine.plan.budget`).
+    hardware: override the probed HardwareFacts (tests).
+    max_memory: caps per memory pool ({"cpu": bytes, "cuda:0": bytes, "device": bytes}, see
+      runtime/caps.py); the plan uses the smaller of each cap and the probe.
+    Streamed layers are stored in the checkpoint's float dtype when it is narrower than the compute
+      dtype (e.g. float16 files computed in float32 on a CPU) and upcast on the device per call.
+    Raises SpecexecError (one line) before loading any weights when the run cannot fit.
+    The engine is `model.offload_engine` (plan, stats, close()). Do not call `.to()` on the model.
+    """
+    prep = _prepare(
+        source, device, dtype, offload, quant, buffers, resident_layers, offload_dir, budget, context_len,
+        draft, hardware, max_memory,
+    )
+    model, index = prep.model, prep.index
+    try:
+        _load_resident_parts(model, index, prep.prefix, prep.device, prep.dtype)
+        engine = _build_engine(
+            model, prep.layer_list, prep.sources, index, prep.device, prep.dtype, prep.plan, offload_dir
+        )
+        if index is not None:
+            _load_generation_config(model, index.directory)
+    finally:
+        if index is not None:
+            index.close()
+    model.offload_engine = engine
+    weakref.finalize(model, engine.close)
+    model.eval()
+    return model
+
+
+def _stored_wider(index: CheckpointIndex, prefix: str, dtype: torch.dtype) -> bool:
+    """True when the checkpoint stores decoder-layer floats wider than `dtype` (reading them in place
+    would stream more bytes than the computation needs)."""
+    size = dtype_bytes(dtype)
+    return any(
+        loc.dtype.is_floating_point and dtype_bytes(loc.dtype) > size
+        for name, loc in index.locations.items()
+        if name.startswith(prefix + ".")
+    )
+
+
+def _layer_sources(
+    model, layer_list, prefix, index, quant, dtype, gptq, direct, keep_narrow=False
+) -> list[LayerSource]:
+    """Layouts of every decoder layer, from checkpoint headers or from the layers' own tensors.
+    keep_narrow: keep checkpoint floats narrower than `dtype` as stored (upcast per call)."""
+    sources = []
+    builder = LayerBuilder(index, quant, dtype, gptq, direct=direct, keep_narrow=keep_narrow)
+    for i, layer in enumerate(layer_list):
+        named = list(layer.named_parameters())
+        params = [(n, tuple(p.shape)) for n, p in named]
+        if index is not None:
+            refs = checkpoint_param_refs(index, f"{prefix}.{i}.", params)
+        else:
+            refs = [ParamRef(n, tuple(p.shape), [[WeightRef("tensor", tensor=p.data)]]) for n, p in named]
+        sources.append(builder.build(refs))
+    return sources
+
+
+def _build_engine(model, layer_list, sources, index, device, dtype, the_plan, offload_dir) -> OffloadEngine:
+    """Fill the layer stores the plan asks for (device, host RAM, blob file) and hook the layers."""
+    n = len(layer_list)
+    streamed = list(range(the_plan.resident_layers, n))
+    bound = [BoundLayer(i, layer_list[i], sources[i].layout, dtype) for i in range(n)]
+    reader = FileReader()
+    pinned = PinnedPool(device.type == "cuda")
+    resident, host, reads = {}, {}, {}
+    cleanup, writer = None, None
+    try:
+        if the_plan.offload == "disk" and streamed and sources[streamed[0]].reads is None:
+            cleanup = tempfile.mkdtemp(prefix="specexec-offload-", dir=offload_dir)
+            writer = BlobWriter(os.path.join(cleanup, "layers.bin"))
+        for i, src in enumerate(sources):
+            if i < the_plan.resident_layers:
+                resident[i] = src.materialize(reader).to(device)
+            elif the_plan.offload == "ram":
+                host[i] = src.materialize(reader, out=pinned.empty(src.layout.nbytes))
+            elif src.reads is not None:
+                reads[i] = src.reads
+            else:
+                offset = writer.append(src.materialize(reader))
+                reads[i] = [ReadOp(writer.path, offset, src.layout.nbytes, 0)]
+            src.produce = None  # drop references to the source tensors (a model object's weights)
+    except BaseException:
+        pinned.close()
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise
+    finally:
+        reader.close()
+        if writer is not None:
+            writer.close()
+    return OffloadEngine(
+        device=device,
+        dtype=dtype,
+        layers=bound,
+        resident=resident,
+        streamed=streamed,
+        host=host,
+        reads=reads,
+        n_buffers=max(the_plan.buffers, 1),
+        plan=the_plan,
+        cleanup_dir=cleanup,
+        pinned=pinned,
+    )
+
+
+def _load_resident_parts(model: nn.Module, index: CheckpointIndex | None, prefix: str, device, dtype) -> None:
+    """Embeddings, final norm, LM head (and every buffer) onto the device in the compute dtype."""
+    tied = dict(
+        getattr(model, "all_tied_weights_keys", None) or {}
+    )  # {target: source}, e.g. lm_head <- embed
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if name.startswith(prefix + ".") or (name in tied and (index is None or name not in index)):
+            continue
+        if index is None:
+            value = p.data
+        elif name in index:
+            value = index.read(name)
+        else:
+            raise SpecexecError(f"checkpoint has no tensor {name}")
+        _set_param(model, name, value.to(device, dtype if value.is_floating_point() else value.dtype))
+    for target, source in tied.items():
+        if index is None or target not in index:
+            src = model.get_parameter(source)
+            owner_name, _, attr = target.rpartition(".")
+            (model.get_submodule(owner_name) if owner_name else model)._parameters[attr] = src
+    for module in model.modules():
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[bname] = buf.to(device)
+
+
+def _load_generation_config(model: nn.Module, directory: Path) -> None:
+    if (directory / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        except Exception as exc:  # a broken generation_config.json should not stop loading
+            log.warning("ignoring %s/generation_config.json: %s", directory, exc)
