@@ -218,6 +218,7 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
         folder = local_source(spec)
         source = str(folder) if folder is not None else spec.hub_id
         tokenizer = load_tokenizer(spec)
+        asked, first_refusal = (batch.lanes if batch else 1), None
         while True:
             if not callable(context_len):
                 context = context_len
@@ -236,9 +237,10 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
             except DoesNotFit as error:
                 if batch is None or not batch.planned or batch.lanes <= 1:
                     raise
-                log(f"batch: the caches of {batch.lanes} prompts do not fit ({error}); "
-                    f"trying {batch.lanes - 1}")
+                first_refusal = first_refusal or error
                 batch.lanes -= 1
+        if first_refusal is not None:
+            log(f"batch: the caches of {asked} prompts do not fit ({first_refusal}); {batch.lanes} do")
         plan = model.offload_engine.plan
         log(f"offload plan: {plan.summary()}")
         for warning in unused_offload_flags(options, plan, len(model.offload_engine.layers)):

@@ -99,7 +99,8 @@ def test_a_planned_batch_shrinks_until_its_caches_fit(model_dirs, monkeypatch, b
         return
     assert result.exit_code == 0, result.stderr
     assert seen == [5 + 3 + 2 + 3 * 6 + headroom, fits]
-    assert "the caches of 3 prompts do not fit" in result.stderr
+    assert "the caches of 3 prompts do not fit (budget 8 needs more than" in result.stderr
+    assert "); 2 do" in result.stderr
     assert "up to 2 per target pass" in result.stderr
     assert len(result.stdout.splitlines()) == 3
 

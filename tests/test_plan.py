@@ -112,7 +112,8 @@ def test_offload_none_refusal():
     with pytest.raises(
         SpecexecError,
         match=r"^target needs 139\.7 GB of device memory "
-        r"\(embeddings/head 2\.1 GB, 80 resident layers 136\.9 GB\), 78\.0 GB free; use --offload ram$",
+        r"\(embeddings/head 2\.1 GB, 80 resident layers 136\.9 GB, KV cache for 2048 tokens and a 1-token "
+        r"pass [0-9.]+ [kMG]B\), 78\.0 GB free; use --offload ram$",
     ):
         plan(A100, LLAMA70, PlanRequest(offload="none"))
 
@@ -153,7 +154,8 @@ def test_weights_that_do_not_fit_the_device():
     with pytest.raises(
         SpecexecError,
         match=r"^target needs .* of device memory \(embeddings/head 2\.1 GB, "
-        r"draft 1\.0 GB, 2 layer buffers 3\.4 GB\), 3\.0 GB free",
+        r"draft 1\.0 GB, 2 layer buffers 3\.4 GB, KV cache for \d+ tokens and a 1-token pass .*\), "
+        r"3\.0 GB free",
     ):
         plan(tiny_gpu, LLAMA70, PlanRequest(offload="ram", draft_bytes=GB))
 

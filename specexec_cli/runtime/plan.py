@@ -265,6 +265,8 @@ def _parts(model: ModelFacts, req: PlanRequest, resident: int, buffers: int) -> 
         parts.append(f"{buffers} layer buffers {gb(buffers * model.layer_bytes)}")
     if model.decode_bytes:
         parts.append(f"dequantized layer {gb(model.decode_bytes)}")
+    kv = budget_device_bytes(model, req, 0)
+    parts.append(f"KV cache for {req.context_len} tokens and a 1-token pass {gb(kv)}")
     return ", ".join(parts)
 
 
