@@ -11,7 +11,7 @@ speedup. `--prompt-baseline` times the prompts alone (one by one, 1 new token ea
 column "speedup beyond prompts" = (one by one - prompts) / (run - prompts), the speedup of the part
 of the run that batching can change. `--batch-budgets` runs each batch size at several shared budgets.
 
-Example (CPU, target streamed from disk under a 5 GiB cap; the issue's full setting):
+Example (CPU, target streamed from disk under a 6 GiB cap; the issue's full setting, hours on 2 cores):
   python scripts/bench_batch.py --offload disk --max-memory cpu=6GiB --n-prompts 32 -n 64 \
       --batch-sizes 2,4,8,16
 """
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--max-n-beams", type=int, default=32)
     parser.add_argument("--max-beam-len", type=int, default=8)
     parser.add_argument("--offload", default="disk")
-    parser.add_argument("--max-memory", action="append", default=None, help="e.g. cpu=5GiB")
+    parser.add_argument("--max-memory", action="append", default=None, help="e.g. cpu=6GiB")
     parser.add_argument("--resident-layers", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
