@@ -35,7 +35,7 @@ def has_triton() -> bool:
 
 
 HAS_TRITON = has_triton()
-# scripts/gpu_check.sh sets SPECEXEC_REQUIRE_TRITON=1: there a missing triton fails instead of skipping
+# scripts/gpu_check.py sets SPECEXEC_REQUIRE_TRITON=1: there a missing triton fails instead of skipping
 needs_triton = pytest.mark.skipif(
     not HAS_TRITON and os.environ.get("SPECEXEC_REQUIRE_TRITON") != "1",
     reason="triton is not installed (optional: pip install triton, or the 'gpu' extra)",
@@ -61,16 +61,26 @@ CASES = [
 ]
 
 
+# act-order (desc_act) cases: a permuted g_idx, each group still holding group_size rows
+ACT_ORDER_CASES = [
+    (bits, n_in, 208, gs, F16, dtype, "gptq")
+    for bits in (2, 4, 8)
+    for n_in, gs in ((256, 128), (96, 32))
+    for dtype in (F16, BF16, F32)
+] + [(4, 256, 128, 64, BF16, BF16, "gptq_v2"), (4, 128, 64, 32, F32, F16, "gptq")]
+
+
 def make_case(bits: int, n_in: int, n_out: int, group_size: int, scales_dtype: torch.dtype, fmt: str,
-              seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random GPTQ tensors in the checkpoint layout (trivial g_idx)."""
+              seed: int = 0, act_order: bool = False) -> dict[str, torch.Tensor]:
+    """Random GPTQ tensors in the checkpoint layout: trivial g_idx, or a permuted one (`act_order`)."""
     gen = torch.Generator().manual_seed(seed)
     groups = 1 if group_size <= 0 else n_in // group_size
     top = 1 << bits
     q = torch.randint(0, top, (n_out, n_in), generator=gen)
     zeros = torch.randint(1 if fmt == "gptq" else 0, top, (groups, n_out), generator=gen)
     scales = torch.rand(groups, n_out, generator=gen) * 0.02 + 0.001
-    g_idx = torch.arange(n_in) // (n_in // groups)
+    rows = torch.randperm(n_in, generator=gen) if act_order else torch.arange(n_in)
+    g_idx = rows // (n_in // groups)
     t = quant.quantize_gptq_reference(q, zeros, scales, g_idx, bits, fmt)
     t["scales"] = scales.to(scales_dtype)
     return t
@@ -92,29 +102,34 @@ def check_cases(device: str) -> int:
     from specexec_cli.runtime import gptq_triton
 
     runs = []
-    for bits, n_in, n_out, gs, sdt, dtype, fmt in CASES:
-        runs.append((make_case(bits, n_in, n_out, gs, sdt, fmt), bits, 1 if fmt == "gptq" else 0, dtype))
+    for act_order, cases in ((False, CASES), (True, ACT_ORDER_CASES)):
+        for bits, n_in, n_out, gs, sdt, dtype, fmt in cases:
+            t = make_case(bits, n_in, n_out, gs, sdt, fmt, act_order=act_order)
+            g_idx = t["g_idx"] if act_order else None
+            runs.append((t, g_idx, bits, 1 if fmt == "gptq" else 0, dtype))
     ties, offset = ties_case()
     for sdt in (F16, BF16, F32):
         for dtype in (BF16, F16):
-            runs.append(({**ties, "scales": ties["scales"].to(sdt)}, 4, offset, dtype))
+            runs.append(({**ties, "scales": ties["scales"].to(sdt)}, None, 4, offset, dtype))
     done = 0
-    for t, bits, zero_offset, dtype in runs:
+    for t, g_idx, bits, zero_offset, dtype in runs:
         args = (t["qweight"], t["qzeros"], t["scales"])
-        expected = quant.dequantize_gptq(*args, None, bits, zero_offset, dtype)  # [out, in] on CPU
-        got = gptq_triton.dequantize(*(a.to(device) for a in args), bits, zero_offset, dtype)
-        what = f"{bits} bits, {tuple(expected.shape)}, {t['scales'].dtype} scales -> {dtype}"
+        expected = quant.dequantize_gptq(*args, g_idx, bits, zero_offset, dtype)  # [out, in] on CPU
+        g_dev = None if g_idx is None else g_idx.to(device)
+        got = gptq_triton.dequantize(*(a.to(device) for a in args), bits, zero_offset, dtype, g_dev)
+        what = (f"{bits} bits, {tuple(expected.shape)}, {t['scales'].dtype} scales -> {dtype}, "
+                f"{'act-order' if g_idx is not None else 'trivial'} g_idx")
         assert got.shape == expected.shape and got.dtype == dtype, what
         assert torch.equal(got.cpu(), expected), what
         if device != "cpu":
-            on_device = quant.dequantize_gptq(*(a.to(device) for a in args), None, bits, zero_offset, dtype)
+            on_device = quant.dequantize_gptq(*(a.to(device) for a in args), g_dev, bits, zero_offset, dtype)
             assert torch.equal(got, on_device), what + " (torch on the device)"
         done += 1
     return done
 
 
 def expected_runs() -> int:
-    return len(CASES) + 6
+    return len(CASES) + len(ACT_ORDER_CASES) + 6
 
 
 def python(code: str, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
@@ -135,7 +150,7 @@ def test_kernel_equals_torch_under_the_interpreter():
 
 
 @needs_triton
-def test_kernel_equals_torch_on_cuda(test_device):
+def test_kernel_equals_torch_on_cuda(test_device, monkeypatch):
     if test_device != "cuda":
         pytest.skip("the compiled kernel needs --device cuda (or SPECEXEC_TEST_DEVICE=cuda)")
     assert check_cases("cuda") == expected_runs()
@@ -145,6 +160,16 @@ def test_kernel_equals_torch_on_cuda(test_device):
     assert gptq_dispatch.triton_kernels() is not None
     w = gptq_dispatch.dequantize_gptq(*args, None, 4, 1, BF16)
     expected = quant.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], None, 4, 1, BF16)
+    assert torch.equal(w.cpu(), expected)
+    # an act-order g_idx goes through the kernel too
+    t = make_case(4, 256, 128, 64, F16, "gptq", act_order=True)
+    kernels, calls = gptq_dispatch.triton_kernels(), []
+    kernel = kernels.dequantize
+    monkeypatch.setattr(kernels, "dequantize", lambda *a: calls.append(a) or kernel(*a))
+    w = gptq_dispatch.dequantize_gptq(*(t[k].cuda() for k in ("qweight", "qzeros", "scales", "g_idx")),
+                                      4, 1, F16)
+    assert len(calls) == 1
+    expected = quant.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1, F16)
     assert torch.equal(w.cpu(), expected)
 
 

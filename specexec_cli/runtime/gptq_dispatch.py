@@ -1,8 +1,9 @@
 """Choose how a GPTQ weight is dequantized: the fused Triton kernel on CUDA, else the pure-torch reference.
 
-The kernel (`gptq_triton`) is used when the tensors are on CUDA, triton imports, the grouping is trivial
-(g_idx None: act-order off) and the bit width and dtypes are ones it handles. Everything else, every CPU
-tensor included, goes to `quant.dequantize_gptq`; both give the same bits (see gptq_triton's contract).
+The kernel (`gptq_triton`) is used when the tensors are on CUDA, triton imports, and the bit width and
+dtypes are ones it handles, for either grouping (g_idx None, or an act-order g_idx). Everything else,
+every CPU tensor included, goes to `quant.dequantize_gptq`; both give the same bits (see gptq_triton's
+contract).
 triton is imported the first time a CUDA weight asks for it, never on CPU. SPECEXEC_GPTQ_TRITON=0 turns
 the kernel off. If the kernel cannot be built or launched (no C compiler for triton's launcher, an old
 GPU), the first failure is logged once and the torch path serves from then on.
@@ -59,11 +60,11 @@ def dequantize_gptq(
 ) -> torch.Tensor:
     """`quant.dequantize_gptq` with the same arguments and result ([out, in] in `dtype`), fused into one
     kernel where it can be."""
-    if g_idx is None and qweight.is_cuda:
+    if qweight.is_cuda:
         kernels = triton_kernels()
         if kernels is not None and kernels.supports(bits, scales.dtype, dtype):
             try:
-                return kernels.dequantize(qweight, qzeros, scales, bits, zero_offset, dtype)
+                return kernels.dequantize(qweight, qzeros, scales, bits, zero_offset, dtype, g_idx)
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as exc:  # compile or launch failure: fall back for good

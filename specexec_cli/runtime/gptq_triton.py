@@ -17,8 +17,10 @@ Rounding to bfloat16 is done with integer ops (add 0x7FFF plus the lowest kept b
 than a float cast, so the kernel rounds the same way on a GPU and under the Triton interpreter (whose
 float32 -> bfloat16 cast truncates). Float16 uses the ordinary cast (round to nearest even in both).
 
-Only the trivial grouping (row i in group i // group_size, act-order off) is handled here; a
-permuted g_idx stays on the torch path. Supported: 2, 4, 8 bits; output float16, bfloat16, float32.
+Both groupings are handled: the trivial one (row i in group i // group_size) and act-order
+(`desc_act`), where `g_idx[i]` names row i's group and each program gathers its rows' zeros and scales
+through it, so the weight comes out in the checkpoint's own row order and the activations need no
+permutation. Supported: 2, 4, 8 bits; output float16, bfloat16, float32.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def _dequant_kernel(
     qweight_ptr,  # int32 [n_in / P, n_out]
     qzeros_ptr,  # int32 [groups, n_out / P]
     scales_ptr,  # fp16 / bf16 / fp32 [groups, n_out]
+    g_idx_ptr,  # int32 [n_in]: the group of each input row (act-order); unused unless HAS_G_IDX
     out_ptr,  # [n_in, n_out] in the output dtype
     n_in,
     n_out,
@@ -49,6 +52,7 @@ def _dequant_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ONE_GROUP: tl.constexpr,  # every program's rows lie in one group (group_size % (BLOCK_W * P) == 0)
+    HAS_G_IDX: tl.constexpr,  # rows are grouped by g_idx (act-order), not by row // group_size
     OUT_KIND: tl.constexpr,  # 0 float32, 1 float16, 2 bfloat16
 ):
     P: tl.constexpr = 32 // BITS
@@ -76,8 +80,12 @@ def _dequant_kernel(
         scale = tl.load(scales_ptr + g * n_out + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BN]
         w = (q - zero[None, :]).to(tl.float32) * scale[None, :]  # [BR, BN]
     else:
-        g = rows // group_size  # [BR]
-        ok = (rows[:, None] < n_in) & col_ok[None, :]
+        row_ok = rows < n_in
+        if HAS_G_IDX:
+            g = tl.load(g_idx_ptr + rows, mask=row_ok, other=0)  # [BR]
+        else:
+            g = rows // group_size  # [BR]
+        ok = row_ok[:, None] & col_ok[None, :]
         zword = tl.load(qzeros_ptr + g[:, None] * zero_cols + (cols // P)[None, :], mask=ok, other=0)
         zero = ((zword >> zero_shift[None, :]) & MASK) + zero_offset  # [BR, BN]
         scale = tl.load(scales_ptr + g[:, None] * n_out + cols[None, :], mask=ok, other=0.0)
@@ -106,11 +114,13 @@ def dequantize(
     bits: int,
     zero_offset: int,
     dtype: torch.dtype,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Trivially grouped GPTQ tensors -> dense weight [out, in] in `dtype` (a transposed view, like
+    """GPTQ tensors -> dense weight [out, in] in `dtype` (a transposed view, like
     `quant.dequantize_gptq`); one kernel launch on the current stream.
 
-    qweight int32 [in / p, out], qzeros int32 [groups, out / p], scales [groups, out], p = 32 / bits.
+    qweight int32 [in / p, out], qzeros int32 [groups, out / p], scales [groups, out], p = 32 / bits;
+    g_idx int [in] for act-order checkpoints (None: row i is in group i // (in / groups)).
     """
     if not supports(bits, scales.dtype, dtype):
         raise ValueError(f"no Triton GPTQ kernel for {bits} bits, {scales.dtype} scales -> {dtype}")
@@ -123,6 +133,8 @@ def dequantize(
             f"GPTQ shapes do not agree: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
             f"scales {tuple(scales.shape)} at {bits} bits"
         )
+    if g_idx is not None and tuple(g_idx.shape) != (n_in,):
+        raise ValueError(f"GPTQ g_idx has shape {tuple(g_idx.shape)}, the weight has {n_in} input rows")
     group_size = n_in // groups
     out = torch.empty(n_in, n_out, dtype=dtype, device=qweight.device)  # [in, out]
     block_w = BLOCK_ROWS // p
@@ -131,6 +143,7 @@ def dequantize(
         qweight.contiguous(),
         qzeros.contiguous(),
         scales.contiguous(),
+        qweight if g_idx is None else g_idx.to(torch.int32).contiguous(),  # any pointer when unused
         out,
         n_in,
         n_out,
@@ -140,7 +153,8 @@ def dequantize(
         BITS=bits,
         BLOCK_W=block_w,
         BLOCK_N=BLOCK_N,
-        ONE_GROUP=group_size % BLOCK_ROWS == 0,
+        ONE_GROUP=g_idx is None and group_size % BLOCK_ROWS == 0,
+        HAS_G_IDX=g_idx is not None,
         OUT_KIND=OUT_DTYPES[dtype],
     )
     return out.t()
