@@ -10,7 +10,7 @@
   `pytestmark = pytest.mark.usefixtures("one_thread")`).
 - `device_dtype`: tests that take it run once per (device, 16-bit dtype) pair: ("cpu", bf16) always,
   plus ("cuda", bf16) and ("cuda", fp16) with `--device cuda` or SPECEXEC_TEST_DEVICE=cuda
-  (scripts/gpu_check.sh sets it). `test_device` is the selected device ("cpu" by default).
+  (scripts/gpu_check.py sets it). `test_device` is the selected device ("cpu" by default).
 - `smollm2` (session scope, slow): the converted real SmolLM2-135M-Instruct, float32, as
   (model, tokenizer). The first run converts it into the user cache (~40 s); later runs reuse it.
   Tests using it must be marked `@pytest.mark.slow`; it skips when the package is not installed.
@@ -60,6 +60,13 @@ def pytest_generate_tests(metafunc) -> None:
             pairs += [("cuda", torch.bfloat16), ("cuda", torch.float16)]
         ids = [f"{device}-{str(dtype).removeprefix('torch.')}" for device, dtype in pairs]
         metafunc.parametrize("device_dtype", pairs, ids=ids)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests that take the device fixtures are the ones a CUDA run exercises: mark them `cuda`."""
+    for item in items:
+        if {"device_dtype", "test_device"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture

@@ -18,10 +18,14 @@ because under inference mode the scalar read of a CPU tensor does not reach the 
 
 Ops that stay on the host in a CUDA run (e.g. building a small list) are not told apart on CPU, so the
 count is an upper bound of the syncs a CUDA run would make, which is the direction a budget needs.
+
+On a CUDA device `count_cuda_syncs` counts the real thing: torch's sync debug mode warns at every
+operation that blocks the host on the device (`torch.cuda.set_sync_debug_mode("warn")`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,3 +96,30 @@ def count_syncs() -> Iterator[SyncCounter]:
     finally:
         for name, method in real.items():
             setattr(torch.Tensor, name, method)
+
+
+class CudaSyncCounter:
+    """The syncs torch's CUDA sync debug mode reported (`counts["cuda_sync"]`)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@contextmanager
+def count_cuda_syncs() -> Iterator[CudaSyncCounter]:
+    """with count_cuda_syncs() as syncs: ...; then syncs.total: the synchronizing CUDA operations the
+    block ran, as torch's sync debug mode reports them (one warning each)."""
+    counter = CudaSyncCounter()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counter
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    counter.counts["cuda_sync"] = sum("synchronizing CUDA operation" in str(w.message) for w in caught)

@@ -1,10 +1,13 @@
 """Greedy SpecExec and SpecInfer in 16-bit equal plain decoding up to near-ties (docs/algorithm.md,
-"Exactness in 16-bit"), with a resident and a RAM-streamed target; plus the checker's own tests.
+"Exactness in 16-bit"), with a resident, a RAM-streamed and a GPTQ (act-order) RAM-streamed target;
+plus the checker's own tests.
 
 The 16-bit cases run on CPU in bf16 by default, and on CUDA in bf16 and fp16 with --device cuda.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from exactness_helpers import (
     near_tie_epsilon,
     relative_margin,
 )
+from test_quant import write_gptq_checkpoint
 from tiny_pairs import tiny_pair
 
 from specexec_cli.decoding.config import GenerationConfig, TreeConfig
@@ -87,35 +91,51 @@ ROOMY = HardwareFacts(device_mem_free=8 << 30, host_ram_available=8 << 30, disk_
 PROMPTS = ([5, 17, 3, 99, 42], [250, 7, 7, 31, 160, 2, 88, 9, 64])
 
 
-def target_for(kind: str, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
-    target, draft = tiny_pair("llama", vocab=320, dtype=dtype)
-    draft = draft.to(device)
-    if kind == "resident":
-        return target.to(device), draft
+def target_for(kind: str, device: str, dtype: torch.dtype, folder: Path) -> tuple[torch.nn.Module,
+                                                                                  torch.nn.Module]:
+    """The tiny target resident, streamed from RAM, or as a GPTQ checkpoint (act-order, 4 bits) streamed
+    from RAM, with its tiny draft; all in `dtype` on `device`."""
     from specexec_cli.runtime.target import load_offloaded_target
 
-    streamed = load_offloaded_target(target, device=device, offload="ram", buffers=2, resident_layers=0,
-                                     hardware=ROOMY if device == "cpu" else None)
+    target, draft = tiny_pair("llama", vocab=320, dtype=dtype)
+    draft = draft.to(device)
+    hardware = ROOMY if device == "cpu" else None
+    if kind == "resident":
+        return target.to(device), draft
+    if kind == "gptq-streamed":
+        from transformers import AutoModelForCausalLM
+
+        write_gptq_checkpoint(target.float(), folder / "gptq", folder / "dense", group_size=32, desc_act=True)
+        streamed = load_offloaded_target(folder / "gptq", device=device, dtype=dtype, offload="ram",
+                                         resident_layers=0, hardware=hardware)
+        # the random GPTQ weights replaced the target's; the draft is the same weights dequantized,
+        # resident (it agrees with the target except where 16-bit rounding differs)
+        draft = AutoModelForCausalLM.from_pretrained(folder / "dense", dtype=dtype).to(device).eval()
+    else:
+        streamed = load_offloaded_target(target, device=device, offload="ram", buffers=2, resident_layers=0,
+                                         hardware=hardware)
     assert streamed.dtype == dtype and streamed.offload_engine.streamed == [0, 1, 2]
     return streamed, draft
 
 
-@pytest.mark.parametrize("kind", ["resident", "ram-streamed"])
+@pytest.mark.parametrize("kind", ["resident", "ram-streamed", "gptq-streamed"])
 @pytest.mark.parametrize("method", ["specexec", "specinfer"])
-def test_16bit_greedy_equals_plain_decoding_up_to_near_ties(device_dtype, kind, method):
+def test_16bit_greedy_equals_plain_decoding_up_to_near_ties(device_dtype, kind, method, tmp_path):
     device, dtype = device_dtype
-    target, draft = target_for(kind, device, dtype)
+    target, draft = target_for(kind, device, dtype, tmp_path)
     reference = greedy_reference(target)
     beams = 8 if method == "specinfer" else 4
     tree = TreeConfig(budget=32, max_n_beams=beams, max_beam_len=4, max_branch_width=4)
     config = GenerationConfig(method=method, max_new_tokens=24, tree=tree, seed=0)
     for prompt in PROMPTS:
         result = generate(target, draft, torch.tensor([prompt]), config)
+        # no EOS id is set: every case must produce all its tokens (an empty output compares equal)
+        assert result.n_new_tokens == config.max_new_tokens and result.finish_reason == "length"
         report = compare_near_ties(reference, prompt, result.token_ids, near_tie_epsilon(dtype))
         assert report.ok, report.failure
         assert len(report.near_ties) <= 2  # near-ties are rare; many would mean a real disagreement
         assert result.n_target_passes <= result.n_new_tokens
         if method == "specexec":  # SpecInfer's temperature-1 stems rarely hit a tiny model's argmax
             assert result.n_target_passes < result.n_new_tokens
-    if kind == "ram-streamed":
+    if kind != "resident":
         target.offload_engine.close()

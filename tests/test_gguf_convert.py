@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specexec_cli.errors import SpecexecError
-from specexec_cli.models import gguf_convert
-from specexec_cli.models.gguf_file import read_gguf
-
 gguf = pytest.importorskip("gguf")
+
+from specexec_cli.errors import SpecexecError  # noqa: E402
+from specexec_cli.models import gguf_convert  # noqa: E402
+from specexec_cli.models.gguf_file import read_gguf  # noqa: E402
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 96, 2, 4, 2
 

@@ -43,16 +43,16 @@ TREE_PARENTS = [-1, 0, 0, 1, 1, 2]
 def passes(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
     """Prefill, a tree pass with a 4-D mask, a cache edit + crop, and a one-token pass: all logits."""
     gen = torch.Generator().manual_seed(seed)
-    dtype = model.dtype
+    dtype, device = model.dtype, model.device
     out = []
     cache = DynamicCache()
-    prompt = torch.randint(0, 256, (1, 5), generator=gen)
+    prompt = torch.randint(0, 256, (1, 5), generator=gen).to(device)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
     with torch.no_grad():
         r = model(
             input_ids=prompt,
-            attention_mask=additive(causal, dtype),
-            position_ids=torch.arange(5)[None],
+            attention_mask=additive(causal, dtype).to(device),
+            position_ids=torch.arange(5, device=device)[None],
             **{cache_keyword(type(model)): cache},
             use_cache=True,
         )
@@ -67,26 +67,26 @@ def passes(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
             if p >= 0:
                 attend[k, 5:] |= attend[p, 5:]
             depth.append(0 if p < 0 else depth[p] + 1)
-        tree = torch.randint(0, 256, (1, n), generator=gen)
+        tree = torch.randint(0, 256, (1, n), generator=gen).to(device)
         r = model(
             input_ids=tree,
-            attention_mask=additive(attend, dtype),
-            position_ids=(5 + torch.tensor(depth))[None],
+            attention_mask=additive(attend, dtype).to(device),
+            position_ids=(5 + torch.tensor(depth, device=device))[None],
             **{cache_keyword(type(model)): cache},
             use_cache=True,
         )
         out.append(r.logits)
         # keep nodes 0, 2, 5 (a path) the way the engine does: gather in place, then crop
-        keep = torch.tensor([5, 7, 10])
+        keep = torch.tensor([5, 7, 10], device=device)
         for layer in cache.layers:
             layer.keys[:, :, 5:8] = layer.keys[:, :, keep]
             layer.values[:, :, 5:8] = layer.values[:, :, keep]
         cache.crop(-3)  # 11 -> 8 entries
-        nxt = torch.randint(0, 256, (1, 1), generator=gen)
+        nxt = torch.randint(0, 256, (1, 1), generator=gen).to(device)
         r = model(
             input_ids=nxt,
-            attention_mask=additive(torch.ones(1, 9, dtype=torch.bool), dtype),
-            position_ids=torch.tensor([[8]]),
+            attention_mask=additive(torch.ones(1, 9, dtype=torch.bool), dtype).to(device),
+            position_ids=torch.tensor([[8]], device=device),
             **{cache_keyword(type(model)): cache},
             use_cache=True,
         )
@@ -97,7 +97,7 @@ def passes(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
 def assert_same(got: list[torch.Tensor], want: list[torch.Tensor], atol: float = 1e-5) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
-        torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=1e-4)
+        torch.testing.assert_close(g.float().cpu(), w.float().cpu(), atol=atol, rtol=1e-4)
 
 
 def load(path_or_model, **kw) -> torch.nn.Module:
@@ -196,6 +196,28 @@ def test_inference_mode_and_no_grad_mixed(tmp_path):
             torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits)
         assert_same(passes(model), want, atol=1e-6)  # views made under inference mode, reused outside it
         model.offload_engine.close()
+
+
+@pytest.mark.parametrize("offload", ["ram", "disk"])
+@pytest.mark.parametrize("checkpoint", ["fp32", "gptq-act-order"])
+def test_streaming_on_the_selected_device_matches_resident(tmp_path, test_device, offload, checkpoint):
+    """On CUDA (--device cuda) this runs the copy streams, the pinned RAM store or the disk tier's pinned
+    staging, and (GPTQ) the Triton kernel with an act-order g_idx; on CPU the loader thread."""
+    if checkpoint == "fp32":
+        ref = tiny("llama")
+        ref.save_pretrained(tmp_path / "ckpt")
+    else:
+        write_gptq_checkpoint(tiny("llama"), tmp_path / "ckpt", tmp_path / "dense", desc_act=True)
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    want = passes(ref)
+    model = load(tmp_path / "ckpt", device=test_device, dtype=torch.float32, offload=offload, buffers=2,
+                 resident_layers=0, hardware=None if test_device == "cuda" else BIG)
+    engine = model.offload_engine
+    assert engine.streamed == [0, 1, 2] and model.device.type == test_device
+    for _ in range(2):  # the second round starts from the ring's prefetch of the first layers
+        assert_same(passes(model), want, atol=1e-4)
+    assert engine.stats.restarts == 0
+    engine.close()
 
 
 # --- quantized ----------------------------------------------------------------------------------------

@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 import math
 
-import optuna
 import pytest
 
-from specexec_cli.errors import SpecexecError
-from specexec_cli.tuning import cost_model as cm
-from specexec_cli.tuning import memory
-from specexec_cli.tuning.results import format_results
-from specexec_cli.tuning.search import run_search
-from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace, early_exit_key, parse_early_exit
-from specexec_cli.tuning.study import open_study, study_result
+optuna = pytest.importorskip("optuna")  # a core dependency; absent on the lent GPU machine (gpu_check)
+
+from specexec_cli.errors import SpecexecError  # noqa: E402
+from specexec_cli.tuning import cost_model as cm  # noqa: E402
+from specexec_cli.tuning import memory  # noqa: E402
+from specexec_cli.tuning.results import format_results  # noqa: E402
+from specexec_cli.tuning.search import run_search  # noqa: E402
+from specexec_cli.tuning.space import (  # noqa: E402
+    NO_DRAFT,
+    Candidate,
+    SearchSpace,
+    early_exit_key,
+    parse_early_exit,
+)
+from specexec_cli.tuning.study import open_study, study_result  # noqa: E402
 
 # --- cost model -------------------------------------------------------------------------------
 

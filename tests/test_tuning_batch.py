@@ -10,10 +10,12 @@ import json
 import pytest
 import torch
 
-from specexec_cli.errors import SpecexecError, UsageError
-from specexec_cli.tuning import batch_stage
-from specexec_cli.tuning.batch_stage import BatchMeasurement, measure_batches, pick_batch
-from specexec_cli.tuning.batch_workload import (
+pytest.importorskip("optuna")  # a core dependency; absent on the lent GPU machine (gpu_check)
+
+from specexec_cli.errors import SpecexecError, UsageError  # noqa: E402
+from specexec_cli.tuning import batch_stage  # noqa: E402
+from specexec_cli.tuning.batch_stage import BatchMeasurement, measure_batches, pick_batch  # noqa: E402
+from specexec_cli.tuning.batch_workload import (  # noqa: E402
     GENERATE_NEW_TOKENS,
     BatchWorkload,
     batch_context,

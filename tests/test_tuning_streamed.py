@@ -10,10 +10,12 @@ import math
 
 import pytest
 
-from specexec_cli.tuning import cost_model as cm
-from specexec_cli.tuning.calibration import Calibration
-from specexec_cli.tuning.search import run_search
-from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace
+pytest.importorskip("optuna")  # a core dependency; absent on the lent GPU machine (gpu_check)
+
+from specexec_cli.tuning import cost_model as cm  # noqa: E402
+from specexec_cli.tuning.calibration import Calibration  # noqa: E402
+from specexec_cli.tuning.search import run_search  # noqa: E402
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace  # noqa: E402
 
 GiB = 1 << 30
 
