@@ -6,15 +6,21 @@ benchmark run here: pinned host-to-device copy on CUDA (RAM tier), host memcpy o
 cold sequential file read (disk tier). The model is random, built from a config of realistic shapes
 and saved as safetensors first.
 
+`--out FILE` writes every row as JSON (ours and accelerate's, with bandwidths and, where both ran at a
+token count, accelerate's time over ours). scripts/gpu_check.py reads it.
+
 Examples:
   python scripts/bench_offload.py                                   # CPU: TinyLlama shapes, 8 layers
   python scripts/bench_offload.py --shape qwen2-1.5b --device cuda --dtype fp16 --tokens 1,64,256,1024,4096
+  python scripts/bench_offload.py --shape llama-7b --layers 8 --device cuda --dtype fp16 --tiers ram \
+      --tokens 1,16,64,256,1024,4096 --accelerate-tokens 1,256 --out ram_tier.json
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
@@ -57,6 +63,18 @@ SHAPES = {
             num_key_value_heads=2,
             vocab_size=151936,
             tie_word_embeddings=True,
+        ),
+    ),
+    # the Llama structure at toy size, for CPU smoke runs of the script itself
+    "smoke": (
+        "LlamaConfig",
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
         ),
     ),
     "llama-7b": (
@@ -147,7 +165,8 @@ def drop_file_cache(directory: Path) -> None:
             os.close(fd)
 
 
-def bench_ours(args, ckpt: Path, device, dtype, bw_ram: float, bw_disk: float) -> list[list[str]]:
+def bench_ours(args, ckpt: Path, device, dtype, bw_ram: float, bw_disk: float,
+               records: list[dict] | None = None) -> list[list[str]]:
     rows = []
     for tier in args.tiers:
         model = load_offloaded_target(
@@ -170,6 +189,10 @@ def bench_ours(args, ckpt: Path, device, dtype, bw_ram: float, bw_disk: float) -
             sec = time_forward(model, device, t, reps)
             wait = (engine.stats.load_wait_s - before) / reps
             eff = per_forward / sec / bw if per_forward else float("nan")
+            if records is not None:
+                records.append({"runtime": "specexec", "tier": tier, "tokens": t, "seconds": sec,
+                                "streamed_bytes": per_forward, "floor_seconds": per_forward / bw,
+                                "efficiency": eff if per_forward else None, "load_wait_s": wait})
             rows.append(
                 [
                     f"specexec {tier}",
@@ -188,7 +211,7 @@ def bench_ours(args, ckpt: Path, device, dtype, bw_ram: float, bw_disk: float) -
     return rows
 
 
-def bench_accelerate(args, ckpt: Path, device, dtype) -> list[list[str]]:
+def bench_accelerate(args, ckpt: Path, device, dtype, records: list[dict] | None = None) -> list[list[str]]:
     """transformers + accelerate offloading of the same checkpoint: layers on 'cpu' (CUDA) or 'disk' (CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -209,12 +232,15 @@ def bench_accelerate(args, ckpt: Path, device, dtype) -> list[list[str]]:
         model.eval()
         time_forward(model, device, 1, 1)
         rows = []
-        for t in (1, 256):
+        for t in args.accelerate_tokens:
             cases = [("warm page cache", None)]
             if layer_home == "disk":
                 cases.append(("cold (cache dropped)", lambda: drop_file_cache(ckpt)))
             for label, before in cases:
                 sec = time_forward(model, device, t, args.repeats, before=before)
+                if records is not None:
+                    records.append({"runtime": "accelerate", "tier": layer_home, "case": label, "tokens": t,
+                                    "seconds": sec})
                 rows.append([f"accelerate {layer_home} offload, {label}", str(t), f"{sec:.3f}"])
                 log(" | ".join(rows[-1]))
         del model
@@ -241,11 +267,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--no-accelerate", action="store_true")
+    p.add_argument("--accelerate-tokens", default="1,256", help="tokens per pass for accelerate's baseline")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--workdir", default=None, help="where the checkpoint and blobs go (default: a tmp dir)")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     args.tokens = [int(t) for t in args.tokens.split(",")]
+    args.accelerate_tokens = [int(t) for t in args.accelerate_tokens.split(",")]
     args.tiers = args.tiers.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,12 +298,41 @@ def main() -> None:
         f"copy bandwidth ({kind}): {bw_ram / 1e9:.2f} GB/s; cold sequential read: {bw_disk / 1e9:.2f} GB/s\n"
     )
 
-    rows = bench_ours(args, ckpt, device, dtype, bw_ram, bw_disk)
+    records: list[dict] = []
+    result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "shape": args.shape,
+              "layers": args.layers, "checkpoint_bytes": size, "copy_bandwidth": bw_ram,
+              "copy_kind": kind, "disk_bandwidth": bw_disk, "rows": records}
+
+    def save() -> None:  # after each part, so a run killed part-way still leaves its rows
+        if args.out:
+            result["speedup_vs_accelerate"] = speedups(records)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    rows = bench_ours(args, ckpt, device, dtype, bw_ram, bw_disk, records)
+    save()
     header = ["runtime", "tokens", "forward s", "streamed GB", "GB/s", "of copy bw", "load wait s"]
     print(table(header, rows))
     if not args.no_accelerate:
         print()
-        print(table(["runtime", "tokens", "forward s"], bench_accelerate(args, ckpt, device, dtype)))
+        print(table(["runtime", "tokens", "forward s"], bench_accelerate(args, ckpt, device, dtype, records)))
+        save()
+        for row in result["speedup_vs_accelerate"]:
+            print(f"{row['tier']} tier at {row['tokens']} tokens: {row['speedup']:.1f}x accelerate's "
+                  f"{row['baseline']} ({row['baseline_seconds']:.3f} s vs {row['seconds']:.3f} s)")
+
+
+def speedups(records: list[dict]) -> list[dict]:
+    """Accelerate's (warm) forward time over ours at each token count both measured, per tier of ours."""
+    theirs = {r["tokens"]: r for r in records
+              if r["runtime"] == "accelerate" and r["case"] == "warm page cache"}
+    out = []
+    for r in records:
+        base = theirs.get(r["tokens"])
+        if r["runtime"] == "specexec" and r["tier"] != "none" and base is not None:
+            out.append({"tier": r["tier"], "tokens": r["tokens"], "seconds": r["seconds"],
+                        "baseline": f"{base['tier']} offload", "baseline_seconds": base["seconds"],
+                        "speedup": base["seconds"] / r["seconds"]})
+    return out
 
 
 if __name__ == "__main__":
