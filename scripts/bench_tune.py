@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 
 from specexec_cli import hardware
+from specexec_cli.tuning.options import TuneOptions
 from specexec_cli.tuning.space import NO_DRAFT, Candidate, early_exit_key
-from specexec_cli.tuning.tune import TuneOptions, build_space, tune
+from specexec_cli.tuning.tune import build_space, tune
 
 TARGET = "qwen2.5-coder-1.5b"
 DRAFT = "qwen2.5-coder-0.5b"

@@ -294,7 +294,7 @@ def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_f
     """
     from pathlib import Path
 
-    from specexec_cli.tuning.tune import TuneOptions
+    from specexec_cli.tuning.options import TuneOptions
     from specexec_cli.tuning.tune import tune as run_tune
 
     options = TuneOptions(target=target, drafts=tuple(drafts) or None, quantizations=tuple(quants) or None,

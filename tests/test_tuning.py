@@ -494,7 +494,8 @@ def test_a_small_real_tune_on_tiny_models(tmp_path, make_word_tokenizer):
     from tiny_pairs import tiny_pair
 
     from specexec_cli import hardware, profiles
-    from specexec_cli.tuning.tune import TuneOptions, tune
+    from specexec_cli.tuning.options import TuneOptions
+    from specexec_cli.tuning.tune import tune
 
     target, draft = tiny_pair("qwen2", dtype=torch.float32)
     tokenizer = make_word_tokenizer([f"w{i}" for i in range(124)])

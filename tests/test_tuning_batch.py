@@ -160,7 +160,7 @@ def test_out_of_memory_ends_the_stage_and_the_smaller_sizes_count(monkeypatch):
 
 
 def tiny_tune_options(tmp_path, **changes):
-    from specexec_cli.tuning.tune import TuneOptions
+    from specexec_cli.tuning.options import TuneOptions
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([[0, "w1 w5 w9 w2"], [1, "w7 w3 w3 w8 w1"]]))

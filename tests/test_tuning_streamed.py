@@ -124,7 +124,8 @@ def test_a_streamed_tune_on_tiny_models_writes_a_profile_generate_uses(tmp_path,
     from specexec_cli import profiles
     from specexec_cli.runtime.plan import HardwareFacts
     from specexec_cli.runtime.target import load_offloaded_target, plan_target
-    from specexec_cli.tuning.tune import PLAN_CONTEXT, TuneOptions, tune
+    from specexec_cli.tuning.options import TuneOptions
+    from specexec_cli.tuning.tune import PLAN_CONTEXT, tune
 
     target, draft = tiny_pair("qwen2", dtype=torch.float32)
     folder = tmp_path / "target"

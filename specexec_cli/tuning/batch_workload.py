@@ -11,16 +11,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from specexec_cli.decoding.config import TreeConfig
 from specexec_cli.errors import UsageError
 from specexec_cli.prompts import Prompt, collect_prompts, encode_prompt
 from specexec_cli.run import tree_headroom
-from specexec_cli.tuning.space import SearchSpace
-
-if TYPE_CHECKING:
-    from specexec_cli.tuning.tune import TuneOptions
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 MAX_BATCH_SIZE = 1024
@@ -90,12 +86,3 @@ class BatchWorkload:
     def plan_context(self, tokenizer: Any) -> int:
         """What a placed target is planned for: `caches_context`, and never less than `floor`."""
         return max(self.floor, self.caches_context(tokenizer))
-
-
-def batch_workload(options: TuneOptions, space: SearchSpace, floor: int) -> BatchWorkload | None:
-    """The workload of --batch-prompts (None without it), read and checked before anything loads."""
-    if options.batch_prompts_file is None:
-        return None
-    tree = space_tree(space.budgets, space.n_beams, space.beam_lens)
-    new_tokens = options.batch_new_tokens or options.max_new_tokens
-    return BatchWorkload.read(options.batch_prompts_file, options.batch_sizes, new_tokens, tree, floor)

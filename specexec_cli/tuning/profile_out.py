@@ -13,7 +13,7 @@ from specexec_cli.tuning.results import SearchResult
 from specexec_cli.tuning.space import Candidate, generate_draft_name
 
 if TYPE_CHECKING:
-    from specexec_cli.tuning.tune import TuneOptions
+    from specexec_cli.tuning.options import TuneOptions
 
 
 def make_profile(

@@ -4,10 +4,12 @@ with the spellings of early-exit drafts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-from optuna.trial import Trial
+from typing import TYPE_CHECKING
 
 from specexec_cli.models.registry import EARLY_EXIT, early_exit_layers
+
+if TYPE_CHECKING:  # only the search (tuning/search.py) needs optuna itself
+    from optuna.trial import Trial
 
 NO_DRAFT = "none"
 DEFAULT_BUDGETS = tuple(2**i for i in range(13))  # 1 .. 4096, log scale
