@@ -30,11 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specexec_cli.decoding.config import GenerationConfig, TreeConfig  # noqa: E402
+from specexec_cli.decoding.config import (  # noqa: E402
+    GenerationConfig,
+    TreeConfig,
+    tree_headroom,  # noqa: E402
+)
 from specexec_cli.decoding.generate import GenerationResult, generate_many  # noqa: E402
+from specexec_cli.engine import OffloadOptions, load_pair, offloaded_loader  # noqa: E402
 from specexec_cli.prompt_sets import load_conversations  # noqa: E402
 from specexec_cli.prompts import encode_messages  # noqa: E402
-from specexec_cli.run import OffloadOptions, load_pair, offloaded_loader, tree_headroom  # noqa: E402
 
 OASST = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "oasst.json"
 

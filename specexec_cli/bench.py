@@ -14,6 +14,7 @@ table per temperature to stdout (or JSON Lines with `json_lines=True`) and progr
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ import torch
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
 from specexec_cli.decoding.generate import GenerationResult, generate
 from specexec_cli.devices import MAX_THREADS
+from specexec_cli.engine import OffloadOptions, check_draft_quant, offloaded_loader
 from specexec_cli.errors import UsageError
 from specexec_cli.prompt_sets import (  # noqa: F401 - re-exported for scripts and tests
     DEFAULT_PROMPTS,
@@ -38,7 +40,6 @@ from specexec_cli.prompt_sets import (  # noqa: F401 - re-exported for scripts a
     strip_llama2_wrapper,
 )
 from specexec_cli.prompts import encode_messages
-from specexec_cli.run import OffloadOptions, offloaded_loader
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
@@ -72,7 +73,9 @@ class BenchRow:
     target_s: float = 0.0
     draft_s: float = 0.0
     greedy_matches: int | None = None  # prompts whose output equals autoregressive decoding (t=0 only)
-    speedup: float | None = None  # tok/s over the autoregressive row of the same run
+    speedup: float | None = None  # tok/s over the autoregressive row on the same target (equal streaming)
+    speedup_equal_memory: float | None = None  # tok/s over plain decoding planned without the draft
+    memory: str = ""  # "equal memory" for plain decoding planned under the same caps without the draft
     settings: str = ""
     outputs: list[list[int]] = field(default_factory=list, repr=False)
 
@@ -272,11 +275,15 @@ def run_method(target: Any, draft: Any, prompts: Sequence[torch.Tensor], method:
 
 
 def finish_rows(rows: list[BenchRow]) -> None:
-    """Fill speedup (vs the autoregressive row of the same temperature) and greedy matches."""
-    reference = next((r for r in rows if r.method == "autoregressive"), None)
+    """Fill the speedups of one temperature's rows: over the autoregressive row on the same target (equal
+    streaming) and over the equal-memory one when there is one; and the greedy matches."""
+    reference = next((r for r in rows if r.method == "autoregressive" and not r.memory), None)
+    equal_memory = next((r for r in rows if r.method == "autoregressive" and r.memory), None)
     for row in rows:
         if reference is not None and reference.tokens_per_s > 0:
             row.speedup = row.tokens_per_s / reference.tokens_per_s
+        if equal_memory is not None and equal_memory.tokens_per_s > 0:
+            row.speedup_equal_memory = row.tokens_per_s / equal_memory.tokens_per_s
         if reference is not None and row.temperature == 0.0:
             row.greedy_matches = sum(a == b for a, b in zip(row.outputs, reference.outputs, strict=False))
 
@@ -294,45 +301,67 @@ def bench_rows(target: Any, draft: Any, prompts: Sequence[torch.Tensor], plan: B
     """Run every (method, budget) of `plan` at every temperature; rows of one temperature are contiguous."""
     rows: list[BenchRow] = []
     for temperature in plan.temperatures:
-        group: list[BenchRow] = []
         for method, budget in plan.runs():
-            label = method + (f" budget {budget}" if budget is not None else "")
-            log(f"t={temperature:g} {label}: {len(prompts)} prompts ...")
-            row = run_method(target, draft, prompts, method, budget, temperature, plan, eos_ids)
-            log(f"t={temperature:g} {label}: {row.new_tokens} tokens in {row.target_passes} target passes, "
-                f"{row.tokens_per_pass:.2f} tok/pass, {row.tokens_per_s:.3f} tok/s, "
-                f"host {100 * row.host_share:.1f}%, {row.draft_passes_per_iteration:.1f} draft/iter, "
-                f"{row.target_s_per_pass:.2f} s/target pass, {row.elapsed_s:.0f} s, "
-                f"load {os.getloadavg()[0]:.1f}")
-            group.append(row)
+            rows.append(timed_row(target, draft, prompts, method, budget, temperature, plan, eos_ids, log))
+    return finish(rows)
+
+
+def timed_row(target: Any, draft: Any, prompts: Sequence[torch.Tensor], method: str, budget: int | None,
+              temperature: float, plan: BenchPlan, eos_ids: Sequence[int], log: Callable[[str], None],
+              memory: str = "") -> BenchRow:
+    """One (method, budget, temperature) row, with a progress line before and after."""
+    label = method + (f" budget {budget}" if budget is not None else "") + (f" ({memory})" if memory else "")
+    log(f"t={temperature:g} {label}: {len(prompts)} prompts ...")
+    row = run_method(target, draft, prompts, method, budget, temperature, plan, eos_ids)
+    row.memory = memory
+    log(f"t={temperature:g} {label}: {row.new_tokens} tokens in {row.target_passes} target passes, "
+        f"{row.tokens_per_pass:.2f} tok/pass, {row.tokens_per_s:.3f} tok/s, "
+        f"host {100 * row.host_share:.1f}%, {row.draft_passes_per_iteration:.1f} draft/iter, "
+        f"{row.target_s_per_pass:.2f} s/target pass, {row.elapsed_s:.0f} s, "
+        f"load {os.getloadavg()[0]:.1f}")
+    return row
+
+
+def finish(rows: list[BenchRow]) -> list[BenchRow]:
+    """Group the rows by temperature (in order) and fill each group's speedups."""
+    temperatures = list(dict.fromkeys(row.temperature for row in rows))
+    grouped = [[r for r in rows if r.temperature == t] for t in temperatures]
+    for group in grouped:
         finish_rows(group)
-        rows += group
-    return rows
+    return [row for group in grouped for row in group]
 
 
 # --- output ------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = ("method", "budget", "tok/pass", "tok/s", "speedup", "host %", "draft/iter", "target s/pass",
                  "= AR", "settings")
+# with an offloaded target: the speedup over each plain-decoding baseline (docs/benchmarks.md)
+OFFLOAD_COLUMNS = ("method", "budget", "tok/pass", "tok/s", "x equal streaming", "x equal memory", "host %",
+                   "draft/iter", "target s/pass", "= AR", "settings")
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table_cells(row: BenchRow) -> list[str]:
+def table_cells(row: BenchRow, both: bool = False) -> list[str]:
     matches = "-" if row.greedy_matches is None else f"{row.greedy_matches}/{row.n_prompts}"
-    return [row.method, "-" if row.budget is None else str(row.budget), f"{row.tokens_per_pass:.2f}",
-            f"{row.tokens_per_s:.2f}", _fmt(row.speedup, ".2f"), f"{100 * row.host_share:.1f}",
+    method = row.method + (f" ({row.memory})" if row.memory else "")
+    speedups = [_fmt(row.speedup, ".2f")] + ([_fmt(row.speedup_equal_memory, ".2f")] if both else [])
+    return [method, "-" if row.budget is None else str(row.budget), f"{row.tokens_per_pass:.2f}",
+            f"{row.tokens_per_s:.2f}", *speedups, f"{100 * row.host_share:.1f}",
             f"{row.draft_passes_per_iteration:.1f}", f"{row.target_s_per_pass:.2f}", matches, row.settings]
 
 
 def format_table(rows: Sequence[BenchRow], title: str | None = None) -> str:
-    """A markdown table of rows (one line per row), under an optional title line."""
+    """A markdown table of rows (one line per row), under an optional title line. With an equal-memory
+    plain-decoding row the speedup is shown over both baselines."""
+    both = any(row.memory for row in rows)
+    columns = OFFLOAD_COLUMNS if both else TABLE_COLUMNS
     lines = [title, ""] if title else []
-    lines.append("| " + " | ".join(TABLE_COLUMNS) + " |")
-    lines.append("|" + "|".join(" --- " for _ in TABLE_COLUMNS) + "|")
-    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in rows]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join(" --- " for _ in columns) + "|")
+    lines += ["| " + " | ".join(table_cells(row, both)) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -390,6 +419,7 @@ def run_benchmark(
     seed: int = 0,
     device: str = "cpu",
     offload: OffloadOptions | None = None,
+    draft_quant: str | None = None,
     json_lines: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
@@ -398,10 +428,14 @@ def run_benchmark(
 
     budgets: SpecExec budgets (default 1,16,64,256,1024) and, unless specinfer_budgets is given, the
     SpecInfer ones too (default 16,64,256). Tables (or JSON Lines) go to `out` (stdout), progress to `err`.
-    offload: stream the target's layers (run.OffloadOptions: tier, caps, resident layers); every method
-    then runs on the same streamed target, planned for the largest budget.
+    offload: stream the target's layers (engine.OffloadOptions: tier, caps, resident layers); every method
+    then runs on the same streamed target, planned for the largest budget with the draft (the "equal
+    streaming" comparison), and plain decoding runs once more on the target planned under the same caps
+    without the draft or a tree (the "equal memory" comparison: the draft's memory holds target layers).
+    draft_quant: "int8" quantizes the draft (runtime/int8_cpu.py, CPU only).
     """
     from specexec_cli.models.load import check_compatible, eos_token_ids, load_model
+    from specexec_cli.runtime.int8_cpu import quantize_draft_int8
 
     out, err = out or sys.stdout, err or sys.stderr
 
@@ -432,15 +466,18 @@ def run_benchmark(
     conversations = load_conversations(prompt_path, n_prompts)
     if not conversations:
         raise UsageError(f"prompt file {prompt_path} holds no prompt with a user message")
-    log(f"loading {target} and {draft} on {device}")
+    check_draft_quant(draft_quant, device)
+    log(f"loading {target} and {draft}{' (int8)' if draft_quant == 'int8' else ''} on {device}")
     draft_model, draft_tokenizer = load_model(draft, device=device)
+    if draft_quant == "int8":
+        draft_model = quantize_draft_int8(draft_model)
+    context = max_new_tokens + 2048  # prompts are read after the load; MT-Bench turns are short
+    dtype = torch.float32 if device == "cpu" else None
     if offload is None:
         target_model, tokenizer = load_model(target, device=device)
     else:  # the draft is loaded first so that the memory plan counts it
         biggest = max([*plan.specexec_budgets, *plan.specinfer_budgets, 1])
-        context = max_new_tokens + biggest + 2048  # prompts are read after the load; MT-Bench turns are short
-        load = offloaded_loader(offload, biggest, context)
-        dtype = torch.float32 if device == "cpu" else None
+        load = offloaded_loader(offload, biggest, context + biggest)
         target_model, tokenizer = load(target, device=device, dtype=dtype, draft=draft_model)
     check_compatible(tokenizer, draft_tokenizer)
     eos_ids = eos_token_ids(target_model, tokenizer)
@@ -451,19 +488,35 @@ def run_benchmark(
     load_before = os.getloadavg()
     start = time.perf_counter()
     rows = bench_rows(target_model, draft_model, encoded, plan, eos_ids, log)
+    where = "resident" if offload is None else describe_offload(target_model)
+    if offload is not None and "autoregressive" in plan.methods:
+        # equal memory: plain decoding planned under the same caps with no draft and no tree, so the
+        # memory they took holds target layers (the same target and prompts, loaded again)
+        target_model.offload_engine.close()
+        del target_model, draft_model
+        gc.collect()
+        log("equal memory: plain decoding planned under the same caps without the draft")
+        plain_load = offloaded_loader(offload, 0, context)
+        plain_model, _ = plain_load(target, device=device, dtype=dtype, draft=None)
+        where += f"; equal memory plain decoding: {describe_offload(plain_model)}"
+        rows += [timed_row(plain_model, None, encoded, "autoregressive", None, t, plan, eos_ids, log,
+                           memory="equal memory") for t in plan.temperatures]
+        rows = finish(rows)
+        plain_model.offload_engine.close()
     load_after = os.getloadavg()
     log(f"done in {time.perf_counter() - start:.0f} s; load average {load_before[0]:.2f} before, "
         f"{load_after[0]:.2f} after (1 min), {load_after[2]:.2f} (15 min)")
     if json_lines:
         for row in rows:
-            where = {} if offload is None else {"offload": describe_offload(target_model)}
-            record = row.to_dict() | where | {"target": target, "draft": draft, "prompts": str(prompt_path),
-                                      "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
-                                      "load_avg_1m": load_after[0]}
+            placed = {} if offload is None else {"offload": where}
+            run = {"target": target, "draft": draft, "draft_quant": draft_quant, "prompts": str(prompt_path),
+                   "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
+                   "load_avg_1m": load_after[0]}
+            record = row.to_dict() | placed | run
             print(json.dumps(record), file=out)
     else:
-        where = "resident" if offload is None else describe_offload(target_model)
-        header = (f"{target} ({where}) / draft {draft}, {len(encoded)} prompts of {prompt_path.name}, "
+        draft_label = draft + (" int8" if draft_quant == "int8" else "")
+        header = (f"{target} ({where}) / draft {draft_label}, {len(encoded)} prompts of {prompt_path.name}, "
                   f"{max_new_tokens} new tokens, {torch.get_num_threads()} threads, "
                   f"load avg {load_before[0]:.1f}->{load_after[0]:.1f}")
         print(format_report(rows, header), file=out, end="", flush=True)

@@ -12,7 +12,7 @@ import click
 
 from specexec_cli import __version__
 from specexec_cli.devices import MAX_THREADS, check_device
-from specexec_cli.errors import SpecexecError, Terminated, UsageError
+from specexec_cli.errors import SpecexecError, Terminated
 from specexec_cli.messages import one_line, unexpected
 
 EXIT_INTERRUPTED = 130
@@ -79,6 +79,10 @@ def main() -> None:
 @click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 16].")
 @click.option("--max-beam-len", type=int, default=None, help="Draft passes per iteration [default: 8].")
 @click.option("--max-branch-width", type=int, default=None, help="Children per expanded node [default: 8].")
+@click.option("--draft-quant", type=click.Choice(["none", "int8"]), default=None,
+              help="Draft weights: none (the compute dtype) or int8 (CPU only: less than half the memory "
+              "of float32 and faster; the output is still the target's own) "
+              "[default: the profile's, else none].")
 @click.option("-n", "--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 decodes greedily.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -114,7 +118,7 @@ def main() -> None:
 @click.option("--no-profile", is_flag=True, help="Ignore tuned and starting profiles.")
 @friendly_errors
 def generate(prompts, files, input_format, target, draft, method, budget, max_n_beams, max_beam_len,
-             max_branch_width, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
+             max_branch_width, draft_quant, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
              no_chat_template, stream, as_json, verbose, device, dtype, offload, quant, buffers,
              resident_layers, offload_dir, max_memory, batch_size, unordered, no_profile) -> None:
     """Generate text; only the generated text (or JSON Lines with --json) goes to stdout.
@@ -126,69 +130,28 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
       specexec generate -f prompts.jsonl --json > results.jsonl
       specexec generate -f prompts.jsonl --json --offload disk --max-memory cpu=5GiB --batch-size 8
     """
-    from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
+    from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
+    from specexec_cli.engine import EngineRequest, Workload, open_engine
     from specexec_cli.prompts import collect_prompts
-    from specexec_cli.run import (
-        DEFAULT_TARGET,
-        FLOAT_FORMATS,
-        TREE_DEFAULTS,
-        BatchSize,
-        OffloadOptions,
-        default_batch_size,
-        default_device,
-        load_pair,
-        offloaded_loader,
-        parse_dtype,
-        prompt_context,
-        resolve_settings,
-        run_batch,
-    )
-    from specexec_cli.runtime.caps import parse_caps
+    from specexec_cli.run import run_batch
 
     sampling = SamplingConfig(temperature, top_p, top_k)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stops),
-                              seed=seed)
-    config.validate()
+    GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stops),
+                     seed=seed).validate()  # bad sampling or limits fail before anything loads
     batch = collect_prompts(prompts, files, sys.stdin, input_format)
-    target = target or DEFAULT_TARGET
-    flags = dict(method=method, draft=draft, budget=budget, max_n_beams=max_n_beams,
-                 max_beam_len=max_beam_len, max_branch_width=max_branch_width, offload=offload,
-                 buffers=buffers, resident_layers=resident_layers, quantization=quant or dtype,
-                 max_memory=list(max_memory) or None, batch_size=batch_size)
-    settings = resolve_settings(target, flags, use_profile=not no_profile)
-    tree = TreeConfig(**{key: settings[key] for key in TREE_DEFAULTS})
-    config = GenerationConfig(**{**config.__dict__, "method": settings["method"], "tree": tree})
-    config.validate()
-    device = check_device(device) or default_device()
-    fmt = settings.get("quantization")
-    weight_quant = fmt if fmt and fmt not in FLOAT_FORMATS else None
-    caps = tuple(settings.get("max_memory") or ())
-    parse_caps(caps)  # a bad size fails before any weights load
-    load_target = None
-    offloaded = bool(weight_quant or settings.get("offload", "none") != "none" or buffers
-                     or resident_layers is not None or offload_dir or caps)
     streaming = stream and not as_json
-    profile_batch = None if streaming else settings.get("batch_size")  # streaming: one prompt at a time
-    lanes = batch_size or profile_batch or default_batch_size(len(batch), offloaded, streaming)
-    if streaming and lanes > 1:
-        raise UsageError("--stream prints one prompt at a time: drop --batch-size or set it to 1")
-    # the batch size the user left to us may shrink until the batch's caches fit the memory plan
-    batch_plan = BatchSize(min(lanes, len(batch)), planned=not (batch_size or profile_batch))
-    if offloaded:
-        options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
-                                 settings.get("resident_layers"), offload_dir, caps)
-        # the caches hold the `lanes` longest prompts plus their new tokens
-        context = prompt_context(batch, config, system, not no_chat_template, batch_size=batch_plan.lanes)
-        load_target = offloaded_loader(options, tree.budget, context, batch_plan)
-    dtype_name = fmt if fmt in FLOAT_FORMATS else dtype
-    pair = load_pair(target, settings.get("draft"), config.method, device, parse_dtype(dtype_name, device),
-                     load_target)
-    config = GenerationConfig(**{**config.__dict__, "eos_token_ids": pair.eos_token_ids})
-    lanes = batch_plan.lanes
-    if lanes > 1:
-        click.echo(f"batch: {len(batch)} prompts, up to {lanes} per target pass", err=True)
-    run_batch(pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,
-              stream=stream, verbose=verbose, out=sys.stdout, batch_size=lanes, unordered=unordered)
+    request = EngineRequest(target=target, draft=draft, method=method, budget=budget, max_n_beams=max_n_beams,
+                            max_beam_len=max_beam_len, max_branch_width=max_branch_width,
+                            draft_quant=draft_quant, device=device, dtype=dtype, offload=offload, quant=quant,
+                            buffers=buffers, resident_layers=resident_layers, offload_dir=offload_dir,
+                            max_memory=tuple(max_memory), batch_size=batch_size, use_profile=not no_profile)
+    workload = Workload.of_prompts(batch, max_new_tokens, system, not no_chat_template, streaming)
+    engine = open_engine(request, workload)
+    config = engine.config(max_new_tokens, sampling, tuple(stops), seed)
+    if engine.lanes > 1:
+        click.echo(f"batch: {len(batch)} prompts, up to {engine.lanes} per target pass", err=True)
+    run_batch(engine.pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,
+              stream=stream, verbose=verbose, out=sys.stdout, batch_size=engine.lanes, unordered=unordered)
 
 # --- models -----------------------------------------------------------------------------------
 
@@ -373,16 +336,19 @@ def profiles_rm(ref: str) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 32].")
 @click.option("--max-beam-len", type=int, default=None, help="Draft passes per iteration [default: 8].")
+@click.option("--draft-quant", type=click.Choice(["none", "int8"]), default=None,
+              help="int8: the draft in int8 (CPU only; runtime/int8_cpu.py) [default: none].")
 @click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
-              help="Stream the target (every method runs on the same streamed target) [default: resident].")
+              help="Stream the target: every method runs on the same streamed target (equal streaming), "
+              "and plain decoding once more planned without the draft (equal memory) [default: resident].")
 @click.option("--resident-layers", type=int, default=None, help="With --offload: layers kept in memory.")
 @click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers.")
 @click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Rows as JSON Lines instead of tables.")
 @friendly_errors
 def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_budgets, methods, no_assisted,
-          target, draft, threads, device, max_n_beams, max_beam_len, offload, resident_layers, offload_dir,
-          max_memory, as_json) -> None:
+          target, draft, threads, device, max_n_beams, max_beam_len, draft_quant, offload, resident_layers,
+          offload_dir, max_memory, as_json) -> None:
     """Measure SpecExec, SpecInfer, plain and assisted decoding in one process; tables on stdout.
 
     \b
@@ -390,7 +356,7 @@ def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_b
       specexec bench --offload disk --max-memory cpu=5GiB --no-assisted
     """
     from specexec_cli import bench as benchmark
-    from specexec_cli.run import OffloadOptions
+    from specexec_cli.engine import OffloadOptions
     from specexec_cli.runtime.caps import parse_caps
 
     kwargs = {}
@@ -412,4 +378,5 @@ def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_b
                             specinfer_budgets=benchmark.parse_budgets(specinfer_budgets) if specinfer_budgets
                             else None,
                             methods=benchmark.parse_methods(methods), assisted=not no_assisted,
-                            threads=threads, device=check_device(device), json_lines=as_json, **kwargs)
+                            threads=threads, device=check_device(device), json_lines=as_json,
+                            draft_quant=draft_quant, **kwargs)

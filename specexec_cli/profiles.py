@@ -43,6 +43,7 @@ SUFFIX = ".json"
 SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
     "method": str,
     "draft": (str, type(None)),
+    "draft_quant": str,  # "none" or "int8" (a CPU draft in int8, runtime/int8_cpu.py)
     "quantization": str,
     "budget": int,
     "max_n_beams": int,

@@ -11,12 +11,12 @@ from tiny_pairs import tiny_pair
 
 from specexec_cli.cli import main
 from specexec_cli.decoding import specexec
-from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
+from specexec_cli.decoding.config import SamplingConfig, TreeConfig, tree_headroom
 from specexec_cli.decoding.sampling import probabilities
 from specexec_cli.decoding.tree import Tree
+from specexec_cli.engine import Workload
 from specexec_cli.errors import DoesNotFit
 from specexec_cli.prompts import Prompt
-from specexec_cli.run import prompt_context, tree_headroom
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,12 +26,13 @@ def test_tree_headroom_counts_draft_slots_beyond_the_budget():
     assert tree_headroom(TreeConfig(budget=64, max_n_beams=4, max_beam_len=3)) == 0
 
 
-def test_prompt_context_is_longest_prompt_plus_new_tokens_plus_headroom(tiny_tokenizer):
+def test_the_context_is_the_longest_prompts_plus_new_tokens_plus_headroom(tiny_tokenizer):
     prompts = [Prompt("a", "w1 w2 w3"), Prompt("b", "w1 w2 w3 w4 w5 w6 w7"), Prompt("c", "w9")]
     tree = TreeConfig(budget=4, max_n_beams=4, max_beam_len=3)
-    config = GenerationConfig(max_new_tokens=10, tree=tree)
-    context = prompt_context(prompts, config, system=None, chat_template=False)
-    assert context(tiny_tokenizer) == 7 + 10 + tree_headroom(tree)
+    workload = Workload.of_prompts(prompts, 10, system=None, chat_template=False)
+    assert workload.context(tiny_tokenizer, 1, tree_headroom(tree)) == 7 + 10 + tree_headroom(tree)
+    assert workload.context(tiny_tokenizer, 2, 0) == 7 + 3 + 2 * 10  # two lanes: the two longest
+    assert Workload.uniform(100, 50, 4).context(None, 4, 5) == 4 * 150 + 5
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,33 @@ def test_generate_plans_the_offload_context_from_the_prompts(model_dirs, monkeyp
     assert result.exit_code == 0, result.stderr
     prompts = 5 if lanes == 1 else 5 + 2
     assert seen == [prompts + lanes * 6 + tree_headroom(TreeConfig(budget=8, max_n_beams=4, max_beam_len=3))]
+
+
+def test_plain_decoding_is_planned_without_a_draft_or_a_tree(model_dirs, monkeypatch):
+    """Equal memory: --method autoregressive under the same flags plans a 1-token pass (budget 0), no
+    draft and no tree headroom, so the memory a draft and a tree would take goes to target layers."""
+    from specexec_cli.runtime import target as target_module
+
+    seen = []
+    real = target_module.load_offloaded_target
+
+    def recording(source, **kw):
+        seen.append((kw["budget"], kw["draft"], kw["context_len"]))
+        return real(source, **kw)
+
+    monkeypatch.setattr(target_module, "load_offloaded_target", recording)
+    args = ["generate", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
+            "--no-chat-template", "--no-profile", "-n", "6", "--offload", "ram", "--budget", "8",
+            "--max-n-beams", "4", "--max-beam-len", "5", "-p", "w3 w4 w5 w6 w7"]
+    headroom = tree_headroom(TreeConfig(8, 4, 5))
+    assert headroom > 0
+    for method, expected in (("specexec", (8, "draft", 5 + 6 + headroom)),
+                             ("autoregressive", (0, None, 5 + 6))):
+        seen.clear()
+        result = CliRunner().invoke(main, [*args, "--method", method])
+        assert result.exit_code == 0, result.stderr
+        (budget, draft, context), = seen
+        assert (budget, "draft" if draft is not None else None, context) == expected
 
 
 @pytest.mark.parametrize("batch_flag", [[], ["--batch-size", "3"]])

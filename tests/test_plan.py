@@ -210,7 +210,58 @@ def test_bad_requests():
     with pytest.raises(UsageError, match="--offload"):
         plan(A100, LLAMA70, PlanRequest(offload="ssd"))
     with pytest.raises(UsageError, match="--budget"):
-        plan(A100, LLAMA70, PlanRequest(budget=0))
+        plan(A100, LLAMA70, PlanRequest(budget=-1))
+
+
+def test_budget_0_is_plain_decoding_a_one_token_pass():
+    p = plan(A100, LLAMA70, PlanRequest(offload="ram", budget=0, context_len=4096))
+    assert p.budget == 0
+    assert p.device_bytes >= budget_device_bytes(LLAMA70, PlanRequest(context_len=4096), 0)
+
+
+# Qwen2.5-Coder-1.5B on a CPU (float32 compute, float16 layers upcast per call) and its 0.5B draft
+QWEN15 = ModelFacts(n_layers=28, layer_bytes=94_000_000, total_layer_bytes=28 * 94_000_000,
+                    resident_bytes=933_000_000, kv_bytes_per_token=2 * 28 * 2 * 128 * 4, vocab_size=151_936,
+                    hidden_size=1536, intermediate_size=8960, dtype_bytes=4)
+SHAPES = {"llama70": LLAMA70, "llama70-gptq": LLAMA70_GPTQ, "qwen1.5b": QWEN15}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.sampled_from(sorted(SHAPES)),
+    unified=st.booleans(),
+    device_gb=st.floats(0.5, 100),
+    host_gb=st.floats(0.5, 300),
+    offload=st.sampled_from(["none", "ram", "disk", "auto"]),
+    draft_gb=st.floats(0.01, 20),
+    budget=st.one_of(st.none(), st.integers(1, 4096)),
+    context=st.integers(16, 16384),
+    resident=st.one_of(st.none(), st.integers(0, 80)),
+)
+def test_plain_decoding_is_never_given_less_memory_than_speculation_under_the_same_cap(
+    shape, unified, device_gb, host_gb, offload, draft_gb, budget, context, resident
+):
+    """Equal memory: plain decoding planned under the same caps, with no draft and no tree (budget 0),
+    fits whenever the speculative plan does and keeps at least as many target layers resident."""
+    model = SHAPES[shape]
+    resident = None if resident is None else min(resident, model.n_layers)
+    hw = HardwareFacts(device_mem_free=int(device_gb * GB), host_ram_available=int(host_gb * GB),
+                       disk_free=2000 * GB, unified=unified)
+    speculative = PlanRequest(offload=offload, budget=budget, context_len=context, resident_layers=resident,
+                              draft_bytes=int(draft_gb * GB),
+                              draft_kv_bytes_per_token=model.kv_bytes_per_token // 4)
+    plain_request = replace(speculative, budget=0, draft_bytes=0, draft_kv_bytes_per_token=0)
+    try:
+        spec = plan(hw, model, speculative)
+    except SpecexecError:
+        return  # nothing to compare: speculation does not fit here
+    plain = plan(hw, model, plain_request)  # must not raise
+    assert plain.resident_layers >= spec.resident_layers
+    # the streaming tier is never a slower one: none < ram < disk in the order the planner tries them
+    order = {"none": 0, "ram": 1, "disk": 2}
+    assert order[plain.offload] <= order[spec.offload]
+    pool = hw.host_ram_available if unified else hw.device_mem_free
+    assert plain.device_bytes + (plain.host_bytes if unified else 0) <= pool
 
 
 def test_every_layer_resident_needs_no_ring():

@@ -57,9 +57,8 @@ def test_batch_sizes_are_capped_by_the_prompts():
 
 
 def test_the_plan_context_counts_n_packed_caches(tmp_path, make_word_tokenizer):
-    from specexec_cli.decoding.config import TreeConfig
+    from specexec_cli.decoding.config import TreeConfig, tree_headroom
     from specexec_cli.prompts import encode_prompt
-    from specexec_cli.run import tree_headroom
 
     assert batch_context([5, 9, 2, 7], 2, 10, 3) == 9 + 7 + 2 * 10 + 3
     assert batch_context([5], 4, 10, 0) == 5 + 10  # fewer prompts than lanes: one cache
@@ -223,8 +222,8 @@ def test_a_streamed_batch_tune_plans_the_target_for_n_caches(tmp_path, make_word
     from tiny_pairs import tiny_pair
 
     from specexec_cli import profiles
+    from specexec_cli.decoding.config import tree_headroom
     from specexec_cli.prompts import encode_prompt
-    from specexec_cli.run import tree_headroom
     from specexec_cli.runtime.plan import HardwareFacts
     from specexec_cli.runtime.target import load_offloaded_target, plan_target
     from specexec_cli.tuning.batch_workload import read_batch_prompts, space_tree

@@ -73,3 +73,10 @@ class GenerationConfig:
             raise UsageError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         self.sampling.validate()
         self.tree.validate()
+
+
+def tree_headroom(tree: TreeConfig) -> int:
+    """KV slots an iteration needs beyond the budget + 1 tree rows the memory planner already counts: the
+    draft cache keeps a slot for every node the draft ran, trimmed ones included, up to
+    (max_beam_len - 1) * max_n_beams of them (SpecExec; SpecInfer's stems stay within the budget)."""
+    return max(0, (tree.max_beam_len - 1) * tree.max_n_beams - (tree.budget + 1))

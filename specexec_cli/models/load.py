@@ -166,11 +166,31 @@ def load_model(
     if folder is not None:
         tokenizer = _from_folder(AutoTokenizer, folder)
         model = _from_folder(AutoModelForCausalLM, folder, **kwargs)
+        keep_embedding_narrow(model, folder)
     else:
         tokenizer = _from_hub(AutoTokenizer, spec.hub_id)
         model = _from_hub(AutoModelForCausalLM, spec.hub_id, **kwargs)
     model.eval()
     return model, tokenizer
+
+
+def keep_embedding_narrow(model: Any, folder: Path) -> bool:
+    """Store the input embedding in the checkpoint's own float dtype when it is narrower than the loaded
+    one and not tied to the LM head (runtime/embedding.py): lossless, and half the table's memory for a
+    float16 checkpoint computed in float32. Returns whether it did."""
+    from specexec_cli.runtime.disk import CheckpointIndex
+    from specexec_cli.runtime.embedding import input_embedding_name, narrow_input_embedding
+
+    name = input_embedding_name(model)
+    try:
+        index = CheckpointIndex(folder)
+    except (SpecexecError, OSError, ValueError):
+        return False  # not a safetensors folder: keep what transformers loaded
+    try:
+        location = index.locations.get(name) if name else None
+    finally:
+        index.close()
+    return location is not None and narrow_input_embedding(model, location.dtype)
 
 
 # --- draft / target compatibility -------------------------------------------------------------

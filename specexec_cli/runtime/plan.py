@@ -61,7 +61,7 @@ class PlanRequest:
     offload: str = "ram"  # none | ram | disk | auto
     buffers: int = 2
     resident_layers: int | None = 0  # None: as many as fit once the budget is provided for
-    budget: int | None = None  # tree tokens besides the root; None: the largest that fits
+    budget: int | None = None  # tree tokens besides the root (0: plain decoding); None: the largest that fits
     max_budget: int = 4096
     context_len: int = 2048  # prompt + new tokens the KV caches must hold
     draft_bytes: int = 0
@@ -210,7 +210,7 @@ def plan(hw: HardwareFacts, model: ModelFacts, req: PlanRequest) -> Plan:
     left = device_pool - fixed
     best = max_budget(model, req, left)
     if req.budget is not None:
-        if req.budget < 1:
+        if req.budget < 0:
             raise UsageError(f"--budget must be >= 1, got {req.budget}")
         need = budget_device_bytes(model, req, req.budget)
         if need > left:

@@ -18,9 +18,10 @@ from torch import nn
 
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.fsutil import expand_user
-from specexec_cli.runtime import caps
+from specexec_cli.runtime import caps, int8_cpu
 from specexec_cli.runtime import plan as planner
 from specexec_cli.runtime.disk import BlobWriter, CheckpointIndex, FileReader, ReadOp
+from specexec_cli.runtime.embedding import UpcastEmbedding, input_embedding_name, is_tied
 from specexec_cli.runtime.layout import dtype_bytes
 from specexec_cli.runtime.loader import (
     FLOAT_QUANTS,
@@ -93,13 +94,14 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def _model_facts(model: nn.Module, sources: list[LayerSource], dtype: torch.dtype, prefix: str, direct: bool):
+def _model_facts(model: nn.Module, sources: list[LayerSource], dtype: torch.dtype, prefix: str, direct: bool,
+                 narrow: dict[str, torch.dtype]):
     cfg = model.config
     seen, resident = set(), 0
     for name, p in model.named_parameters():
         if not name.startswith(prefix + ".") and id(p) not in seen:
             seen.add(id(p))
-            resident += p.numel() * dtype_bytes(dtype)
+            resident += p.numel() * dtype_bytes(narrow.get(name, dtype))
     total = sum(s.layout.nbytes for s in sources)
     return planner.ModelFacts(
         n_layers=len(sources),
@@ -130,12 +132,14 @@ class _Prepared:
     dtype: torch.dtype
     quant: str
     plan: planner.Plan
+    narrow: dict[str, torch.dtype]  # resident tensors kept in the checkpoint's narrower dtype
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of a resident model's parameters and buffers (e.g. the draft), for the memory plan."""
+    """Bytes of a resident model's parameters and buffers (e.g. the draft) and of any int8 linears'
+    packed weights (runtime/int8_cpu.py), for the memory plan."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + int8_cpu.packed_bytes(model)
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -183,6 +187,7 @@ def _prepare(
         index = CheckpointIndex(directory)
     try:
         prefix, layer_list = find_layers(model)
+        narrow = _narrow_resident(model, index, dtype)
         # plan from headers and shapes only (nothing is read yet except GPTQ g_idx)
         disk_root = Path(offload_dir) if offload_dir else Path(tempfile.gettempdir())
         if offload_dir and not disk_root.is_dir():
@@ -216,7 +221,7 @@ def _prepare(
             )
             sources = _layer_sources(model, layer_list, prefix, index, quant, dtype, gptq, direct,
                                      keep_narrow=tier != "none")
-            facts = _model_facts(model, sources, dtype, prefix, direct)
+            facts = _model_facts(model, sources, dtype, prefix, direct, narrow)
             try:
                 the_plan = planner.plan(hw, facts, replace(request, offload=tier))
                 break
@@ -228,7 +233,7 @@ def _prepare(
         if index is not None:
             index.close()
         raise
-    return _Prepared(model, index, prefix, layer_list, sources, device, dtype, quant, the_plan)
+    return _Prepared(model, index, prefix, layer_list, sources, device, dtype, quant, the_plan, narrow)
 
 
 def plan_target(source: str | os.PathLike | nn.Module, **options: Any) -> planner.Plan:
@@ -285,7 +290,7 @@ def load_offloaded_target(
     )
     model, index = prep.model, prep.index
     try:
-        _load_resident_parts(model, index, prep.prefix, prep.device, prep.dtype)
+        _load_resident_parts(model, index, prep.prefix, prep.device, prep.dtype, prep.narrow)
         engine = _build_engine(
             model, prep.layer_list, prep.sources, index, prep.device, prep.dtype, prep.plan, offload_dir
         )
@@ -377,8 +382,25 @@ def _build_engine(model, layer_list, sources, index, device, dtype, the_plan, of
     )
 
 
-def _load_resident_parts(model: nn.Module, index: CheckpointIndex | None, prefix: str, device, dtype) -> None:
-    """Embeddings, final norm, LM head (and every buffer) onto the device in the compute dtype."""
+def _narrow_resident(model: nn.Module, index: CheckpointIndex | None,
+                     dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """{name: stored dtype} of the resident tensors kept as the checkpoint stores them: an input embedding
+    that is only gathered (not tied to the LM head) stored in a float narrower than `dtype`
+    (runtime/embedding.py)."""
+    name = input_embedding_name(model)
+    if index is None or name is None or name not in index or is_tied(model):
+        return {}
+    stored = index.locations[name].dtype
+    if stored.is_floating_point and dtype_bytes(stored) < dtype_bytes(dtype):
+        return {name: stored}
+    return {}
+
+
+def _load_resident_parts(model: nn.Module, index: CheckpointIndex | None, prefix: str, device, dtype,
+                         narrow: dict[str, torch.dtype] | None = None) -> None:
+    """Embeddings, final norm, LM head (and every buffer) onto the device in the compute dtype; the
+    tensors in `narrow` in their stored dtype (an input embedding then upcasts the rows it gathers)."""
+    narrow = narrow or {}
     tied = dict(
         getattr(model, "all_tied_weights_keys", None) or {}
     )  # {target: source}, e.g. lm_head <- embed
@@ -391,6 +413,11 @@ def _load_resident_parts(model: nn.Module, index: CheckpointIndex | None, prefix
             value = index.read(name)
         else:
             raise SpecexecError(f"checkpoint has no tensor {name}")
+        if name in narrow:
+            embed = model.get_input_embeddings()
+            table = value.to(device, narrow[name])
+            model.set_input_embeddings(UpcastEmbedding(table, dtype, embed.padding_idx))
+            continue
         _set_param(model, name, value.to(device, dtype if value.is_floating_point() else value.dtype))
     for target, source in tied.items():
         if index is None or target not in index:

@@ -2,7 +2,7 @@
 trying on them, and the context the KV caches of the largest batch must hold (the memory plan's input).
 
 A batch of N prompts packs its N caches into one (decoding/packed.py), so the context is the N longest
-encoded prompts plus the new tokens for each, plus the draft's tree headroom (as run.prompt_context).
+encoded prompts plus the new tokens for each, plus the draft's tree headroom (as engine.Workload.context).
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from specexec_cli.decoding.config import TreeConfig
+from specexec_cli.decoding.config import TreeConfig, tree_headroom
 from specexec_cli.errors import UsageError
 from specexec_cli.prompts import Prompt, collect_prompts, encode_prompt
-from specexec_cli.run import tree_headroom
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 MAX_BATCH_SIZE = 1024
