@@ -85,7 +85,7 @@ def test_the_tuner_picks_speculation_when_the_target_streams(tmp_path):
     plain = result.plain_baseline(best)
     assert plain.candidate == Candidate(NO_DRAFT, "fp32", offload="disk")
     assert result.best.tokens_per_s > 2 * plain.tokens_per_s
-    assert "x plain decoding streamed the same way" in result.verdict()
+    assert "x plain decoding at equal memory (" in result.verdict()
     assert "offload=disk" in result.verdict()
 
 
@@ -163,14 +163,78 @@ def test_a_streamed_tune_on_tiny_models_writes_a_profile_generate_uses(tmp_path,
 
     assert report.space.offloads == ("disk",)
     assert placements and all(p.offload == "disk" and p.max_memory == {"cpu": full.device_bytes - 1}
-                              and p.budget == 4 and p.draft is draft for p in placements)
+                              for p in placements)
+    # speculation is planned for its draft and the largest budget; plain decoding alone (equal memory)
+    assert {(p.budget, p.draft is draft) for p in placements} == {(4, True), (0, False)}
+    result = report.result
+    plain = result.best_autoregressive.candidate
+    spec = result.best_speculative.candidate
+    assert result.resident_layers[plain] >= result.resident_layers[spec]
+    assert result.equal_streaming is not None and result.equal_streaming.of == spec
+    assert result.equal_streaming.resident_layers == result.resident_layers[spec]
+    assert "at equal memory" in result.verdict() and "streamed the same way" in result.verdict()
     assert "fp32@disk" in report.calibration.streamed  # timed at a few points, predicted by the formula
     assert all(e.candidate.offload == "disk" for e in report.result.evaluations)
     saved = profiles.load_profile(report.profile_path)
     settings = saved.settings
     assert settings["offload"] == "disk" and settings["max_memory"] == [cap]
-    assert 0 <= settings["resident_layers"] < target.config.num_hidden_layers and settings["buffers"] >= 2
+    n_layers = target.config.num_hidden_layers
+    if settings["method"] == "autoregressive":  # planned without the draft: its share holds every layer
+        assert settings["resident_layers"] == n_layers
+    else:
+        assert 0 <= settings["resident_layers"] < n_layers and settings["buffers"] >= 2
     used, match = profiles.settings_for_generate("tiny-target", {}, directory=tmp_path / "profiles")
     assert match is not None and match.path == report.profile_path
     for key in ("offload", "buffers", "resident_layers", "max_memory", "quantization", "method"):
         assert used[key] == settings[key]
+
+
+def test_the_verdict_names_equal_memory_and_reports_equal_streaming():
+    from specexec_cli.tuning.results import EqualStreaming, Evaluation, SearchResult
+
+    plain = Candidate(NO_DRAFT, "fp32", offload="disk")
+    spec = Candidate("qwen2.5-coder-0.5b@int8", "fp32", 16, 16, 8, offload="disk")
+    result = SearchResult([Evaluation(plain, 1.23), Evaluation(spec, 2.54)],
+                          resident_layers={plain: 28, spec: 24})
+    result.equal_streaming = EqualStreaming(spec, 1.10, 24)
+    verdict = result.verdict()
+    assert verdict.startswith("best: qwen2.5-coder-0.5b@int8 fp32 offload=disk budget=16")
+    equal_memory = "2.07x plain decoding at equal memory (1.23 tok/s; planned without the draft: 28 resident"
+    assert equal_memory + " layers)" in verdict
+    assert "2.31x plain decoding streamed the same way (1.10 tok/s, 24 resident layers)" in verdict
+    # plain decoding fastest at equal memory: said so, with the speculative figure against both
+    result = SearchResult([Evaluation(plain, 3.0), Evaluation(spec, 2.54)], resident_layers={plain: 28})
+    result.equal_streaming = EqualStreaming(spec, 1.10)
+    verdict = result.verdict()
+    assert verdict.startswith("plain autoregressive decoding is fastest at equal memory (3.00 tok/s; planned "
+                              "without the draft: 28 resident layers)")
+    assert "0.85x plain decoding at equal memory" in verdict and "2.31x plain decoding streamed" in verdict
+
+
+def test_int8_drafts_are_searched_on_a_cpu_and_saved_as_draft_quant():
+    import torch
+
+    from specexec_cli.tuning.space import generate_draft_name, split_draft_quant
+    from specexec_cli.tuning.tune import default_drafts
+
+    cpu = default_drafts("qwen2.5-coder-1.5b", (4,), torch.device("cpu"))
+    assert "qwen2.5-coder-0.5b" in cpu and "qwen2.5-coder-0.5b@int8" in cpu
+    assert "qwen2.5-coder-0.5b@int8" not in default_drafts("qwen2.5-coder-1.5b", (4,), torch.device("cuda"))
+    assert split_draft_quant("qwen2.5-coder-0.5b@int8") == ("qwen2.5-coder-0.5b", "int8")
+    assert split_draft_quant("qwen2.5-coder-1.5b[:4]") == ("qwen2.5-coder-1.5b[:4]", None)
+    assert generate_draft_name("qwen2.5-coder-0.5b@int8", "qwen2.5-coder-1.5b") == "qwen2.5-coder-0.5b"
+
+
+def test_an_int8_draft_is_counted_smaller_by_the_feasibility_check(tmp_path):
+    import torch
+
+    from specexec_cli.tuning.memory import draft_weight_bytes, memory_checker, model_shape
+
+    shape = model_shape("qwen2.5-coder-0.5b")
+    assert draft_weight_bytes(shape, "fp32", "int8") < 0.5 * draft_weight_bytes(shape, "fp32", None)
+    probe = fake_probe(tmp_path, 64 * GiB)
+    check = memory_checker("qwen2.5-coder-1.5b", probe, torch.device("cpu"), 200, caps={"cpu": 3 * GiB},
+                           plan_context=2304)
+    fp32 = Candidate("qwen2.5-coder-0.5b", "fp32", 16, 16, 8, offload="disk")
+    assert check(fp32) is not None  # 2 GB of float32 draft does not fit beside the target's head
+    assert check(dataclasses.replace(fp32, draft="qwen2.5-coder-0.5b@int8")) is None

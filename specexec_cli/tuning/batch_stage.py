@@ -175,8 +175,7 @@ def run_batch_stage(
     """`tune_batch_size` on the pool's models for `candidate`, on the workload's prompts encoded as
     generate encodes them; None, with a warning, when no batch size ran (the search's profile is then
     saved without a batch size rather than lost)."""
-    target = pool.target(candidate.variant)
-    draft = pool.draft(candidate.draft, candidate.variant)
+    target, draft = pool.models_for(candidate)
     prompts = [torch.tensor(ids, dtype=torch.long) for ids in workload.encoded(tokenizer)]
     try:
         return tune_batch_size(

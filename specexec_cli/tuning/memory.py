@@ -19,7 +19,7 @@ from specexec_cli.errors import SpecexecError
 from specexec_cli.runtime import plan as planner
 from specexec_cli.runtime.caps import apply_caps
 from specexec_cli.tuning.shape import ModelShape
-from specexec_cli.tuning.space import Candidate, parse_early_exit
+from specexec_cli.tuning.space import Candidate, parse_early_exit, split_draft_quant
 
 
 def tree_activation_bytes(
@@ -106,21 +106,36 @@ def model_shape(name: str) -> ModelShape | None:
     return shape.truncated(early[1]) if early else shape
 
 
+def draft_weight_bytes(shape: ModelShape, float_quant: str, draft_quant: str | None) -> float:
+    """A resident draft's weights: in float, or int8 (runtime/int8_cpu.py: every linear at 1 byte per
+    weight but the MLP down projections, kept in float32; the embedding and head at 1 byte)."""
+    if draft_quant != "int8":
+        return shape.weight_bytes(float_quant)
+    down = shape.n_layers * shape.hidden_size * shape.intermediate_size * shape.experts_per_token
+    table = shape.vocab_size * shape.hidden_size
+    tables = table * (1 if shape.tied_embeddings else 2)
+    return shape.n_layers * shape.layer_bytes("int8") + 3.0 * down + tables
+
+
 def model_facts(
     shape: ModelShape, quant: str, float_bytes: int, stored_bytes: float | None = None
 ) -> planner.ModelFacts:
     """The planner's view of a target from its shape: layer bytes in `quant` (or as stored, when the
     runtime streams float layers narrower than it computes: `stored_bytes` per weight), the rest in
-    float."""
+    float, but for an untied input embedding stored narrower, which stays as stored (runtime/embedding.py)."""
     layer = int(shape.layer_bytes(quant))
     if stored_bytes is not None and quant in ("fp32", "fp16", "bf16"):
         layer = int(min(layer, shape.layer_params * stored_bytes))
-    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
+    table = shape.vocab_size * shape.hidden_size
+    if shape.tied_embeddings:
+        resident = table * float_bytes
+    else:
+        resident = table * (float_bytes + min(float_bytes, stored_bytes or float_bytes))
     return planner.ModelFacts(
         n_layers=shape.n_layers,
         layer_bytes=layer,
         total_layer_bytes=layer * shape.n_layers,
-        resident_bytes=int(embed * float_bytes),
+        resident_bytes=int(resident),
         kv_bytes_per_token=shape.kv_bytes_per_token(float_bytes),
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
@@ -187,8 +202,11 @@ def memory_checker(
         early = parse_early_exit(candidate.draft)
         if candidate.autoregressive or (early and early[0] == target):
             return 0.0
-        draft_shape = model_shape(early[0] if early else candidate.draft)
-        return draft_shape.weight_bytes(float_quant) if draft_shape else 0.0
+        name, draft_quant = split_draft_quant(candidate.draft)
+        draft_shape = model_shape(early[0] if early else name)
+        if draft_shape is None:
+            return 0.0
+        return draft_weight_bytes(draft_shape, float_quant, draft_quant)
 
     def check(candidate: Candidate) -> str | None:
         if target_shape is None:
@@ -197,7 +215,7 @@ def memory_checker(
             request = planner.PlanRequest(
                 offload=candidate.offload,
                 resident_layers=None,
-                budget=max(1, candidate.budget),
+                budget=0 if candidate.autoregressive else max(1, candidate.budget),
                 context_len=plan_context or context,
                 draft_bytes=int(draft_bytes(candidate)),
                 reserve_bytes=reserve,

@@ -79,8 +79,7 @@ class GenerationObjective:
         )
 
     def _models(self, candidate: Candidate):
-        target = self.pool.target(candidate.variant)
-        draft = self.pool.draft(candidate.draft, candidate.variant)
+        target, draft = self.pool.models_for(candidate)
         if candidate.load_key not in self._warm:  # first use after a load: warm allocator and caches
             generate(target, draft, self.prompts[0], self.config(candidate, 2))
             self._warm.add(candidate.load_key)
@@ -110,6 +109,10 @@ class GenerationObjective:
 
     def __call__(self, candidate: Candidate) -> float:
         target, draft = self._models(candidate)
+        return self.measure(candidate, target, draft)
+
+    def measure(self, candidate: Candidate, target, draft, record: bool = True) -> float:
+        """Measured decode tokens/s of `candidate` run on these models (`record`: keep its TrialRecord)."""
         config = self.config(candidate)
         tokens, seconds, iterations = 0, 0.0, 0
         draft_passes, host, stats_iterations, truncated = 0, 0.0, 0, False
@@ -124,6 +127,8 @@ class GenerationObjective:
                 stats_iterations += result.stats.iterations
                 host += result.host_s
         rate = tokens / seconds
+        if not record:
+            return rate
         self.records[candidate] = TrialRecord(
             tokens_per_s=rate,
             tokens=tokens,

@@ -14,7 +14,7 @@ import torch
 
 from specexec_cli.errors import SpecexecError
 from specexec_cli.tuning import log
-from specexec_cli.tuning.space import NO_DRAFT, parse_early_exit
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, parse_early_exit, split_draft_quant
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 WEIGHT_QUANTS = ("nf4", "int8", "gptq")
@@ -122,14 +122,29 @@ def load_planned(source: Any, quant: str, device: torch.device, placement: Place
     return model
 
 
+ALONE = "alone"  # the placement of a target planned with no draft and no tree (plain decoding)
+
+
+def placement_key(candidate: Candidate, target: str) -> str:
+    """What a placed target is planned for when `candidate` runs on it: its separate draft (whose memory
+    the plan counts), or ALONE for plain decoding and for an early exit of the target itself (no extra
+    weights): plain decoding is measured at equal memory, with the draft's share holding target layers."""
+    early = parse_early_exit(candidate.draft)
+    if candidate.autoregressive or (early is not None and early[0] == target):
+        return ALONE
+    return candidate.draft
+
+
 class ModelPool:
     """Loads the target per variant and drafts per key on first use, and keeps them.
 
     A variant is a quantization ("fp32"), or a quantization placed in an offload tier ("fp32@disk",
-    see space.variant_name) loaded by `stream_fn` under `placement`'s caps. Early-exit drafts ("name[:n]")
-    share the weights of the model they are cut from: from the target variant of the trial when cut
-    from the target, else from the full model in float. Before a load, models the current trial does
-    not need are dropped if RAM runs short; under caps, a placed target variant replaces the others.
+    see space.variant_name) loaded by `stream_fn` under `placement`'s caps and planned for what runs on
+    it (`placement_key`: a draft, or ALONE). Early-exit drafts ("name[:n]") share the weights of the
+    model they are cut from: from the target variant of the trial when cut from the target, else from
+    the full model in float. Drafts keyed "name@int8" are the float draft quantized to int8
+    (runtime/int8_cpu.py). Before a load, models the current trial does not need are dropped if RAM runs
+    short; under caps, a placed target replaces the others.
     """
 
     def __init__(
@@ -143,10 +158,11 @@ class ModelPool:
         first_variant: str | None = None,
     ) -> None:
         self.target_name, self.device, self.load_fn, self.stream_fn = target, device, load_fn, stream_fn
-        self.placement, self.plan_draft = placement, plan_draft  # caps etc.; the draft plans count
+        self.placement = placement  # caps, budget, context of placed targets
+        self.plan_draft = plan_draft or ALONE  # what calibration's placed targets are planned for
         self.first_variant = first_variant
-        self.models: dict[tuple[str, str], Any] = {}
-        self.plans: dict[str, Any] = {}
+        self.models: dict[tuple[str, str, str], Any] = {}  # (name, variant, placement) -> model
+        self.plans: dict[tuple[str, str], Any] = {}  # (variant, placement) -> the runtime's plan
         self._tokenizer = None
         self._unchecked: list[Any] = []  # draft tokenizers loaded before the target's
         self.load_seconds = 0.0
@@ -155,21 +171,29 @@ class ModelPool:
     def float_quant(self) -> str:
         return "fp16" if self.device.type == "cuda" else "fp32"
 
-    def _load(self, name: str, variant: str, keep: set[tuple[str, str]]) -> Any:
-        key = (name, variant)
+    def _load(self, name: str, variant: str, keep: set[tuple[str, str, str]], plan_for: str = "") -> Any:
+        key = (name, variant, plan_for)
         if key not in self.models:
             quant, offload = split_variant(variant)
             if offload:
                 self._drop_placed_targets()
             self._make_room(keep)
-            draft = self._plan_draft(keep) if offload else None
-            log(f"loading {name} ({variant})")
+            draft = self._plan_draft(plan_for, keep) if offload else None
+            what = f"{variant}, planned for {plan_for}" if offload else variant
+            log(f"loading {name} ({what})")
             start = time.perf_counter()
+            base, draft_quant = split_draft_quant(name)
             if offload:
-                placement = replace(self.placement or Placement(offload), offload=offload, draft=draft)
+                budget = 0 if plan_for == ALONE else (self.placement.budget if self.placement else None)
+                placement = replace(self.placement or Placement(offload), offload=offload, draft=draft,
+                                    budget=budget)
                 model, tokenizer = self.stream_fn(name, quant, self.device, placement)
             else:
-                model, tokenizer = self.load_fn(name, quant, self.device)
+                model, tokenizer = self.load_fn(base, quant, self.device)
+                if draft_quant == "int8":
+                    from specexec_cli.runtime.int8_cpu import quantize_draft_int8
+
+                    model = quantize_draft_int8(model)
             self.load_seconds += time.perf_counter() - start
             if name == self.target_name:
                 self._tokenizer = self._tokenizer or tokenizer
@@ -186,20 +210,20 @@ class ModelPool:
             self.models[key] = self.models.pop(key)
         return self.models[key]
 
-    def _plan_draft(self, keep: set[tuple[str, str]]) -> Any:
-        """The separate draft the memory plan of a placed target counts (loaded first), if any."""
-        if self.plan_draft is None or self.plan_draft == NO_DRAFT or parse_early_exit(self.plan_draft):
+    def _plan_draft(self, plan_for: str, keep: set[tuple[str, str, str]]) -> Any:
+        """The separate draft a placed target's memory plan counts (loaded first), if any."""
+        if plan_for in (ALONE, NO_DRAFT, "") or parse_early_exit(plan_for):
             return None
-        return self._load(self.plan_draft, self.float_quant, keep | {(self.plan_draft, self.float_quant)})
+        return self._load(plan_for, self.float_quant, keep | {(plan_for, self.float_quant, "")})
 
     def _drop_placed_targets(self) -> None:
         """Under caps one placed target fits at a time: drop the others and the drafts cut from them."""
-        for name, variant in list(self.models):
+        for name, variant, plan_for in list(self.models):
             if split_variant(variant)[1] and (name == self.target_name or parse_early_exit(name)):
-                del self.models[(name, variant)]
+                del self.models[(name, variant, plan_for)]
         gc.collect()
 
-    def _make_room(self, keep: set[tuple[str, str]], min_free_fraction: float = 0.25) -> None:
+    def _make_room(self, keep: set[tuple[str, str, str]], min_free_fraction: float = 0.25) -> None:
         memory = psutil.virtual_memory()
         for key in list(self.models):
             if memory.available >= min_free_fraction * memory.total:
@@ -214,12 +238,27 @@ class ModelPool:
             self.target(self.first_variant or self.float_quant)
         return self._tokenizer
 
-    def target(self, variant: str) -> Any:
-        model = self._load(self.target_name, variant, {(self.target_name, variant)})
+    def placement_for(self, variant: str, plan_for: str | None) -> str:
+        """The placement key of a target variant: "" when it is not placed in a tier."""
+        if not split_variant(variant)[1]:
+            return ""
+        return self.plan_draft if plan_for is None else plan_for
+
+    def target(self, variant: str, plan_for: str | None = None) -> Any:
+        """The target `variant`; a placed one planned for `plan_for` (a draft key or ALONE; None: the
+        pool's plan_draft, as calibration measures it)."""
+        placement = self.placement_for(variant, plan_for)
+        key = (self.target_name, variant, placement)
+        model = self._load(self.target_name, variant, {key}, placement)
         engine = getattr(model, "offload_engine", None)
         if engine is not None and engine.plan is not None:
-            self.plans[variant] = engine.plan
+            self.plans[(variant, placement)] = engine.plan
         return model
+
+    def models_for(self, candidate: Candidate) -> tuple[Any, Any | None]:
+        """(target, draft) that `candidate` runs with: the target placed for the candidate's draft."""
+        target = self.target(candidate.variant, placement_key(candidate, self.target_name))
+        return target, self.draft(candidate.draft, candidate.variant)
 
     def draft_variant(self, key: str, variant: str) -> str:
         """The weights a draft is made from for a trial on target `variant`: an early exit of the
@@ -236,23 +275,28 @@ class ModelPool:
             return None
         weights = self.draft_variant(key, variant)
         early = parse_early_exit(key)
+        placed = [k for k in self.models if k[0] == self.target_name and k[1] == variant]
+        target_key = placed[-1] if placed else (self.target_name, variant, self.placement_for(variant, None))
         if early is None:
-            return self._load(key, weights, {(self.target_name, variant), (key, weights)})
+            return self._load(key, weights, {target_key, (key, weights, "")})
         base, n_layers = early
-        if (key, weights) not in self.models:
+        if (key, weights, "") not in self.models:
             from specexec_cli.models.load import make_early_exit_draft
 
-            source = self._load(base, weights, {(self.target_name, variant), (base, weights)})
-            self.models[(key, weights)] = make_early_exit_draft(source, n_layers)
-        return self.models[(key, weights)]
+            if base == self.target_name and weights == variant:
+                source = self.models[target_key] if target_key in self.models else self.target(variant)
+            else:
+                source = self._load(base, weights, {target_key, (base, weights, "")})
+            self.models[(key, weights, "")] = make_early_exit_draft(source, n_layers)
+        return self.models[(key, weights, "")]
 
-    def offload_settings(self, variant: str) -> dict:
-        """Generate settings that place the target as `variant` was: tier, buffers, resident layers."""
-        plan = self.plans.get(variant)
+    def offload_settings(self, variant: str, plan_for: str | None = None) -> dict:
+        """Generate settings that place the target as `variant` was (planned for `plan_for`): tier,
+        buffers, resident layers."""
+        plan = self.plans.get((variant, self.placement_for(variant, plan_for)))
         if plan is None:
             return {"offload": "none"}
         settings = {"offload": plan.offload}
         if plan.offload != "none":
             settings.update(buffers=max(2, plan.buffers), resident_layers=plan.resident_layers)
         return settings
-

@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # only the search (tuning/search.py) needs optuna itself
     from optuna.trial import Trial
 
 NO_DRAFT = "none"
+INT8_SUFFIX = "@int8"  # a draft key "name@int8": the draft quantized to int8 (runtime/int8_cpu.py, CPU)
 DEFAULT_BUDGETS = tuple(2**i for i in range(13))  # 1 .. 4096, log scale
 DEFAULT_PLACEMENT = ""  # the loader's own placement (no --max-memory)
 
@@ -85,8 +86,17 @@ def normalize_draft(name: str, target: str) -> str:
     return name if n_layers is None else early_exit_key(target, n_layers)
 
 
+def split_draft_quant(key: str) -> tuple[str, str | None]:
+    """('qwen2.5-coder-0.5b', 'int8') for 'qwen2.5-coder-0.5b@int8'; (key, None) for any other key."""
+    if key.endswith(INT8_SUFFIX):
+        return key[: -len(INT8_SUFFIX)], "int8"
+    return key, None
+
+
 def generate_draft_name(key: str, target: str) -> str:
-    """A draft key as `specexec generate --draft` takes it: target[:N] becomes `first-layers:N`."""
+    """A draft key as `specexec generate --draft` takes it: target[:N] becomes `first-layers:N`, and
+    name@int8 becomes name (with --draft-quant int8)."""
+    key = split_draft_quant(key)[0]
     early = parse_early_exit(key)
     if early is not None and early[0] == target:
         return f"{EARLY_EXIT}{early[1]}"

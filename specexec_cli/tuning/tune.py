@@ -34,7 +34,7 @@ from specexec_cli.tuning import log
 from specexec_cli.tuning.batch_stage import BatchChoice, run_batch_stage
 from specexec_cli.tuning.batch_workload import BatchWorkload, space_tree
 from specexec_cli.tuning.calibration import Calibration, calibrate
-from specexec_cli.tuning.memory import memory_checker, model_shape
+from specexec_cli.tuning.memory import draft_weight_bytes, memory_checker, model_shape
 from specexec_cli.tuning.objective import GenerationObjective, TrialRecord
 from specexec_cli.tuning.options import TuneOptions, caps_of, offload_tiers
 from specexec_cli.tuning.pool import (
@@ -45,19 +45,22 @@ from specexec_cli.tuning.pool import (
     default_device,
     load_placed_variant,
     load_variant,
+    placement_key,
 )
 from specexec_cli.tuning.profile_out import make_profile
 from specexec_cli.tuning.prompt_set import Prompt, encode_prompt, packaged_prompts, read_prompts
-from specexec_cli.tuning.results import SearchResult, format_results
+from specexec_cli.tuning.results import EqualStreaming, SearchResult, format_results
 from specexec_cli.tuning.search import run_search
 from specexec_cli.tuning.space import (
     DEFAULT_PLACEMENT,
+    INT8_SUFFIX,
     NO_DRAFT,
     Candidate,
     SearchSpace,
     early_exit_key,
     normalize_draft,
     parse_early_exit,
+    split_draft_quant,
     variant_name,
 )
 from specexec_cli.tuning.study import default_storage_path, open_study
@@ -82,12 +85,19 @@ def default_quantizations(target: str, device: torch.device) -> tuple[str, ...]:
     return tuple(quants)
 
 
-def default_drafts(target: str, early_exit_layers: tuple[int, ...] | None) -> tuple[str, ...]:
-    """Plain decoding, the registry's drafts for the target, and early-exit drafts of the target."""
+def default_drafts(target: str, early_exit_layers: tuple[int, ...] | None,
+                   device: torch.device | None = None) -> tuple[str, ...]:
+    """Plain decoding, the registry's drafts for the target (on a CPU each also in int8: less memory
+    for the target's layers under a cap, and a faster draft pass), and early-exit drafts of the target."""
     from specexec_cli.models.registry import drafts_for, resolve
+    from specexec_cli.runtime.int8_cpu import available
 
     spec = resolve(target)
-    drafts = [NO_DRAFT, *(d.name for d in drafts_for(spec))]
+    drafts = [NO_DRAFT]
+    for draft in drafts_for(spec):
+        drafts.append(draft.name)
+        if device is not None and device.type == "cpu" and available():
+            drafts.append(draft.name + INT8_SUFFIX)
     n_layers = spec.n_layers
     if early_exit_layers is None and n_layers:
         early_exit_layers = (max(1, n_layers // 7),)
@@ -100,7 +110,7 @@ def build_space(options: TuneOptions, target_name: str, device: torch.device) ->
     if options.drafts:
         drafts = tuple(normalize_draft(d, target_name) for d in options.drafts)
     else:
-        drafts = default_drafts(target_name, options.early_exit_layers)
+        drafts = default_drafts(target_name, options.early_exit_layers, device)
     if options.drafts and options.early_exit_layers:
         drafts = (*drafts, *(early_exit_key(target_name, n) for n in options.early_exit_layers))
     if NO_DRAFT not in drafts:
@@ -204,8 +214,13 @@ def study_name_for(target: str, fingerprint: str, options: TuneOptions | None = 
 def plan_draft(space: SearchSpace) -> str | None:
     """The largest separate draft of the space: the one a placed target's memory plan makes room for."""
     drafts = [d for d in space.speculative_drafts if parse_early_exit(d) is None]
-    shapes = {d: model_shape(d) for d in drafts}
-    return max(drafts, key=lambda d: shapes[d].weight_bytes("fp32") if shapes[d] else 0.0, default=None)
+
+    def size(key: str) -> float:
+        name, draft_quant = split_draft_quant(key)
+        shape = model_shape(name)
+        return draft_weight_bytes(shape, "fp32", draft_quant) if shape else 0.0
+
+    return max(drafts, key=size, default=None)
 
 
 def batch_workload(options: TuneOptions, space: SearchSpace, floor: int) -> BatchWorkload | None:
@@ -222,6 +237,26 @@ def load_tune_prompts(options: TuneOptions) -> list[Prompt]:
     return prompts[: options.n_prompts]
 
 
+
+
+def compare_placements(pool: ModelPool, objective: GenerationObjective, result: SearchResult) -> None:
+    """Under caps: record each measured configuration's resident layers, and measure plain decoding once
+    more on the best speculative configuration's placement (equal streaming; the search measured it at
+    equal memory, planned without the draft)."""
+    for evaluation in result.evaluations:
+        c = evaluation.candidate
+        plan = pool.plans.get((c.variant, pool.placement_for(c.variant, placement_key(c, pool.target_name))))
+        if plan is not None:
+            result.resident_layers[evaluation.candidate] = plan.resident_layers
+    spec = result.best_speculative
+    if spec is None:
+        return
+    candidate = spec.candidate
+    log(f"equal streaming: plain decoding on the placement of {candidate.label()}")
+    target = pool.target(candidate.variant, placement_key(candidate, pool.target_name))
+    plain = Candidate(NO_DRAFT, candidate.quantization, offload=candidate.offload)
+    rate = objective.measure(plain, target, None, record=False)
+    result.equal_streaming = EqualStreaming(candidate, rate, result.resident_layers.get(candidate))
 
 
 def tune(
@@ -302,6 +337,8 @@ def tune(
         seed=options.seed,
         progress=options.progress,
     )
+    if space.offloads != (DEFAULT_PLACEMENT,):
+        compare_placements(pool, objective, result)
     profile = path = batch = None
     best = result.best
     if best is not None and workload is not None:
