@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specexec_cli.runtime.disk import (  # noqa: E402
-    READ_THREADS,
     drop_cache,
     measure_read_bandwidth,
+    read_threads,
     safetensors_files,
 )
 from specexec_cli.runtime.target import load_offloaded_target  # noqa: E402
@@ -286,7 +286,7 @@ def main() -> None:
     bw_ram = copy_bandwidth(device)
     files = safetensors_files(ckpt)
     # reads in flight as the streaming engine issues them
-    bw_disk = measure_read_bandwidth(files[0], os.path.getsize(files[0]), threads=READ_THREADS)
+    bw_disk = measure_read_bandwidth(files[0], os.path.getsize(files[0]), threads=read_threads())
     size = sum(os.path.getsize(f) for f in files)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(

@@ -82,7 +82,10 @@ def test_stop_string_is_honoured(model_dirs):
 @pytest.mark.parametrize("args,code,needle", [
     (["--budget", "-4"], 2, "--budget must be >= 1"),
     (["--temperature", "-1"], 2, "--temperature"),
+    (["--temperature", "nan"], 2, "--temperature must be a finite number"),
+    (["--temperature", "inf"], 2, "--temperature must be a finite number"),
     (["--top-p", "0"], 2, "--top-p"),
+    (["--top-p", "nan"], 2, "--top-p"),
     (["--draft", "first-layers:0"], 2, "positive layer count"),
 ])
 def test_bad_flags_give_usage_errors(model_dirs, args, code, needle):
@@ -90,6 +93,16 @@ def test_bad_flags_give_usage_errors(model_dirs, args, code, needle):
     assert result.exit_code == code
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("value,needle", [("abc", "is not a whole number"), ("0", "out of range")])
+def test_a_bad_read_threads_setting_is_a_usage_error(model_dirs, monkeypatch, value, needle):
+    monkeypatch.setenv("SPECEXEC_READ_THREADS", value)
+    result = run(model_dirs, "-p", "w1", "--offload", "disk", "--resident-layers", "0")
+    assert result.exit_code == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: SPECEXEC_READ_THREADS=") and needle in last
+    assert "Traceback" not in result.stderr
 
 
 def test_malformed_jsonl_names_the_line(model_dirs, tmp_path):

@@ -61,7 +61,7 @@ def test_streamed_specexec_on_the_bundled_pair_equals_plain_decoding():
     del resident
     streamed = load_offloaded_target(bundled.bundled_folder("qwen2.5-coder-1.5b"), device="cpu",
                                      dtype=torch.float32, offload="auto", resident_layers=None, budget=16,
-                                     context_len=256, draft=draft, max_memory={"cpu": 5 << 30})
+                                     context_len=256, draft=draft, max_memory={"cpu": 9 << 29})  # 4.5 GiB
     engine = streamed.offload_engine
     assert engine.plan.offload == "disk" and len(engine.streamed) >= 20  # the cap forces streaming
     tree = TreeConfig(budget=16, max_n_beams=16, max_beam_len=8, max_branch_width=8)
@@ -70,6 +70,19 @@ def test_streamed_specexec_on_the_bundled_pair_equals_plain_decoding():
     assert result.token_ids == reference.token_ids
     assert result.n_target_passes < reference.n_target_passes
     engine.close()
+    # the quick start's int8 draft: less memory, so more target layers resident under a larger cap,
+    # and still exactly the target's tokens
+    from specexec_cli.runtime.int8_cpu import quantize_draft_int8
+
+    int8 = quantize_draft_int8(draft)
+    capped = load_offloaded_target(bundled.bundled_folder("qwen2.5-coder-1.5b"), device="cpu",
+                                   dtype=torch.float32, offload="disk", resident_layers=None, budget=16,
+                                   context_len=256, draft=int8, max_memory={"cpu": 5 << 30})
+    assert 0 < len(capped.offload_engine.streamed) < 10  # most layers fit beside the int8 draft
+    result = generate(capped, int8, ids, config)
+    assert result.token_ids == reference.token_ids
+    assert result.n_target_passes < reference.n_target_passes
+    capped.offload_engine.close()
 
 
 BATCH_PROMPTS = [

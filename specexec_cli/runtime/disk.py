@@ -3,7 +3,7 @@
 Reads go through `os.preadv` into caller-owned buffers (a pinned staging buffer on CUDA, the ring
 slot itself on CPU) and are followed by `posix_fadvise(DONTNEED)` on the range just read, so that
 streaming a target from disk every forward does not grow the page cache without bound. A layer's
-ranges can be cut into chunks (`READ_CHUNK`) that several threads read at once (`READ_THREADS`), for
+ranges can be cut into chunks (`read_chunk()`) that several threads read at once (`read_threads()`), for
 drives that need a queue depth above 1 to reach their sequential bandwidth; `os.preadv` releases the
 GIL, so plain threads suffice. Buffered reads cost CPU (the kernel copies every byte: ~0.6 of a core
 at 1.7 GB/s here), which a 2-core machine takes from the computation.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from specexec_cli.errors import SpecexecError
+from specexec_cli.errors import SpecexecError, UsageError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -47,8 +47,30 @@ _HAS_FADVISE = hasattr(os, "posix_fadvise")
 # Measured here (virtual disk, 2 cores, cold reads of the bundled 1.5B, docs/benchmarks.md): one 64 MiB
 # read at a time 1.4-1.9 GB/s; 4 x 1 MiB 0.6-2.0 GB/s; 4 x 16 MiB 0.5 GB/s; O_DIRECT 0.5 GB/s. So one
 # large read at a time is the default; an NVMe drive may do better with SPECEXEC_READ_THREADS=4.
-READ_THREADS = int(os.environ.get("SPECEXEC_READ_THREADS", "1"))
-READ_CHUNK = int(os.environ.get("SPECEXEC_READ_CHUNK_MIB", "1")) << 20
+
+
+def env_int(name: str, default: int, low: int, high: int) -> int:
+    """An integer environment setting in [low, high]; a bad value is a one-line usage error."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r} is not a whole number (use {low}..{high})") from None
+    if not low <= value <= high:
+        raise UsageError(f"{name}={value} is out of range (use {low}..{high})")
+    return value
+
+
+def read_threads() -> int:
+    """Reads in flight per streamed layer (SPECEXEC_READ_THREADS, default 1)."""
+    return env_int("SPECEXEC_READ_THREADS", 1, 1, 64)
+
+
+def read_chunk() -> int:
+    """Bytes per read when several are in flight (SPECEXEC_READ_CHUNK_MIB, default 1 MiB)."""
+    return env_int("SPECEXEC_READ_CHUNK_MIB", 1, 1, 1024) << 20
 
 
 @dataclass(frozen=True)
@@ -142,11 +164,11 @@ class FileReader:
     threads); 1 reads each range with one call on the caller's thread.
     """
 
-    def __init__(self, drop_page_cache: bool = True, threads: int = 1, chunk: int = READ_CHUNK) -> None:
+    def __init__(self, drop_page_cache: bool = True, threads: int = 1, chunk: int | None = None) -> None:
         self._fds: dict[str, int] = {}
         self.drop_page_cache = drop_page_cache
         self.threads = max(1, threads)
-        self.chunk = chunk
+        self.chunk = chunk if chunk is not None else read_chunk()
         self._pool = (
             ThreadPoolExecutor(self.threads, thread_name_prefix="specexec-read") if self.threads > 1 else None
         )
@@ -259,7 +281,7 @@ def measure_read_bandwidth(
 ) -> float:
     """Sequential cold read bandwidth of a file in bytes/s (drops its cache first); for benchmarks.
 
-    threads > 1 keeps that many `READ_CHUNK` reads in flight, as the streaming engine does."""
+    threads > 1 keeps that many `read_chunk()` reads in flight, as the streaming engine does."""
     import time
 
     path = str(path)

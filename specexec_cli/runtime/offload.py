@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from specexec_cli.runtime import plan as planner
-from specexec_cli.runtime.disk import READ_THREADS, FileReader, ReadOp
+from specexec_cli.runtime.disk import FileReader, ReadOp, read_threads
 from specexec_cli.runtime.layout import LayerLayout, align, build_param, is_upcast
 from specexec_cli.runtime.pinned import PinnedPool
 
@@ -134,7 +134,7 @@ class OffloadEngine:
         if self.pinned is None:
             self.pinned = PinnedPool(self._cuda)
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (layer, slot) -> typed views
-        self._reader = FileReader(threads=READ_THREADS if self.reads else 1)
+        self._reader = FileReader(threads=read_threads() if self.reads else 1)
         scratch = max((bound.scratch_numel for bound in self.layers), default=0)
         self._scratch = torch.empty(scratch, dtype=self.dtype, device=self.device) if scratch else None
         self._queue: deque[_Pending] = deque()
