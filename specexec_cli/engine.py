@@ -339,13 +339,13 @@ class Workload:
     def of_prompts(cls, prompts: Sequence[Any], max_new_tokens: int, system: str | None,
                    chat_template: bool, streaming: bool = False) -> Workload:
         """The workload of `generate`'s prompts (specexec_cli.prompts.Prompt), encoded as it encodes them."""
-        from specexec_cli.prompts import encode_prompt
+        from specexec_cli.prompts import encode
 
         cache: list[int] = []
 
         def lengths(tokenizer: Any) -> list[int]:
             if not cache:  # encoded once, on the first call
-                cache.extend(len(encode_prompt(tokenizer, p.text, system, chat_template)) for p in prompts)
+                cache.extend(len(encode(tokenizer, p, system, chat_template)) for p in prompts)
             return cache
 
         return cls(lengths, max_new_tokens, len(prompts), streaming)

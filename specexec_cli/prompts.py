@@ -1,4 +1,9 @@
-"""Read prompts from flags, a file or stdin (plain text or JSON Lines) and apply chat templates."""
+"""Read prompts from flags, a file or stdin (plain text or JSON Lines) and apply chat templates.
+
+JSON Lines hold one object per line: `{"id": ..., "prompt": "..."}` (a user turn), or a chat
+`{"id": ..., "messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}`, encoded
+with the model's chat template ready for the assistant's turn.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,40 @@ from typing import Any, TextIO
 
 from specexec_cli.errors import UsageError
 
+ROLES = ("system", "user", "assistant")
+
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt of a batch; `id` comes from JSON Lines input or is its 1-based position."""
+    """One prompt of a batch; `id` comes from JSON Lines input or is its 1-based position. A chat line
+    carries its `messages`; `text` is then its last user message (for logs and text-only uses)."""
 
     id: str
     text: str
+    messages: tuple[dict[str, str], ...] = ()
+
+
+def parse_messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
+    """A chat's messages, checked: a non-empty list of {"role", "content"} with a known role and at least
+    one user turn."""
+    if not isinstance(value, list) or not value:
+        raise UsageError(f'{where}: "messages" must be a non-empty list')
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise UsageError(f'{where}: message {i} must be an object with a "content" string')
+        role = message.get("role")
+        if role not in ROLES:
+            raise UsageError(f"{where}: message {i} has role {role!r}; use one of {', '.join(ROLES)}")
+        messages.append({"role": role, "content": message["content"]})
+    if not any(m["role"] == "user" for m in messages):
+        raise UsageError(f"{where}: the messages hold no user turn")
+    return tuple(messages)
 
 
 def parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
-    """JSON Lines with an object per line holding `prompt` (and optionally `id`); blank lines skipped."""
+    """JSON Lines with an object per line holding `prompt` or `messages` (and optionally `id`); blank
+    lines skipped."""
     prompts = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -29,17 +57,23 @@ def parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{source}:{number}: not valid JSON ({exc.msg})") from None
+        where = f"{source}:{number}"
+        prompt_id = str(record.get("id", len(prompts) + 1)) if isinstance(record, dict) else ""
+        if isinstance(record, dict) and "messages" in record:
+            messages = parse_messages(record["messages"], where)
+            last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+            prompts.append(Prompt(prompt_id, last_user, messages))
+            continue
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UsageError(f'{source}:{number}: expected an object with a "prompt" string')
-        prompt_id = record.get("id", len(prompts) + 1)
-        prompts.append(Prompt(str(prompt_id), record["prompt"]))
+            raise UsageError(f'{where}: expected an object with a "prompt" string or a "messages" list')
+        prompts.append(Prompt(prompt_id, record["prompt"]))
     if not prompts:
         raise UsageError(f"{source}: no prompts")
     return prompts
 
 
 def looks_like_jsonl(text: str) -> bool:
-    """True when the first non-blank line is a JSON object with a "prompt" field."""
+    """True when the first non-blank line is a JSON object with a "prompt" or "messages" field."""
     first = next((line for line in text.splitlines() if line.strip()), "")
     if not first.lstrip().startswith("{"):
         return False
@@ -47,7 +81,7 @@ def looks_like_jsonl(text: str) -> bool:
         record = json.loads(first)
     except json.JSONDecodeError:
         return True  # meant as JSON Lines but broken: let the parser report the line
-    return isinstance(record, dict) and "prompt" in record
+    return isinstance(record, dict) and ("prompt" in record or "messages" in record)
 
 
 BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
@@ -141,3 +175,16 @@ def encode_prompt(tokenizer: Any, text: str, system: str | None, chat_template: 
         check_text(system, "--system")
     system_turn = [{"role": "system", "content": system}] if system else []
     return encode_messages(tokenizer, [*system_turn, {"role": "user", "content": text}], chat_template)
+
+
+def encode(tokenizer: Any, prompt: Prompt, system: str | None, chat_template: bool) -> list[int]:
+    """Token ids for a prompt of a batch: a chat line's messages in the chat template (`system` is
+    prepended unless the chat has a system turn), else `encode_prompt` of its text."""
+    if not prompt.messages:
+        return encode_prompt(tokenizer, prompt.text, system, chat_template)
+    for message in prompt.messages:
+        check_text(message["content"], f"prompt {prompt.id}")
+    system_turn = []
+    if system and not any(m["role"] == "system" for m in prompt.messages):
+        system_turn = [{"role": "system", "content": check_text(system, "--system")}]
+    return encode_messages(tokenizer, [*system_turn, *prompt.messages], chat_template)

@@ -16,7 +16,7 @@ from specexec_cli.decoding.config import GenerationConfig
 from specexec_cli.decoding.generate import GenerationResult, generate_many
 from specexec_cli.engine import ModelPair, log
 from specexec_cli.errors import SpecexecError, UsageError
-from specexec_cli.prompts import Prompt, encode_prompt
+from specexec_cli.prompts import Prompt, encode
 
 
 def result_record(prompt: Prompt, result: GenerationResult, config: GenerationConfig) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def encoded_prompts(pair: ModelPair, prompts: list[Prompt], config: GenerationCo
     """Each prompt's token ids [L], checked when it is reached (a bad one raises then)."""
     limit = getattr(pair.target.config, "max_position_embeddings", None)
     for prompt in prompts:
-        ids = encode_prompt(pair.tokenizer, prompt.text, system, chat_template)
+        ids = encode(pair.tokenizer, prompt, system, chat_template)
         if not ids:
             raise UsageError(f"prompt {prompt.id} encodes to no tokens")
         if limit and len(ids) + config.max_new_tokens + config.tree.max_beam_len > limit:

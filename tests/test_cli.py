@@ -62,6 +62,35 @@ def test_json_lines_from_jsonl_file(model_dirs, tmp_path):
         assert 1 <= record["new_tokens"] <= 6 and record["finish_reason"] in ("stop", "length")
 
 
+def test_chat_lines_are_encoded_as_their_messages(model_dirs, tmp_path):
+    """{"id", "messages"} lines (chat requests): one user turn is the same prompt as {"prompt"}; a system
+    turn in the chat is the same as --system."""
+    source = tmp_path / "chat.jsonl"
+    lines = [{"id": "u", "messages": [{"role": "user", "content": "w1 w2"}]},
+             {"id": "s", "messages": [{"role": "system", "content": "w9"},
+                                      {"role": "user", "content": "w3"}]}]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    chat = run(model_dirs, "-f", str(source), "--json", "--batch-size", "1")
+    assert chat.exit_code == 0, chat.stderr
+    records = {r["id"]: r["text"] for r in map(json.loads, chat.stdout.splitlines())}
+    assert records["u"] + "\n" == run(model_dirs, "-p", "w1 w2").stdout
+    assert records["s"] + "\n" == run(model_dirs, "-p", "w3", "--system", "w9").stdout
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"messages": []}', '"messages" must be a non-empty list'),
+    ('{"messages": [{"role": "robot", "content": "w1"}]}', "role 'robot'"),
+    ('{"messages": [{"role": "system", "content": "w1"}]}', "no user turn"),
+    ('{"messages": [{"role": "user"}]}', '"content" string'),
+])
+def test_bad_chat_lines_name_the_line(model_dirs, tmp_path, line, needle):
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"prompt": "w1"}\n' + line + "\n")
+    result = run(model_dirs, "-f", str(source))
+    assert result.exit_code == 2 and f"{source}:2:" in result.stderr and needle in result.stderr
+    assert result.stdout == ""
+
+
 def test_stdin_plain_and_dash(model_dirs):
     piped = run(model_dirs, input="w1 w2 w3\n")
     dashed = run(model_dirs, "-p", "-", input="w1 w2 w3\n")

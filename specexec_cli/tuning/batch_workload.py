@@ -15,7 +15,7 @@ from typing import Any
 
 from specexec_cli.decoding.config import TreeConfig, tree_headroom
 from specexec_cli.errors import UsageError
-from specexec_cli.prompts import Prompt, collect_prompts, encode_prompt
+from specexec_cli.prompts import Prompt, collect_prompts, encode
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 MAX_BATCH_SIZE = 1024
@@ -73,12 +73,12 @@ class BatchWorkload:
     def encoded(self, tokenizer: Any) -> list[list[int]]:
         """Token ids of the prompts the stage runs (as many as the largest batch), as generate encodes
         them (chat template, no system message)."""
-        return [encode_prompt(tokenizer, p.text, None, True) for p in self.prompts[: self.largest]]
+        return [encode(tokenizer, p, None, True) for p in self.prompts[: self.largest]]
 
     def caches_context(self, tokenizer: Any) -> int:
         """The context for the largest batch, each prompt with generate's default new tokens (or the
         stage's, if more): sum of the N longest prompts + N x new tokens + tree headroom."""
-        lengths = [len(encode_prompt(tokenizer, p.text, None, True)) for p in self.prompts]
+        lengths = [len(encode(tokenizer, p, None, True)) for p in self.prompts]
         new_tokens = max(self.new_tokens, GENERATE_NEW_TOKENS)
         return batch_context(lengths, self.largest, new_tokens, tree_headroom(self.tree))
 
