@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -371,8 +371,7 @@ class Engine:
     tree: TreeConfig
     device: str
     lanes: int  # prompts per target pass the memory plan admitted
-    offloaded: bool = False
-    notes: list[str] = field(default_factory=list)
+    offloaded: bool = False  # the target runs through the offload engine (runtime/offload.py)
 
     @property
     def method(self) -> str:
@@ -395,8 +394,7 @@ class Engine:
         return config
 
     def close(self) -> None:
-        """Stop the offload engine's loader threads and free its buffers (the models stay usable only
-        resident)."""
+        """Stop the offload engine's loader threads and free its buffers; the target cannot run after."""
         engine = getattr(self.pair.target, "offload_engine", None)
         if engine is not None:
             engine.close()
