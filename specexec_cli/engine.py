@@ -136,9 +136,10 @@ def load_pair(target_name: str, draft_name: str | None, method: str, device: str
         draft_name = default_draft_name(target_name)  # fail on a missing draft before loading weights
     early_exit = early_exit_layers(draft_name) if needs_draft else None  # bad N fails before any load
     check_names(target_name, draft_name if needs_draft else None, early_exit)
+    if needs_draft:
+        check_draft_quant(draft_quant, device)
     int8 = needs_draft and draft_quant == "int8"
     if int8:
-        check_draft_quant(draft_quant, device)
         if early_exit is not None:
             raise UsageError("--draft-quant int8 needs a separate draft: an early-exit draft shares the "
                              "target's own layers")
@@ -414,9 +415,7 @@ def open_engine(request: EngineRequest, workload: Workload) -> Engine:
     method = settings["method"]
     GenerationConfig(method=method, tree=tree).validate()  # a bad tree knob fails before any load
     device = check_device(request.device) or default_device()
-    draft_quant = settings.get("draft_quant")
-    if method != "autoregressive":
-        check_draft_quant(draft_quant, device)
+    draft_quant = settings.get("draft_quant")  # checked by load_pair, before any weights load
     fmt = settings.get("quantization")
     weight_quant = fmt if fmt and fmt not in FLOAT_FORMATS else None
     caps = tuple(settings.get("max_memory") or ())

@@ -290,10 +290,15 @@ class ModelPool:
             self.models[(key, weights, "")] = make_early_exit_draft(source, n_layers)
         return self.models[(key, weights, "")]
 
-    def offload_settings(self, variant: str, plan_for: str | None = None) -> dict:
-        """Generate settings that place the target as `variant` was (planned for `plan_for`): tier,
-        buffers, resident layers."""
-        plan = self.plans.get((variant, self.placement_for(variant, plan_for)))
+    def plan_of(self, candidate: Candidate) -> Any | None:
+        """The runtime's memory plan of the target `candidate` ran on (None: not placed, or not loaded)."""
+        placement = self.placement_for(candidate.variant, placement_key(candidate, self.target_name))
+        return self.plans.get((candidate.variant, placement))
+
+    def offload_settings(self, candidate: Candidate) -> dict:
+        """Generate settings that place the target as it was for `candidate`: tier, buffers, resident
+        layers."""
+        plan = self.plan_of(candidate)
         if plan is None:
             return {"offload": "none"}
         settings = {"offload": plan.offload}

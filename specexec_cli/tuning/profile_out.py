@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from specexec_cli import hardware, profiles
 from specexec_cli.tuning.batch_stage import BatchChoice
 from specexec_cli.tuning.calibration import Calibration
-from specexec_cli.tuning.pool import ModelPool, placement_key
+from specexec_cli.tuning.pool import ModelPool
 from specexec_cli.tuning.results import SearchResult
 from specexec_cli.tuning.space import Candidate, generate_draft_name, split_draft_quant
 
@@ -36,7 +36,7 @@ def make_profile(
             max_beam_len=best.max_beam_len,
             max_branch_width=options.max_branch_width,
         )
-    settings.update(pool.offload_settings(best.variant, placement_key(best, pool.target_name)))
+    settings.update(pool.offload_settings(best))
     if split_draft_quant(best.draft)[1] == "int8":
         settings["draft_quant"] = "int8"
     if options.max_memory:

@@ -244,8 +244,7 @@ def compare_placements(pool: ModelPool, objective: GenerationObjective, result: 
     more on the best speculative configuration's placement (equal streaming; the search measured it at
     equal memory, planned without the draft)."""
     for evaluation in result.evaluations:
-        c = evaluation.candidate
-        plan = pool.plans.get((c.variant, pool.placement_for(c.variant, placement_key(c, pool.target_name))))
+        plan = pool.plan_of(evaluation.candidate)
         if plan is not None:
             result.resident_layers[evaluation.candidate] = plan.resident_layers
     spec = result.best_speculative
