@@ -231,6 +231,12 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def md_table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """The lines of a markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def markdown(data: dict, out: Path) -> str:
     probe = data["probe"]
     where = probe.get("device") or ("no CUDA device" if data["device"] == "cuda" else "CPU")
@@ -238,41 +244,41 @@ def markdown(data: dict, out: Path) -> str:
              f"torch {probe.get('torch')} (CUDA {probe.get('cuda_version')}), triton {probe.get('triton')}, "
              f"transformers {probe.get('transformers')}, accelerate {probe.get('accelerate')}; "
              f"{data['elapsed_s']} s of a {data['deadline_s']} s deadline"
-             f"{'' if data['finished'] else ' (still running, or cut short)'}", "",
-             "| step | status | seconds | detail |", "| --- | --- | --- | --- |"]
-    lines += [f"| {s['step']} | {s['status']} | {s['seconds'] if s['seconds'] is not None else '-'} | "
-              f"{s['detail'] or ''} |" for s in data["steps"]]
-    lines += ["", "## Goals", "", "| goal | met | measured |", "| --- | --- | --- |"]
+             f"{'' if data['finished'] else ' (still running, or cut short)'}", ""]
+    lines += md_table(["step", "status", "seconds", "detail"],
+                      [[s["step"], s["status"], "-" if s["seconds"] is None else s["seconds"],
+                        s["detail"] or ""] for s in data["steps"]])
     verdict = {True: "yes", False: "NO", None: "-"}
-    lines += [f"| {g['goal']} | {verdict[g['met']]} | {g['measured']} |" for g in data["goals"]]
+    lines += ["", "## Goals", ""]
+    lines += md_table(["goal", "met", "measured"],
+                      [[g["goal"], verdict[g["met"]], g["measured"]] for g in data["goals"]])
     g70 = load_json(out / "gptq70b.json")
     if g70 and g70.get("passes"):
         lines += ["", f"## GPTQ 70B-shaped, streamed from pinned RAM ({g70['layers_measured']} layers "
                   f"scaled to {g70['layers_scaled_to']}; {g70['bandwidth_kind']} "
                   f"{g70['h2d_bandwidth'] / 1e9:.2f} GB/s; dequant in passes: "
-                  f"{g70['dequant_in_passes']})", "",
-                  "| tokens | pass s (80 layers) | floor s | efficiency |", "| --- | --- | --- | --- |"]
-        lines += [f"| {p['tokens']} | {p['seconds_80']:.3f} | {p['floor_seconds_80']:.3f} | "
-                  f"{p['efficiency']:.0%} |" for p in g70["passes"]]
+                  f"{g70['dequant_in_passes']})", ""]
+        lines += md_table(["tokens", "pass s (80 layers)", "floor s", "efficiency"],
+                          [[p["tokens"], f"{p['seconds_80']:.3f}", f"{p['floor_seconds_80']:.3f}",
+                            f"{p['efficiency']:.0%}"] for p in g70["passes"]])
         d = g70["dequant_per_layer"]
         triton = f"{d['triton_s'] * 1e3:.2f} ms" if d.get("triton_s") is not None else "n/a"
         lines += ["", f"Dequantization per layer: torch {d['torch_s'] * 1e3:.2f} ms, Triton {triton}, "
-                  f"same bits: {d.get('triton_equals_torch')}", "",
-                  "| budget | G(K) | target s | draft s | predicted tok/s |",
-                  "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['budget']} | {r['G']:.2f} | {r['target_s']:.3f} | {r['draft_s']:.3f} | "
-                  f"{r['tok_s']:.2f} |" for r in g70["specexec"]["rows"]]
+                  f"same bits: {d.get('triton_equals_torch')}", ""]
+        lines += md_table(["budget", "G(K)", "target s", "draft s", "predicted tok/s"],
+                          [[r["budget"], f"{r['G']:.2f}", f"{r['target_s']:.3f}", f"{r['draft_s']:.3f}",
+                            f"{r['tok_s']:.2f}"] for r in g70["specexec"]["rows"]])
     ram = load_json(out / "ram_tier.json")
     if ram and ram.get("rows"):
         lines += ["", f"## RAM tier ({ram['shape']}, {ram['layers']} layers, {ram['dtype']}; "
-                  f"{ram['copy_kind']} {ram['copy_bandwidth'] / 1e9:.2f} GB/s)", "",
-                  "| runtime | tokens | forward s | floor s | efficiency |",
-                  "| --- | --- | --- | --- | --- |"]
+                  f"{ram['copy_kind']} {ram['copy_bandwidth'] / 1e9:.2f} GB/s)", ""]
+        rows = []
         for r in ram["rows"]:
             floor = f"{r['floor_seconds']:.3f}" if r.get("floor_seconds") is not None else "-"
             eff = f"{r['efficiency']:.0%}" if r.get("efficiency") is not None else "-"
             name = f"{r['runtime']} {r['tier']}" + (f" ({r['case']})" if r.get("case") else "")
-            lines.append(f"| {name} | {r['tokens']} | {r['seconds']:.3f} | {floor} | {eff} |")
+            rows.append([name, r["tokens"], f"{r['seconds']:.3f}", floor, eff])
+        lines += md_table(["runtime", "tokens", "forward s", "floor s", "efficiency"], rows)
     return "\n".join(lines) + "\n"
 
 
