@@ -4,12 +4,13 @@
 with `Int8Linear`s and the input embedding with an `Int8Embedding`. Weights are quantized once,
 symmetrically per output row (scale = max |w| / 127); activations are quantized per call, one scale per
 call, by torch's dynamic int8 linear (`quantized::linear_dynamic`, fbgemm on x86), which accumulates in
-int32 and returns float32. On the 2-core AVX2 box a [16, 896] x [896, 4864] product took 0.33 ms
-against 1.33 ms in float32, and the 0.5B draft's LM head 13.7 ms against 68 ms.
+int32 and returns float32. On the 2-core AVX2 box a [16, 896] x [896, 4864] product took 0.26 ms
+against 1.32 ms in float32, and the 0.5B draft's LM head at 16 rows 11 ms against 76 ms
+(scripts/bench_int8_draft.py).
 
 The MLP's down projection stays in float32: its input, SiLU(gate) * up, has outliers that one
 activation scale per call cannot hold (on code, the 0.5B draft's top-1 agreement with its float32 self
-was 0.84 with it in int8, 0.93 without; docs/benchmarks.md, "Equal memory").
+was 0.84 with it in int8, 0.94 without; docs/benchmarks.md, "Equal memory and equal streaming").
 
 Only for drafts: it changes the draft's numbers, so its proposals and the acceptance rate, never the
 target's output (every emitted token is still the target's own). A tied embedding gathers the same
