@@ -407,6 +407,7 @@ def open_engine(request: EngineRequest, workload: Workload) -> Engine:
     Raises UsageError for bad knobs and DoesNotFit / SpecexecError (one line) when the run cannot fit,
     before any weights load where the plan can tell."""
     from specexec_cli.devices import check_device
+    from specexec_cli.models.load import is_quantized
     from specexec_cli.runtime.caps import parse_caps
 
     target = request.target or DEFAULT_TARGET
@@ -420,7 +421,8 @@ def open_engine(request: EngineRequest, workload: Workload) -> Engine:
     weight_quant = fmt if fmt and fmt not in FLOAT_FORMATS else None
     caps = tuple(settings.get("max_memory") or ())
     parse_caps(caps)  # a bad size fails before any weights load
-    offloaded = bool(weight_quant or settings.get("offload", "none") != "none" or request.buffers
+    offloaded = bool(weight_quant or is_quantized(target) or settings.get("offload", "none") != "none"
+                     or request.buffers
                      or request.resident_layers is not None or request.offload_dir or caps)
     profile_batch = None if workload.streaming else settings.get("batch_size")
     lanes = request.batch_size or profile_batch or default_batch_size(workload.n_prompts, offloaded,

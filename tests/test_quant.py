@@ -220,10 +220,10 @@ def test_gptq_checkpoint_unpacks_to_the_known_weights(tmp_path, family, desc_act
     index = CheckpointIndex(tmp_path / "gptq")
     from transformers import AutoConfig
 
-    from specexec_cli.runtime.loader import gptq_config_of
+    from specexec_cli.runtime.qformat import read_quant_format
 
     config = AutoConfig.from_pretrained(tmp_path / "gptq")
-    gptq = gptq_config_of(config)
+    gptq = read_quant_format(tmp_path / "gptq", config)
     skeleton = empty_skeleton(config, torch.float32)
     prefix, layers = find_layers(skeleton)
     builder = LayerBuilder(index, "gptq", torch.float32, gptq, direct=direct)

@@ -138,6 +138,41 @@ def load_tokenizer(name_or_path: str | ModelSpec) -> Any:
     return _from_hub(AutoTokenizer, spec.hub_id)
 
 
+def quantized_format(spec: ModelSpec) -> Any | None:
+    """The QuantFormat (runtime/qformat.py) of a local folder or of a hub id in the local hub cache;
+    None for 16-bit checkpoints and for hub ids not downloaded yet (a registry variant is known by
+    `spec.quantization`)."""
+    from specexec_cli.runtime.qformat import format_from_dict, quantization_config_of
+
+    folder = local_source(spec)
+    if folder is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec.hub_id, "config.json", cache_dir=str(hub_cache_dir()))
+        if not isinstance(found, str):
+            return None
+        folder = Path(found).parent
+    qc = quantization_config_of(folder)
+    return None if qc is None else format_from_dict(qc)
+
+
+def is_quantized(name_or_path: str | ModelSpec) -> bool:
+    """True when the model's weights are stored quantized (GPTQ, AWQ, compressed-tensors, auto-round):
+    this runtime loads those itself (runtime/target.py), never through transformers' quantizers."""
+    spec = name_or_path if isinstance(name_or_path, ModelSpec) else resolve(name_or_path)
+    return bool(spec.quantization) or quantized_format(spec) is not None
+
+
+def _load_quantized(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A quantized checkpoint with every layer on the device, decoded once where memory allows."""
+    from specexec_cli.runtime.target import load_offloaded_target
+
+    folder = local_source(spec)
+    source = str(folder) if folder is not None else spec.hub_id
+    model = load_offloaded_target(source, device=device, dtype=dtype, offload="none", budget=0)
+    return model, load_tokenizer(spec)
+
+
 def load_model(
     name_or_path: str | ModelSpec,
     device: str | torch.device = "cpu",
@@ -158,6 +193,8 @@ def load_model(
     elif quantization is not None:
         raise SpecexecError(f"unknown quantization '{quantization}' (known: gptq)")
     device = torch.device(device)
+    if is_quantized(spec):
+        return _load_quantized(spec, device, dtype)
     # sdpa applies the 4-D tree mask; flash attention would ignore or reject it
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     if device.type != "cpu":

@@ -107,6 +107,10 @@ class LayerLayout:
                 )
             views[key].copy_(src)
 
+    def expanded_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the layer with every parameter decoded once into `dtype` (plan.py's expanded layers)."""
+        return sum(_numel(r.shape) * dtype_bytes(dtype) for r in self.recipes)
+
     def decoded_bytes(self, dtype: torch.dtype) -> int:
         """Device scratch for the parameters that are not zero-copy views (decoded each forward)."""
         total = 0

@@ -7,8 +7,10 @@ from an already loaded transformers model. For each layer it yields a `LayerSour
   - `reads` None: the bytes are packed on the host by `produce()` (casts, NF4/int8 quantization
     at load time, fused experts), into RAM buffers or into the disk tier's blob file.
 
-Checkpoint names: a module parameter `model.layers.{i}.<p>` is read from the same name; GPTQ
-linears from `<module>.qweight/qzeros/scales/g_idx`; Mixtral-style fused expert parameters
+Checkpoint names: a module parameter `model.layers.{i}.<p>` is read from the same name; quantized
+linears from `<module>.qweight/qzeros/scales/g_idx` (GPTQ, AWQ, auto-round) or
+`<module>.weight_packed/weight_scale/weight_zero_point/weight_g_idx` (compressed-tensors), turned
+into GPTQ tensors by `qformat`; Mixtral-style fused expert parameters
 (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) from per-expert
 `block_sparse_moe.experts.{e}.w1/w3/w2` (or `mlp.experts.{e}.gate_proj/up_proj/down_proj`).
 """
@@ -22,12 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from specexec_cli.errors import SpecexecError, UsageError
-from specexec_cli.runtime import quant
+from specexec_cli.errors import SpecexecError
+from specexec_cli.runtime import qformat, quant
 from specexec_cli.runtime.disk import CheckpointIndex, FileReader, ReadOp, TensorLocation
 from specexec_cli.runtime.layout import LayerLayout, ParamRecipe, WeightSpec, align, dtype_bytes
 
-QUANTS = ("fp16", "bf16", "fp32", "gptq", "nf4", "int8")
+QUANTS = ("fp16", "bf16", "fp32", "gptq", "awq", "nf4", "int8")
+PACKED_QUANTS = ("gptq", "awq")  # read from a quantized checkpoint (runtime/qformat.py)
 # fp64 is not offered on the command line; it lets tests stream float64 models exactly
 FLOAT_QUANTS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 COALESCE_GAP = 64 << 10  # read a gap this small rather than issue a second read
@@ -55,8 +58,8 @@ class LayerSource:
 class WeightRef:
     """Where one dense weight comes from: a checkpoint tensor, a GPTQ linear, or a host tensor."""
 
-    kind: str  # "dense" | "gptq" | "tensor"
-    key: str = ""  # checkpoint name (dense) or module prefix (gptq)
+    kind: str  # "dense" | "quant" | "tensor"
+    key: str = ""  # checkpoint name (dense) or module prefix (quant)
     tensor: torch.Tensor | None = None  # kind "tensor": the host tensor itself
 
 
@@ -85,17 +88,22 @@ def _expert_keys(index: CheckpointIndex, base: str, which: str, n_experts: int) 
     ]
     for moe, names in patterns:
         first = base + moe.format(e=0) + names[which][0]
-        if first + ".weight" in index or first + ".qweight" in index:
+        if first + ".weight" in index or is_quantized_linear(index, first):
             return [[base + moe.format(e=e) + n for n in names[which]] for e in range(n_experts)]
     raise SpecexecError(f"checkpoint has no per-expert weights for {base}mlp.experts.{which}")
 
 
+def is_quantized_linear(index: CheckpointIndex, module_prefix: str) -> bool:
+    """True when the checkpoint holds `module_prefix` as a quantized linear (any supported format)."""
+    return module_prefix + ".qweight" in index or module_prefix + ".weight_packed" in index
+
+
 def _weight_ref(index: CheckpointIndex, module_prefix: str) -> WeightRef:
-    if module_prefix + ".qweight" in index:
-        return WeightRef("gptq", module_prefix)
+    if is_quantized_linear(index, module_prefix):
+        return WeightRef("quant", module_prefix)
     if module_prefix + ".weight" in index:
         return WeightRef("dense", module_prefix + ".weight")
-    raise SpecexecError(f"checkpoint has no tensor {module_prefix}.weight (nor .qweight)")
+    raise SpecexecError(f"checkpoint has no tensor {module_prefix}.weight (nor a quantized one)")
 
 
 def checkpoint_param_refs(
@@ -117,8 +125,8 @@ def checkpoint_param_refs(
             if base + cand in index:
                 ref = WeightRef("dense", base + cand)
                 break
-            if leaf == "weight" and base + cand[: -len(".weight")] + ".qweight" in index:
-                ref = WeightRef("gptq", base + cand[: -len(".weight")])
+            if leaf == "weight" and is_quantized_linear(index, base + cand[: -len(".weight")]):
+                ref = WeightRef("quant", base + cand[: -len(".weight")])
                 break
         if ref is None:
             raise SpecexecError(f"checkpoint has no tensor for {base}{name}")
@@ -148,14 +156,14 @@ class LayerBuilder:
         index: CheckpointIndex | None,
         quant_name: str,
         dtype: torch.dtype,
-        gptq: quant.GPTQConfig | None,
+        qfmt: qformat.QuantFormat | None,
         direct: bool,
         keep_narrow: bool = False,
     ) -> None:
         self.index = index
         self.quant = quant_name
         self.dtype = dtype
-        self.gptq = gptq
+        self.qfmt = qfmt
         self.direct = direct
         self.keep_narrow = keep_narrow  # store checkpoint floats narrower than dtype as they are
         self._g_idx_trivial: dict[str, bool] = {}
@@ -182,36 +190,54 @@ class LayerBuilder:
                 out.append(_Stored(key, dtype, shape, make=lambda: idx.read(k).to(dtype)))
         return WeightSpec("raw", (key,), shape)
 
-    def _gptq(self, ref: WeightRef, key: str, shape: tuple[int, ...], out: list[_Stored]) -> WeightSpec:
-        cfg = self.gptq
-        if cfg is None:
-            raise SpecexecError(f"{ref.key}.qweight found but the checkpoint has no GPTQ quantization_config")
-        locs = {n: self.index.locations[f"{ref.key}.{n}"] for n in ("qweight", "qzeros", "scales")}
-        per_word = 32 // cfg.bits
-        n_in, n_out = locs["qweight"].shape[0] * per_word, locs["qweight"].shape[1]
-        if (n_out, n_in) != tuple(shape):
-            raise SpecexecError(f"{ref.key}: GPTQ weight is [{n_out}, {n_in}], model expects {list(shape)}")
-        names = ["qweight", "qzeros", "scales"]
-        g_key = f"{ref.key}.g_idx"
-        if g_key in self.index:
+    def _linear(self, ref: WeightRef, key: str, shape: tuple[int, ...], out: list[_Stored]) -> WeightSpec:
+        """A quantized linear [out, in]: GPTQ tensors read in place (direct) or made by `qformat.to_gptq`."""
+        fmt = self.qfmt
+        if fmt is None:
+            raise SpecexecError(f"{ref.key} is stored quantized, but the checkpoint has no "
+                                f"quantization_config")
+        n_out, n_in = shape
+        optional = ("weight_zero_point", "weight_g_idx") if fmt.packing == "ct" else ("g_idx",)
+        names = [n.rsplit(".", 1)[1] for n in fmt.weight_names(ref.key)]
+        names += [n for n in optional if f"{ref.key}.{n}" in self.index]
+        locs = {n: self.index.locations[f"{ref.key}.{n}"] for n in names}
+        shapes = {n: tuple(loc.shape) for n, loc in locs.items()}
+        bits = qformat.linear_bits(fmt, shapes, n_in, ref.key)
+        target = qformat.gptq_shapes(fmt, shapes, n_out, n_in, bits)
+        got = (target["qweight"][1], target["qweight"][0] * (32 // bits))
+        if got != (n_out, n_in):
+            raise SpecexecError(f"{ref.key}: {fmt.label} weight is {list(got)}, model expects {list(shape)}")
+        stored = ["qweight", "qzeros", "scales"]
+        g_name = optional[-1]  # g_idx / weight_g_idx: kept only when it is not the trivial grouping
+        if g_name in locs:
+            g_key = f"{ref.key}.{g_name}"
             if g_key not in self._g_idx_trivial:
                 self._g_idx_trivial[g_key] = quant.gptq_is_trivial_g_idx(
-                    self.index.read(g_key), cfg.group_size
+                    self.index.read(g_key), n_in // target["scales"][0]
                 )
             if not self._g_idx_trivial[g_key]:
-                names.append("g_idx")
-                locs["g_idx"] = self.index.locations[g_key]
-        keys = []
-        for n in names:
-            loc = locs[n]
-            k = f"{key}.{n}"
-            keys.append(k)
-            if self.direct:
-                out.append(_Stored(k, loc.dtype, loc.shape, location=loc))
-            else:
-                idx, name = self.index, f"{ref.key}.{n}"
-                out.append(_Stored(k, loc.dtype, loc.shape, make=lambda idx=idx, name=name: idx.read(name)))
-        return WeightSpec("gptq", tuple(keys), tuple(shape), (cfg.bits, cfg.zero_offset))
+                stored.append("g_idx")
+                target["g_idx"] = (n_in,)
+        if self.direct and fmt.reads_in_place:
+            for n in stored:
+                out.append(_Stored(f"{key}.{n}", locs[n].dtype, locs[n].shape, location=locs[n]))
+        else:
+            idx, prefix, cache = self.index, ref.key, {}
+            scale_dtype = locs["weight_scale" if fmt.packing == "ct" else "scales"].dtype
+
+            def part(n: str) -> Callable[[], torch.Tensor]:
+                def make() -> torch.Tensor:
+                    if n not in cache:  # convert the whole linear once, hand out its tensors one by one
+                        cache.update(qformat.to_gptq(fmt, {k: idx.read(f"{prefix}.{k}") for k in locs}, bits))
+                    return cache.pop(n)
+
+                return make
+
+            for n in stored:
+                dtype = scale_dtype if n == "scales" else torch.int32
+                out.append(_Stored(f"{key}.{n}", dtype, target[n], make=part(n)))
+        return WeightSpec("gptq", tuple(f"{key}.{n}" for n in stored), tuple(shape),
+                          (bits, qformat.zero_offset(fmt)))
 
     def _quantized(
         self, name: str, shape: tuple[int, ...], dense: Callable[[], torch.Tensor], out: list[_Stored]
@@ -263,11 +289,11 @@ class LayerBuilder:
         stored: list[_Stored] = []
         recipes: list[ParamRecipe] = []
         for ref in refs:
-            has_gptq = any(w.kind == "gptq" for g in ref.parts for w in g)
-            if self.quant in ("nf4", "int8") and quantizable(ref.name, ref.shape) and not has_gptq:
+            has_quant = any(w.kind == "quant" for g in ref.parts for w in g)
+            if self.quant in ("nf4", "int8") and quantizable(ref.name, ref.shape) and not has_quant:
                 spec = self._quantized(ref.name, ref.shape, self._host_dense(ref), stored)
                 recipes.append(ParamRecipe(ref.name, ref.shape, ((spec,),)))
-            elif ref.stacked and not self.direct and not has_gptq:
+            elif ref.stacked and not self.direct and not has_quant:
                 # fuse the experts once on the host: the parameter becomes a zero-copy view
                 stored.append(_Stored(ref.name, self.dtype, ref.shape, make=self._host_dense(ref)))
                 recipes.append(
@@ -280,8 +306,8 @@ class LayerBuilder:
                     for j, w in enumerate(group):
                         key = ref.name if not ref.stacked else f"{ref.name}.{e}.{j}"
                         shape = ref.shape if not ref.stacked else self._part_shape(w)
-                        if w.kind == "gptq":
-                            specs.append(self._gptq(w, key, shape, stored))
+                        if w.kind == "quant":
+                            specs.append(self._linear(w, key, shape, stored))
                         else:
                             specs.append(self._dense(w, key, shape, stored))
                     parts.append(tuple(specs))
@@ -289,9 +315,15 @@ class LayerBuilder:
         return self._place(stored, recipes)
 
     def _part_shape(self, w: WeightRef) -> tuple[int, ...]:
-        if w.kind == "gptq":
-            qw = self.index.locations[w.key + ".qweight"]
-            return (qw.shape[1], qw.shape[0] * (32 // self.gptq.bits))
+        if w.kind == "quant":
+            fmt = self.qfmt
+            names = [n.rsplit(".", 1)[1] for n in fmt.weight_names(w.key)]
+            shapes = {n: tuple(self.index.locations[f"{w.key}.{n}"].shape) for n in names}
+            if fmt.packing == "ct":
+                return (shapes["weight_packed"][0], int(self.index.read(w.key + ".weight_shape")[1]))
+            if fmt.packing == "awq":
+                return (shapes["scales"][1], shapes["qweight"][0])
+            return (shapes["qweight"][1], shapes["qweight"][0] * 32 // fmt.bits)
         return tuple(self.index.locations[w.key].shape)
 
     def _place(self, stored: list[_Stored], recipes: list[ParamRecipe]) -> LayerSource:
@@ -333,18 +365,6 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) == n:
             return name, module
     raise SpecexecError(f"cannot find the {n} decoder layers of {type(model).__name__}")
-
-
-def gptq_config_of(config) -> quant.GPTQConfig | None:
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
-    if not isinstance(qc, dict):
-        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
-    method = str(qc.get("quant_method", "")).lower()
-    if method != "gptq":
-        raise UsageError(f"checkpoint is quantized with {method!r}; only GPTQ checkpoints can be offloaded")
-    return quant.gptq_config_from_dict(qc)
 
 
 def empty_skeleton(config, dtype: torch.dtype) -> nn.Module:

@@ -79,6 +79,16 @@ class BoundLayer:
             else:
                 owner._parameters[attr] = build_param(recipe, views, self.dtype)
 
+    def bind_dense(self, params: dict[str, torch.Tensor]) -> None:
+        """Point the parameters at dense tensors by recipe name (an expanded layer's, see `expand`)."""
+        for owner, attr, recipe, _, _ in self.targets:
+            owner._parameters[attr] = params[recipe.name]
+
+    def expand(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every parameter decoded once from the layer's buffer into its own dense tensor in `dtype`."""
+        views = self.layout.views(buf)
+        return {r.name: build_param(r, views, self.dtype).contiguous().clone() for r in self.layout.recipes}
+
     def unbind(self) -> None:
         for owner, attr, _, placeholder, _ in self.targets:
             owner._parameters[attr] = placeholder
@@ -121,6 +131,7 @@ class OffloadEngine:
     layers: list[BoundLayer]
     resident: dict[int, torch.Tensor]  # layer index -> device buffer, bound in place every call
     streamed: list[int]  # layer indices that stream, in call order
+    expanded: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # resident layers decoded once
     host: dict[int, torch.Tensor] = field(default_factory=dict)  # ram tier: layer index -> host buffer
     reads: dict[int, list[ReadOp]] = field(default_factory=dict)  # disk tier: layer index -> file reads
     n_buffers: int = 2
@@ -185,6 +196,9 @@ class OffloadEngine:
         if layer == len(self.layers) - 1:  # the last layer: an early-exit draft's calls do not count
             self.stats.forwards += 1
         bound = self.layers[layer]
+        if layer in self.expanded:
+            bound.bind_dense(self.expanded[layer])
+            return
         if layer in self.resident:
             bound.bind(self._views_of(layer, -1, self.resident[layer]), self._scratch)
             return
@@ -283,8 +297,20 @@ class OffloadEngine:
         else:
             slot.buffer[:nbytes].copy_(self.host[layer])
 
+    def device_bytes(self) -> int:
+        """Device bytes the engine holds: resident and expanded layers, ring buffers, upcast scratch."""
+        tensors = [*self.resident.values(), *(t for p in self.expanded.values() for t in p.values()),
+                   *(slot.buffer for slot in self._slots)]
+        if self._scratch is not None:
+            tensors.append(self._scratch)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def layer_bytes(self, layer: int) -> torch.Tensor:
-        """A copy of decoder layer `layer`'s stored bytes on the device (for inspection and tests)."""
+        """A copy of decoder layer `layer`'s stored bytes on the device (for inspection and tests; an
+        expanded layer keeps no stored bytes)."""
+        if layer in self.expanded:
+            raise ValueError(f"layer {layer} is expanded: its stored bytes were dropped "
+                             f"(layer_state_dict has its weights)")
         if layer in self.resident:
             return self.resident[layer].clone()
         nbytes = self.layers[layer].layout.nbytes
@@ -301,6 +327,8 @@ class OffloadEngine:
     def layer_state_dict(self, layer: int) -> dict[str, torch.Tensor]:
         """Decoder layer `layer`'s parameters as the forward sees them (dequantized), by name in the layer."""
         bound = self.layers[layer]
+        if layer in self.expanded:
+            return {name: t.clone() for name, t in self.expanded[layer].items()}
         views = bound.layout.views(self.layer_bytes(layer))
         return {r.name: build_param(r, views, self.dtype).clone() for r in bound.layout.recipes}
 
@@ -325,6 +353,7 @@ class OffloadEngine:
             self.synchronize()
         self._queue.clear()
         self.host.clear()
+        self.expanded.clear()
         self._slots.clear()
         self._views.clear()
         self.pinned.close()

@@ -54,6 +54,7 @@ class ModelFacts:
     dtype_bytes: int = 2
     decode_bytes: int = 0  # device scratch for one layer's dequantized weights (0: zero-copy views)
     disk_cache_bytes: int = 0  # what the disk tier writes first (converted layers); 0: read in place
+    expand_bytes: int = 0  # extra bytes to hold one resident layer decoded once (0: nothing to decode)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class PlanRequest:
     draft_bytes: int = 0
     draft_kv_bytes_per_token: int = 0
     reserve_bytes: int = 0  # kept free on the device (CUDA context, allocator slack)
+    expand: bool = True  # decode resident layers once with the memory left (ModelFacts.expand_bytes)
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,12 @@ class Plan:
     device_bytes: int
     host_bytes: int
     disk_bytes: int
+    expanded_layers: int = 0  # resident layers decoded once at load (4-bit, or fp16 computed in fp32)
 
     def summary(self) -> str:
+        expanded = f" expanded={self.expanded_layers}" if self.expanded_layers else ""
         return (
-            f"offload={self.offload} resident_layers={self.resident_layers} buffers={self.buffers} "
+            f"offload={self.offload} resident_layers={self.resident_layers}{expanded} buffers={self.buffers} "
             f"budget={self.budget} device={gb(self.device_bytes)} host={gb(self.host_bytes)} "
             f"disk={gb(self.disk_bytes)}"
         )
@@ -243,7 +247,14 @@ def plan(hw: HardwareFacts, model: ModelFacts, req: PlanRequest) -> Plan:
             spare -= extra
             resident, buffers = nxt, b
 
+    # 5. expanded layers: resident layers decoded once (no per-pass dequantization or upcast), in what
+    #    memory is left
     device = weights_device_bytes(model, req, resident, buffers) + budget_device_bytes(model, req, budget)
+    expanded = 0
+    if req.expand and model.expand_bytes > 0 and resident:
+        spare = device_pool - device - (host_need(resident, buffers) if hw.unified else 0)
+        expanded = max(0, min(resident, spare // model.expand_bytes))
+        device += expanded * model.expand_bytes
     return Plan(
         offload=req.offload,
         buffers=buffers,
@@ -252,6 +263,7 @@ def plan(hw: HardwareFacts, model: ModelFacts, req: PlanRequest) -> Plan:
         device_bytes=device,
         host_bytes=host_need(resident, buffers),
         disk_bytes=model.disk_cache_bytes if req.offload == "disk" else 0,
+        expanded_layers=expanded,
     )
 
 

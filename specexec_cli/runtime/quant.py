@@ -20,6 +20,7 @@ case when dequantizing.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,20 @@ def gptq_is_trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
     return bool(torch.equal(g_idx.to(torch.int64), expected))
 
 
+def _unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words [R, C] -> uint8 [R, C, 32 / bits]: each word's values, low bits first.
+
+    Reads the words as little-endian bytes, so every operation runs on 1-byte values (4x less memory
+    traffic than shifting int32 words; `dequantize_gptq` is about 5x faster on a CPU for it)."""
+    per_byte = 8 // bits
+    b = packed.contiguous().view(torch.uint8).view(*packed.shape, 4)  # [R, C, 4]
+    if per_byte == 1:
+        return b
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # [per_byte]
+    vals = (b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, C, 4, per_byte]
+    return vals.view(*packed.shape, 32 // bits)
+
+
 def dequantize_gptq(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
@@ -134,6 +149,45 @@ def dequantize_gptq(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """GPTQ tensors -> dense weight [out, in] in `dtype` (a transposed view; F.linear accepts it).
+
+    g_idx None means the trivial grouping (row i in group i // (in / groups)), which avoids a gather.
+    (q - zero) is a small integer, exact in any float dtype, so the only rounding is the final product.
+    The work dtype is the wider of `dtype` and the scales' dtype (float32 for float16 scales with
+    bfloat16 compute). For float16/bfloat16 scales that product is exact in float32, so this equals
+    float32(q - zero) * float32(scale) rounded once to `dtype`: the Triton kernel's arithmetic
+    (gptq_triton's docstring). The integers are unpacked and subtracted as bytes (int16 for 8 bits), so
+    the only full-width intermediate is the product itself.
+    """
+    if sys.byteorder != "little":
+        return dequantize_gptq_reference(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype)
+    work = torch.promote_types(dtype, scales.dtype)
+    small = torch.int8 if bits < 8 else torch.int16  # holds q - zero, zero up to 2**bits
+    rows, n_out = qweight.shape
+    q = _unpack_bytes(qweight, bits).permute(0, 2, 1).reshape(-1, n_out)  # uint8 [in, out]
+    zeros = _unpack_bytes(qzeros, bits).reshape(qzeros.shape[0], -1).to(small) + zero_offset  # [groups, out]
+    q = q.view(torch.int8) if small == torch.int8 else q.to(small)  # values < 2**bits: same numbers
+    n_in = q.shape[0]
+    if g_idx is None:
+        groups = scales.shape[0]
+        diff = q.view(groups, n_in // groups, n_out) - zeros.unsqueeze(1)  # [groups, rows, out]
+        w = torch.mul(diff, scales.to(work).unsqueeze(1)).view(n_in, n_out)
+    else:
+        g = g_idx.to(torch.long)
+        w = torch.mul(q - zeros.index_select(0, g), scales.to(work).index_select(0, g))  # [in, out]
+    return w.t() if work == dtype else w.t().to(dtype)
+
+
+def dequantize_gptq_reference(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    zero_offset: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`dequantize_gptq` by int32 shifts: the plain formula, kept as the reference the byte path and the
+    Triton kernel are tested against, and for big-endian hosts.
 
     g_idx None means the trivial grouping (row i in group i // (in / groups)), which avoids a gather.
     (q - zero) is a small integer, exact in any float dtype, so the only rounding is the final product.

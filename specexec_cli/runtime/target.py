@@ -25,6 +25,7 @@ from specexec_cli.runtime.embedding import UpcastEmbedding, input_embedding_name
 from specexec_cli.runtime.layout import dtype_bytes
 from specexec_cli.runtime.loader import (
     FLOAT_QUANTS,
+    PACKED_QUANTS,
     QUANTS,
     LayerBuilder,
     LayerSource,
@@ -33,10 +34,11 @@ from specexec_cli.runtime.loader import (
     checkpoint_param_refs,
     empty_skeleton,
     find_layers,
-    gptq_config_of,
+    is_quantized_linear,
 )
 from specexec_cli.runtime.offload import BoundLayer, OffloadEngine
 from specexec_cli.runtime.pinned import PinnedPool
+from specexec_cli.runtime.qformat import QuantFormat, dense_weight, read_quant_format
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ def _model_facts(model: nn.Module, sources: list[LayerSource], dtype: torch.dtyp
         dtype_bytes=dtype_bytes(dtype),
         decode_bytes=max(s.layout.decoded_bytes(dtype) for s in sources),
         disk_cache_bytes=0 if direct else total,
+        expand_bytes=max(0, max(s.layout.expanded_bytes(dtype) - s.layout.nbytes for s in sources)),
     )
 
 
@@ -133,13 +136,17 @@ class _Prepared:
     quant: str
     plan: planner.Plan
     narrow: dict[str, torch.dtype]  # resident tensors kept in the checkpoint's narrower dtype
+    qfmt: QuantFormat | None = None  # the checkpoint's quantized format
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of a resident model's parameters and buffers (e.g. the draft) and of any int8 linears'
-    packed weights (runtime/int8_cpu.py), for the memory plan."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values()) + int8_cpu.packed_bytes(model)
+    """Bytes of a model's parameters and buffers on its device (e.g. the draft), of any int8 linears'
+    packed weights (runtime/int8_cpu.py) and, for a model loaded by this runtime (a 4-bit draft), of the
+    layers its offload engine holds on the device, for the memory plan."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
+    engine = getattr(model, "offload_engine", None)  # an offloaded model: what its engine holds
+    held = engine.device_bytes() if engine is not None else 0
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + int8_cpu.packed_bytes(model) + held
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -159,11 +166,11 @@ def _prepare(
     if quant is not None and quant not in QUANTS and quant not in FLOAT_QUANTS:
         raise UsageError(f"--quant must be one of {', '.join(QUANTS)}; got {quant!r}")
 
-    index, gptq = None, None
+    index, qfmt = None, None
     if isinstance(source, nn.Module):
         model, config = source, source.config
-        if quant == "gptq":
-            raise UsageError("--quant gptq needs a GPTQ checkpoint directory, not a loaded model")
+        if quant in PACKED_QUANTS:
+            raise UsageError(f"--quant {quant} needs a quantized checkpoint directory, not a loaded model")
         if dtype is None and quant is None:
             dtype = model.dtype  # keep the loaded model's precision
     else:
@@ -171,14 +178,15 @@ def _prepare(
 
         directory = resolve_checkpoint(source)
         config = AutoConfig.from_pretrained(directory)
-        gptq = gptq_config_of(config)
-        if gptq is not None and quant not in (None, "gptq"):
-            raise UsageError(f"{source} is a GPTQ checkpoint; use --quant gptq")
-        if gptq is None and quant == "gptq":
+        qfmt = read_quant_format(directory, config)
+        if qfmt is not None and quant not in (None, qfmt.variant):
+            raise UsageError(f"{source} is stored quantized ({qfmt.label}) and loads as it is: "
+                             f"drop --quant {quant}")
+        if qfmt is None and quant in PACKED_QUANTS:
             raise UsageError(
-                f"--quant gptq needs a GPTQ checkpoint; {source} has no GPTQ quantization_config"
+                f"--quant {quant} needs a {quant.upper()} checkpoint; {source} has no quantization_config"
             )
-        quant = "gptq" if gptq is not None else quant
+        quant = qfmt.variant if qfmt is not None else quant
     device, dtype = resolve_device_dtype(device, dtype, quant)
     if quant is None:
         quant = {v: k for k, v in FLOAT_QUANTS.items()}[dtype]
@@ -217,9 +225,9 @@ def _prepare(
             # model objects, or weights stored wider than the compute dtype)
             direct = (
                 tier == "disk" and index is not None and quant not in ("nf4", "int8")
-                and not _stored_wider(index, prefix, dtype)
+                and not _stored_wider(index, prefix, dtype) and (qfmt is None or qfmt.reads_in_place)
             )
-            sources = _layer_sources(model, layer_list, prefix, index, quant, dtype, gptq, direct,
+            sources = _layer_sources(model, layer_list, prefix, index, quant, dtype, qfmt, direct,
                                      keep_narrow=tier != "none")
             facts = _model_facts(model, sources, dtype, prefix, direct, narrow)
             try:
@@ -233,7 +241,7 @@ def _prepare(
         if index is not None:
             index.close()
         raise
-    return _Prepared(model, index, prefix, layer_list, sources, device, dtype, quant, the_plan, narrow)
+    return _Prepared(model, index, prefix, layer_list, sources, device, dtype, quant, the_plan, narrow, qfmt)
 
 
 def plan_target(source: str | os.PathLike | nn.Module, **options: Any) -> planner.Plan:
@@ -290,7 +298,7 @@ def load_offloaded_target(
     )
     model, index = prep.model, prep.index
     try:
-        _load_resident_parts(model, index, prep.prefix, prep.device, prep.dtype, prep.narrow)
+        _load_resident_parts(model, index, prep.prefix, prep.device, prep.dtype, prep.narrow, prep.qfmt)
         engine = _build_engine(
             model, prep.layer_list, prep.sources, index, prep.device, prep.dtype, prep.plan, offload_dir
         )
@@ -317,12 +325,12 @@ def _stored_wider(index: CheckpointIndex, prefix: str, dtype: torch.dtype) -> bo
 
 
 def _layer_sources(
-    model, layer_list, prefix, index, quant, dtype, gptq, direct, keep_narrow=False
+    model, layer_list, prefix, index, quant, dtype, qfmt, direct, keep_narrow=False
 ) -> list[LayerSource]:
     """Layouts of every decoder layer, from checkpoint headers or from the layers' own tensors.
     keep_narrow: keep checkpoint floats narrower than `dtype` as stored (upcast per call)."""
     sources = []
-    builder = LayerBuilder(index, quant, dtype, gptq, direct=direct, keep_narrow=keep_narrow)
+    builder = LayerBuilder(index, quant, dtype, qfmt, direct=direct, keep_narrow=keep_narrow)
     for i, layer in enumerate(layer_list):
         named = list(layer.named_parameters())
         params = [(n, tuple(p.shape)) for n, p in named]
@@ -341,14 +349,16 @@ def _build_engine(model, layer_list, sources, index, device, dtype, the_plan, of
     bound = [BoundLayer(i, layer_list[i], sources[i].layout, dtype) for i in range(n)]
     reader = FileReader()
     pinned = PinnedPool(device.type == "cuda")
-    resident, host, reads = {}, {}, {}
+    resident, expanded, host, reads = {}, {}, {}, {}
     cleanup, writer = None, None
     try:
         if the_plan.offload == "disk" and streamed and sources[streamed[0]].reads is None:
             cleanup = tempfile.mkdtemp(prefix="specexec-offload-", dir=offload_dir)
             writer = BlobWriter(os.path.join(cleanup, "layers.bin"))
         for i, src in enumerate(sources):
-            if i < the_plan.resident_layers:
+            if i < the_plan.expanded_layers:
+                expanded[i] = bound[i].expand(src.materialize(reader).to(device))
+            elif i < the_plan.resident_layers:
                 resident[i] = src.materialize(reader).to(device)
             elif the_plan.offload == "ram":
                 host[i] = src.materialize(reader, out=pinned.empty(src.layout.nbytes))
@@ -372,6 +382,7 @@ def _build_engine(model, layer_list, sources, index, device, dtype, the_plan, of
         dtype=dtype,
         layers=bound,
         resident=resident,
+        expanded=expanded,
         streamed=streamed,
         host=host,
         reads=reads,
@@ -397,9 +408,11 @@ def _narrow_resident(model: nn.Module, index: CheckpointIndex | None,
 
 
 def _load_resident_parts(model: nn.Module, index: CheckpointIndex | None, prefix: str, device, dtype,
-                         narrow: dict[str, torch.dtype] | None = None) -> None:
+                         narrow: dict[str, torch.dtype] | None = None,
+                         qfmt: QuantFormat | None = None) -> None:
     """Embeddings, final norm, LM head (and every buffer) onto the device in the compute dtype; the
-    tensors in `narrow` in their stored dtype (an input embedding then upcasts the rows it gathers)."""
+    tensors in `narrow` in their stored dtype (an input embedding then upcasts the rows it gathers); a
+    quantized LM head (GPTQ `lm_head: true`) dequantized once."""
     narrow = narrow or {}
     tied = dict(
         getattr(model, "all_tied_weights_keys", None) or {}
@@ -411,6 +424,11 @@ def _load_resident_parts(model: nn.Module, index: CheckpointIndex | None, prefix
             value = p.data
         elif name in index:
             value = index.read(name)
+        elif qfmt is not None and name.endswith(".weight") and is_quantized_linear(index, name[:-7]):
+            prefix_q = name[: -len(".weight")]
+            parts = {k[len(prefix_q) + 1:]: index.read(k) for k in index.locations
+                     if k.startswith(prefix_q + ".")}
+            value = dense_weight(qfmt, parts, p.shape[1], dtype, prefix_q)
         else:
             raise SpecexecError(f"checkpoint has no tensor {name}")
         if name in narrow:

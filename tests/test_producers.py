@@ -1,0 +1,226 @@
+"""4-bit checkpoints made by their real producers (auto-round, compressed-tensors) load exactly.
+
+Each format is made from the same tiny random Qwen2 (hidden 256, so every linear has whole groups of
+128) by auto-round's round-to-nearest. Checked: every quantized linear, as the runtime decodes it (read
+from the folder, repacked where the format is not GPTQ's, streamed from RAM or disk), equals the
+producer's own dequantization bit for bit in float16; greedy SpecExec on each quantized target,
+resident (decoded once) and streamed, equals plain decoding of the same checkpoint; an act-order GPTQ
+checkpoint (permuted g_idx with its rows) does the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("auto_round")
+pytest.importorskip("compressed_tensors")
+
+from conftest import _word_tokenizer  # noqa: E402
+from producers import (  # noqa: E402
+    awq_reference,
+    compressed_tensors_reference,
+    gptq_reference,
+    quant_config,
+    quantize,
+)
+from tiny_pairs import tiny_model  # noqa: E402
+
+from specexec_cli.decoding.config import GenerationConfig, TreeConfig  # noqa: E402
+from specexec_cli.decoding.generate import generate  # noqa: E402
+from specexec_cli.errors import UsageError  # noqa: E402
+from specexec_cli.runtime.disk import CheckpointIndex  # noqa: E402
+from specexec_cli.runtime.qformat import format_from_dict, read_quant_format  # noqa: E402
+from specexec_cli.runtime.target import load_offloaded_target  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HIDDEN, VOCAB = 256, 320
+# (auto-round format, symmetric) -> the layout it writes
+MADE = {
+    ("auto_gptq", False): "gptq",
+    ("auto_gptq", True): "gptq",
+    ("auto_awq", False): "awq",
+    ("auto_round", True): "gptq",  # native format, GPTQ packing (auto_round:auto_gptq)
+    ("auto_round", False): "awq",  # native format, AWQ packing (auto_round:auto_awq)
+    ("llm_compressor", False): "ct",  # compressed-tensors pack-quantized, its own packer
+    ("llm_compressor", True): "ct",
+}
+IDS = [f"{fmt}-{'sym' if sym else 'asym'}" for fmt, sym in MADE]
+
+
+def _model() -> torch.nn.Module:
+    return tiny_model("qwen2", 2, seed=0, vocab=VOCAB, hidden=HIDDEN, dtype=torch.float32,
+                      initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{(format, sym): folder} made by auto-round (about 4 s each)."""
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(VOCAB - 4)])
+    root = tmp_path_factory.mktemp("producers")
+    made = {}
+    for fmt, sym in MADE:
+        folder = quantize(_model(), tokenizer, root / f"{fmt}-{sym}", fmt, sym)
+        tokenizer.save_pretrained(folder)
+        made[fmt, sym] = folder
+    return made
+
+
+def _linears(index: CheckpointIndex) -> dict[str, dict[str, torch.Tensor]]:
+    """{module prefix: {tensor name: tensor}} of every quantized linear in the folder."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name in index.locations:
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in ("qweight", "weight_packed"):
+            out[prefix] = {k.rpartition(".")[2]: index.read(k) for k in index.locations
+                           if k.rpartition(".")[0] == prefix}
+    return out
+
+
+def _reference(layout: str, tensors: dict[str, torch.Tensor], qc: dict, n_in: int) -> torch.Tensor:
+    if layout == "awq":
+        return awq_reference(tensors, qc["group_size"])
+    if layout == "gptq":
+        return gptq_reference(tensors, qc["bits"], qc["group_size"], n_in)
+    return compressed_tensors_reference(tensors, qc)
+
+
+@pytest.mark.parametrize("offload", ["ram", "disk"])
+@pytest.mark.parametrize("made", list(MADE), ids=IDS)
+def test_every_linear_decodes_like_its_producer(checkpoints, made, offload, tmp_path):
+    folder, layout = checkpoints[made], MADE[made]
+    qc = quant_config(folder)
+    assert read_quant_format(folder).packing == layout
+    model = load_offloaded_target(folder, device="cpu", dtype=torch.float16, offload=offload,
+                                  resident_layers=0, offload_dir=tmp_path, budget=0, context_len=64)
+    engine = model.offload_engine
+    try:
+        index = CheckpointIndex(folder)
+        linears = _linears(index)
+        checked = 0
+        for i in range(len(engine.layers)):
+            params = engine.layer_state_dict(i)
+            for name, weight in params.items():
+                prefix = f"model.layers.{i}.{name.removesuffix('.weight')}"
+                if prefix not in linears:
+                    continue
+                expected = _reference(layout, linears[prefix], qc, weight.shape[1])
+                assert expected.dtype == torch.float16
+                assert torch.equal(weight, expected), prefix
+                checked += 1
+        index.close()
+        assert checked == 2 * 7  # q, k, v, o, gate, up, down in both layers
+    finally:
+        engine.close()
+
+
+def _decode(target, draft, prompt, method: str) -> list[int]:
+    tree = TreeConfig(budget=16, max_n_beams=4, max_beam_len=4, max_branch_width=4)
+    config = GenerationConfig(method=method, max_new_tokens=20, tree=tree)
+    return generate(target, draft if method != "autoregressive" else None, prompt, config).token_ids
+
+
+@pytest.mark.parametrize("made", list(MADE), ids=IDS)
+def test_specexec_on_each_quantized_target_equals_its_plain_decoding(checkpoints, made, tmp_path):
+    folder = checkpoints[made]
+    draft = tiny_model("qwen2", 1, seed=1, vocab=VOCAB, hidden=HIDDEN, dtype=torch.float32)
+    prompt = torch.tensor([[5, 17, 3, 99, 42, 7]])
+    resident = load_offloaded_target(folder, device="cpu", dtype=torch.float32, offload="none", budget=16,
+                                     context_len=64)
+    assert resident.offload_engine.plan.expanded_layers == 2  # decoded once: no per-pass dequantization
+    plain = _decode(resident, None, prompt, "autoregressive")
+    assert len(plain) == 20
+    assert _decode(resident, draft, prompt, "specexec") == plain
+    assert _decode(resident, draft, prompt, "specinfer") == plain
+    resident.offload_engine.close()
+    for offload in ("ram", "disk"):
+        streamed = load_offloaded_target(folder, device="cpu", dtype=torch.float32, offload=offload,
+                                         resident_layers=0, offload_dir=tmp_path, budget=16, context_len=64)
+        assert streamed.offload_engine.plan.expanded_layers == 0
+        assert _decode(streamed, None, prompt, "autoregressive") == plain  # same weights, decoded per pass
+        assert _decode(streamed, draft, prompt, "specexec") == plain
+        streamed.offload_engine.close()
+
+
+def test_act_order_gptq_checkpoint_decodes_exactly(tmp_path):
+    from test_quant import write_gptq_checkpoint
+
+    model = _model()
+    expected = write_gptq_checkpoint(copy.deepcopy(model), tmp_path / "gptq", tmp_path / "dense",
+                                     group_size=64, desc_act=True)
+    assert read_quant_format(tmp_path / "gptq").desc_act
+    draft = tiny_model("qwen2", 1, seed=1, vocab=VOCAB, hidden=HIDDEN, dtype=torch.float32)
+    prompt = torch.tensor([[5, 17, 3, 99, 42, 7]])
+    resident = load_offloaded_target(tmp_path / "gptq", device="cpu", dtype=torch.float32, offload="none",
+                                     budget=16, context_len=64)
+    for name, weight in resident.offload_engine.layer_state_dict(0).items():
+        if f"model.layers.0.{name}" in expected:
+            assert torch.equal(weight, expected[f"model.layers.0.{name}"].float()), name
+    plain = _decode(resident, None, prompt, "autoregressive")
+    streamed = load_offloaded_target(tmp_path / "gptq", device="cpu", dtype=torch.float32, offload="disk",
+                                     resident_layers=0, budget=16, context_len=64)
+    assert streamed.offload_engine.reads  # GPTQ streams from the checkpoint files in place
+    assert _decode(streamed, draft, prompt, "specexec") == plain
+    assert _decode(resident, draft, prompt, "specexec") == plain
+    for m in (resident, streamed):
+        m.offload_engine.close()
+
+
+# --- bad input: one line, exit 2 ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qc, message", [
+    ({"quant_method": "bitnet"}, "'bitnet', which is not supported"),
+    ({"quant_method": "awq", "version": "gemv", "bits": 4}, "AWQ version 'gemv' is not supported"),
+    ({"quant_method": "gptq", "bits": 3}, "GPTQ with 3 bits is not supported"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "'float-quantized' is not"),
+    ({"quant_method": "auto-round", "packing_format": "auto_round:marlin"}, "packing_format"),
+    ({"quant_method": "auto-round", "data_type": "mx_fp"}, "data_type 'mx_fp'"),
+])
+def test_unsupported_formats_are_named_in_one_line(qc, message):
+    with pytest.raises(UsageError, match=message) as info:
+        format_from_dict(qc)
+    assert "\n" not in str(info.value)
+
+
+def test_quantize_config_json_of_older_autogptq_repos_is_read(checkpoints, tmp_path):
+    import shutil
+
+    folder = tmp_path / "old-autogptq"
+    shutil.copytree(checkpoints["auto_gptq", False], folder)
+    config = json.loads((folder / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    (folder / "config.json").write_text(json.dumps(config))
+    old = {k: v for k, v in qc.items() if k != "quant_method"}  # AutoGPTQ wrote no quant_method there
+    (folder / "quantize_config.json").write_text(json.dumps(old))
+    fmt = read_quant_format(folder)
+    assert (fmt.method, fmt.bits, fmt.group_size, fmt.zero_offset) == ("gptq", 4, 128, 1)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "specexec_cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_generate_reads_a_quantized_folder_without_flags_and_refuses_a_conflicting_quant(tmp_path):
+    # a Llama: transformers maps a qwen2 config to Qwen2Tokenizer, which the word-level vocabulary defeats
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(VOCAB - 4)])
+    model = tiny_model("llama", 2, seed=0, vocab=VOCAB, hidden=HIDDEN, dtype=torch.float32)
+    model.config.eos_token_id = 1
+    folder = str(quantize(model, tokenizer, tmp_path / "awq", "auto_awq", sym=False))
+    ok = _cli("generate", "-t", folder, "--method", "autoregressive", "--no-chat-template", "-n", "6",
+              "-p", "w1 w2 w3", "--device", "cpu")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip()  # generated words, no ImportError from a transformers quantizer
+    assert "expanded=2" in ok.stderr  # resident and decoded once
+    bad = _cli("generate", "-t", folder, "--quant", "nf4", "--method", "autoregressive", "-p", "w1",
+               "--device", "cpu")
+    assert bad.returncode == 2
+    assert "is stored quantized (AWQ) and loads as it is: drop --quant nf4" in bad.stderr
+    assert "Traceback" not in bad.stderr
