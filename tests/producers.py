@@ -21,13 +21,13 @@ FORMATS = ("auto_gptq", "auto_awq", "auto_round", "llm_compressor")
 
 
 def quantize(model: torch.nn.Module, tokenizer, out: Path, fmt: str, sym: bool, bits: int = 4,
-             group_size: int = 128) -> Path:
+             group_size: int = 128, layer_config: dict | None = None) -> Path:
     """Quantize `model` (float32, modified in place) with auto-round and save it as `fmt` under `out`;
-    returns the checkpoint folder."""
+    returns the checkpoint folder. `layer_config`: per-module overrides ({name: {"bits": 8}})."""
     from auto_round import AutoRound
 
     rounder = AutoRound(model, tokenizer, bits=bits, group_size=group_size, sym=sym, iters=0,
-                        disable_opt_rtn=True)
+                        disable_opt_rtn=True, layer_config=layer_config)
     rounder.quantize_and_save(str(out), format=fmt)
     folders = [p.parent for p in out.rglob("config.json")]
     assert len(folders) == 1, folders

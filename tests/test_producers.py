@@ -224,3 +224,53 @@ def test_generate_reads_a_quantized_folder_without_flags_and_refuses_a_conflicti
     assert bad.returncode == 2
     assert "is stored quantized (AWQ) and loads as it is: drop --quant nf4" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_gptqmodel_dynamic_per_module_bits_and_a_quantized_lm_head(tmp_path):
+    """auto-round's mixed-bit GPTQ export (GPTQModel's `dynamic`: 8, 2 and 4 bits in one model) decodes
+    like the producer; a quantized lm_head (lm_head.qweight, `lm_head: true`) is dequantized once."""
+    from safetensors.torch import load_file, save_file
+
+    from specexec_cli.runtime import quant
+
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(VOCAB - 4)])
+    bits_of = {"model.layers.0.mlp.down_proj": 8, "model.layers.1.self_attn.q_proj": 2}
+    folder = quantize(_model(), tokenizer, tmp_path / "mixed", "auto_gptq", sym=False,
+                      layer_config={k: {"bits": b} for k, b in bits_of.items()})
+    qc = quant_config(folder)
+    assert len(qc["dynamic"]) == 2
+    # the lm_head as GPTQ tensors: 4-bit ints, zeros and scales chosen here, packed as the format says
+    files = list(folder.glob("*.safetensors"))
+    tensors = load_file(files[0])
+    head = tensors.pop("lm_head.weight")  # [vocab, hidden]
+    g = torch.arange(HIDDEN) // 128
+    q = torch.randint(0, 16, head.shape)
+    zeros = torch.randint(1, 16, (2, VOCAB))
+    scales = (torch.rand(2, VOCAB) / 20 + 0.01).half()
+    packed = quant.quantize_gptq_reference(q, zeros, scales, g, 4, "gptq")
+    tensors.update({f"lm_head.{k}": v for k, v in packed.items()})
+    save_file(tensors, files[0], metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["lm_head"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+
+    model = load_offloaded_target(folder, device="cpu", dtype=torch.float16, offload="ram", resident_layers=0,
+                                  budget=0, context_len=64)
+    index = CheckpointIndex(folder)
+    linears = _linears(index)
+    for i in range(2):
+        for name, weight in model.offload_engine.layer_state_dict(i).items():
+            prefix = f"model.layers.{i}.{name.removesuffix('.weight')}"
+            if prefix in linears:
+                ref = gptq_reference(linears[prefix], bits_of.get(prefix, 4), 128, weight.shape[1])
+                assert torch.equal(weight, ref), prefix
+    head_ref = gptq_reference(linears["lm_head"], 4, 128, HIDDEN)
+    assert torch.equal(model.lm_head.weight, head_ref)
+    index.close()
+    model.offload_engine.close()
+    resident = load_offloaded_target(folder, device="cpu", dtype=torch.float32, offload="none", budget=16,
+                                     context_len=64)
+    draft = tiny_model("qwen2", 1, seed=1, vocab=VOCAB, hidden=HIDDEN, dtype=torch.float32)
+    prompt = torch.tensor([[5, 17, 3, 99, 42, 7]])
+    assert _decode(resident, draft, prompt, "specexec") == _decode(resident, None, prompt, "autoregressive")
+    resident.offload_engine.close()
