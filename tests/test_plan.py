@@ -290,3 +290,23 @@ def test_more_device_memory_never_shrinks_the_budget(free, extra, context, quant
         return p.budget
 
     assert budget(free + extra) >= budget(free)
+
+
+def test_resident_layers_are_expanded_with_the_memory_left_and_never_past_it():
+    """4-bit resident layers decode once into the compute dtype where the plan has room: all of them with
+    plenty of memory, as many as fit under a cap, none when there is nothing to decode."""
+    gptq = replace(LLAMA70, layer_bytes=445_000_000, total_layer_bytes=80 * 445_000_000,
+                   expand_bytes=1_711_000_000 - 445_000_000)
+    roomy = HardwareFacts(device_mem_free=400 * GB, host_ram_available=400 * GB, disk_free=0)
+    p = plan(roomy, gptq, PlanRequest(offload="none", budget=64, context_len=2048))
+    assert (p.resident_layers, p.expanded_layers) == (80, 80)
+    fixed = plan(roomy, gptq, PlanRequest(offload="none", budget=64, context_len=2048, expand=False))
+    assert fixed.expanded_layers == 0
+    assert p.device_bytes == fixed.device_bytes + 80 * gptq.expand_bytes
+    capped = HardwareFacts(device_mem_free=fixed.device_bytes + 10 * gptq.expand_bytes + 1,
+                           host_ram_available=400 * GB, disk_free=0)
+    p = plan(capped, gptq, PlanRequest(offload="none", budget=64, context_len=2048))
+    assert p.expanded_layers == 10 and p.device_bytes <= capped.device_mem_free
+    assert plan(roomy, LLAMA70, PlanRequest(offload="none", budget=64)).expanded_layers == 0  # views: nothing
+    streamed = plan(roomy, gptq, PlanRequest(offload="ram", resident_layers=4, budget=64))
+    assert streamed.expanded_layers == 4  # only resident layers, never streamed ones

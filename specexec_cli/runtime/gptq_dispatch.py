@@ -57,9 +57,10 @@ def dequantize_gptq(
     bits: int,
     zero_offset: int,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`quant.dequantize_gptq` with the same arguments and result ([out, in] in `dtype`), fused into one
-    kernel where it can be."""
+    kernel where it can be (the kernel allocates its own output; `out` serves the torch path)."""
     if qweight.is_cuda:
         kernels = triton_kernels()
         if kernels is not None and kernels.supports(bits, scales.dtype, dtype):
@@ -69,4 +70,4 @@ def dequantize_gptq(
                 raise
             except Exception as exc:  # compile or launch failure: fall back for good
                 _disable(exc)
-    return quant.dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype)
+    return quant.dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype, out)

@@ -112,12 +112,19 @@ class LayerLayout:
         return sum(_numel(r.shape) * dtype_bytes(dtype) for r in self.recipes)
 
     def decoded_bytes(self, dtype: torch.dtype) -> int:
-        """Device scratch for the parameters that are not zero-copy views (decoded each forward)."""
-        total = 0
+        """Device scratch for the parameters that are not zero-copy views (decoded each forward), plus
+        the transient workspace of the largest GPTQ dequantization (quant.dequantize_gptq: 1-2 bytes per
+        weight of unpacked integers; with an act-order g_idx also the gathered zeros and scales)."""
+        total, workspace = 0, 0
         for r in self.recipes:
             if not is_view(r, self, dtype):
                 total += _numel(r.shape) * dtype_bytes(dtype)
-        return total
+            for part in r.parts:
+                for spec in part:
+                    if spec.codec == "gptq":
+                        per_weight = 2 + (1 + 4 if len(spec.keys) > 3 else 0)  # g_idx: gathers
+                        workspace = max(workspace, _numel(spec.shape) * per_weight)
+        return total + workspace
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -143,8 +150,14 @@ def is_upcast(recipe: ParamRecipe, layout: LayerLayout, dtype: torch.dtype) -> b
     return stored.is_floating_point and stored != dtype and dtype_bytes(stored) < dtype_bytes(dtype)
 
 
-def decode_weight(spec: WeightSpec, views: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Build one dense weight on the views' device."""
+def is_dequantized(recipe: ParamRecipe) -> bool:
+    """True when the parameter is one GPTQ weight (dequantized per call, into reused scratch)."""
+    return not recipe.stacked and recipe.parts[0][0].codec == "gptq"
+
+
+def decode_weight(spec: WeightSpec, views: dict[str, torch.Tensor], dtype: torch.dtype,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Build one dense weight on the views' device (a GPTQ weight into `out` [in, out] when given)."""
     t = [views[k] for k in spec.keys]
     if spec.codec == "raw":
         w = t[0]
@@ -152,7 +165,7 @@ def decode_weight(spec: WeightSpec, views: dict[str, torch.Tensor], dtype: torch
     if spec.codec == "gptq":
         bits, zero_offset = spec.args
         g_idx = t[3] if len(t) > 3 else None
-        return gptq_dispatch.dequantize_gptq(t[0], t[1], t[2], g_idx, bits, zero_offset, dtype)
+        return gptq_dispatch.dequantize_gptq(t[0], t[1], t[2], g_idx, bits, zero_offset, dtype, out)
     if spec.codec == "nf4":
         (blocksize,) = spec.args
         return quant.dequantize_nf4(t[0], t[1], spec.shape, dtype, blocksize)

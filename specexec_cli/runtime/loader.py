@@ -29,8 +29,8 @@ from specexec_cli.runtime import qformat, quant
 from specexec_cli.runtime.disk import CheckpointIndex, FileReader, ReadOp, TensorLocation
 from specexec_cli.runtime.layout import LayerLayout, ParamRecipe, WeightSpec, align, dtype_bytes
 
-QUANTS = ("fp16", "bf16", "fp32", "gptq", "awq", "nf4", "int8")
-PACKED_QUANTS = ("gptq", "awq")  # read from a quantized checkpoint (runtime/qformat.py)
+QUANTS = ("fp16", "bf16", "fp32", "gptq", "awq", "w4a16", "nf4", "int8")
+PACKED_QUANTS = ("gptq", "awq", "w4a16")  # read from a quantized checkpoint (runtime/qformat.py)
 # fp64 is not offered on the command line; it lets tests stream float64 models exactly
 FLOAT_QUANTS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 COALESCE_GAP = 64 << 10  # read a gap this small rather than issue a second read

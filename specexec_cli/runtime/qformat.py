@@ -60,8 +60,8 @@ class QuantFormat:
 
     @property
     def variant(self) -> str:
-        """The registry variant name this format is (`--quant gptq` or `--quant awq`)."""
-        return "awq" if self.packing == "awq" else "gptq"
+        """The registry variant name this format is (`--quant gptq`, `awq` or `w4a16`)."""
+        return {"awq": "awq", "ct": "w4a16"}.get(self.packing, "gptq")
 
     @property
     def label(self) -> str:

@@ -125,18 +125,27 @@ def gptq_is_trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
     return bool(torch.equal(g_idx.to(torch.int64), expected))
 
 
-def _unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 words [R, C] -> uint8 [R, C, 32 / bits]: each word's values, low bits first.
+def _unpack_row_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R / p, C] packed along rows (p = 32/bits values per word, low bits first) -> uint8 [R, C].
 
-    Reads the words as little-endian bytes, so every operation runs on 1-byte values (4x less memory
-    traffic than shifting int32 words; `dequantize_gptq` is about 5x faster on a CPU for it)."""
-    per_byte = 8 // bits
-    b = packed.contiguous().view(torch.uint8).view(*packed.shape, 4)  # [R, C, 4]
+    Reads each word as its 4 little-endian bytes, so every operation moves 1-byte values (4x less memory
+    traffic than shifting int32 words): byte k of a word holds its values k*(8/bits) .. (k+1)*(8/bits)-1."""
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    rows, cols = packed.shape
+    b = packed.contiguous().view(torch.uint8).view(rows, cols, 4).permute(0, 2, 1)  # [R/p, 4, C]
     if per_byte == 1:
-        return b
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # [per_byte]
-    vals = (b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, C, 4, per_byte]
-    return vals.view(*packed.shape, 32 // bits)
+        return b.reshape(rows * 4, cols)
+    out = torch.empty(rows, 4, per_byte, cols, dtype=torch.uint8, device=packed.device)
+    for j in range(per_byte):
+        torch.bitwise_and(b if j == 0 else b >> (j * bits), mask, out=out[:, :, j])
+    return out.view(rows * 32 // bits, cols)
+
+
+def _unpack_col_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R, C / p] packed along columns -> uint8 [R, C] (see `_unpack_row_bytes`)."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # [8 / bits]
+    b = packed.contiguous().view(torch.uint8).view(*packed.shape, 4, 1)
+    return ((b >> shifts) & ((1 << bits) - 1)).view(packed.shape[0], -1)
 
 
 def dequantize_gptq(
@@ -147,6 +156,7 @@ def dequantize_gptq(
     bits: int,
     zero_offset: int,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GPTQ tensors -> dense weight [out, in] in `dtype` (a transposed view; F.linear accepts it).
 
@@ -155,26 +165,35 @@ def dequantize_gptq(
     The work dtype is the wider of `dtype` and the scales' dtype (float32 for float16 scales with
     bfloat16 compute). For float16/bfloat16 scales that product is exact in float32, so this equals
     float32(q - zero) * float32(scale) rounded once to `dtype`: the Triton kernel's arithmetic
-    (gptq_triton's docstring). The integers are unpacked and subtracted as bytes (int16 for 8 bits), so
-    the only full-width intermediate is the product itself.
+    (gptq_triton's docstring), bit for bit `dequantize_gptq_reference`.
+    The integers are unpacked and subtracted as bytes (int16 for 8 bits); the product is an in-place
+    multiply of the converted differences (torch's mixed-dtype multiply is ~5x slower on a CPU).
+    out: a contiguous [in, out] buffer of `dtype` to write into (reused scratch: a fresh multi-MB
+    tensor per call costs page faults on a CPU); used when the work dtype is `dtype`.
     """
     if sys.byteorder != "little":
         return dequantize_gptq_reference(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype)
     work = torch.promote_types(dtype, scales.dtype)
     small = torch.int8 if bits < 8 else torch.int16  # holds q - zero, zero up to 2**bits
-    rows, n_out = qweight.shape
-    q = _unpack_bytes(qweight, bits).permute(0, 2, 1).reshape(-1, n_out)  # uint8 [in, out]
-    zeros = _unpack_bytes(qzeros, bits).reshape(qzeros.shape[0], -1).to(small) + zero_offset  # [groups, out]
+    q = _unpack_row_bytes(qweight, bits)  # uint8 [in, out]
+    zeros = _unpack_col_bytes(qzeros, bits).to(small) + zero_offset  # [groups, out]
     q = q.view(torch.int8) if small == torch.int8 else q.to(small)  # values < 2**bits: same numbers
-    n_in = q.shape[0]
+    n_in, n_out = q.shape
+    if out is None or work != dtype:
+        out = torch.empty(n_in, n_out, dtype=work, device=qweight.device)
     if g_idx is None:
         groups = scales.shape[0]
-        diff = q.view(groups, n_in // groups, n_out) - zeros.unsqueeze(1)  # [groups, rows, out]
-        w = torch.mul(diff, scales.to(work).unsqueeze(1)).view(n_in, n_out)
+        diff = q.view(groups, n_in // groups, n_out)
+        diff.sub_(zeros.unsqueeze(1))  # [groups, rows, out]
+        w = out.view(groups, n_in // groups, n_out)
+        w.copy_(diff)
+        w.mul_(scales.to(work).unsqueeze(1))
     else:
         g = g_idx.to(torch.long)
-        w = torch.mul(q - zeros.index_select(0, g), scales.to(work).index_select(0, g))  # [in, out]
-    return w.t() if work == dtype else w.t().to(dtype)
+        q.sub_(zeros.index_select(0, g))
+        out.copy_(q)
+        out.mul_(scales.to(work).index_select(0, g))  # [in, out]
+    return out.t() if work == dtype else out.t().to(dtype)
 
 
 def dequantize_gptq_reference(
