@@ -102,8 +102,10 @@ def main() -> None:
               "tier that fits. The planner keeps as many layers resident as memory allows (streaming "
               "only the rest), so on a big machine nothing may stream: use --max-memory or "
               "--resident-layers [default: resident, unless another offload flag is given].")
-@click.option("--quant", type=click.Choice(["fp16", "bf16", "fp32", "gptq", "nf4", "int8"]), default=None,
-              help="Target weight format when offloading (gptq loads the registry's GPTQ checkpoint).")
+@click.option("--quant", type=click.Choice(["fp16", "bf16", "fp32", "gptq", "awq", "w4a16", "nf4", "int8"]),
+              default=None, help="Target weight format: gptq, awq, w4a16 load the registry's 4-bit "
+              "checkpoint of that format; nf4, int8 quantize at load. A quantized folder or hub id "
+              "needs none.")
 @click.option("--buffers", type=int, default=None, help="Device-side layer buffers in the ring (>= 2).")
 @click.option("--resident-layers", type=int, default=None,
               help="First layers kept on the device [default: as many as fit].")
@@ -218,7 +220,7 @@ def probe(as_json: bool, refresh: bool) -> None:
 @click.option("-d", "--draft", "drafts", multiple=True,
               help="Draft candidates (repeatable; 'none' and 'first-layers:N' allowed) [default: registry].")
 @click.option("--quant", "quants", multiple=True,
-              help="Target formats to try (fp32, fp16, bf16, gptq, nf4, int8).")
+              help="Target formats to try (fp32, fp16, bf16, gptq, awq, w4a16, nf4, int8).")
 @click.option("--early-exit", default=None, help="Comma-separated layer counts for early-exit drafts.")
 @click.option("--budgets", default=None, help="Comma-separated budgets to search [default: 1,2,4,...,4096].")
 @click.option("--trials", type=int, default=24, show_default=True)

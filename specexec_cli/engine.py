@@ -230,8 +230,8 @@ def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: i
         from specexec_cli.runtime.target import load_offloaded_target
 
         spec = resolve(name)
-        if options.quant == "gptq" and spec.gptq_hub_id:
-            spec = spec.gptq_variant()
+        if options.quant and spec.variant_id(options.quant):
+            spec = spec.quantized_variant(options.quant)  # --quant gptq / awq / w4a16: the registry's
         folder = local_source(spec)
         source = str(folder) if folder is not None else spec.hub_id
         tokenizer = load_tokenizer(spec)

@@ -303,7 +303,9 @@ def test_hub_model_missing_without_network_fails_fast(isolated_caches, monkeypat
 def test_unknown_model_name(isolated_caches):
     with pytest.raises(SpecexecError, match="specexec models"):
         load_model("no-such-model")
-    with pytest.raises(SpecexecError, match="unknown quantization"):
+    with pytest.raises(SpecexecError, match="unknown 4-bit variant 'nf5'"):
+        load_model("llama-3-70b", quantization="nf5")
+    with pytest.raises(SpecexecError, match="no AWQ variant of 'llama-3-70b' is known; known: gptq"):
         load_model("llama-3-70b", quantization="awq")
 
 
@@ -460,3 +462,38 @@ def test_bundled_qwen_pair_is_compatible():
     with torch.no_grad():
         out = target.generate(ids, max_new_tokens=12, do_sample=False)
     assert "def" in target_tokenizer.decode(out[0, ids.shape[1]:]) or "```" in target_tokenizer.decode(out[0])
+
+
+def test_registry_lists_the_4bit_variants_of_the_70b_class_and_resolves_their_hub_ids():
+    spec = resolve("llama-3.1-70b")
+    assert spec.variants == ("gptq", "awq")
+    awq = spec.quantized_variant("awq")
+    assert (awq.hub_id, awq.quantization, awq.n_layers) == (
+        "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4", "awq", 80)
+    by_hub = resolve("neuralmagic/DeepSeek-R1-Distill-Llama-70B-quantized.w4a16")
+    assert by_hub.name == "deepseek-r1-distill-llama-70b" and by_hub.quantization == "w4a16"
+    assert [d.name for d in drafts_for("deepseek-r1-distill-llama-70b")] == ["deepseek-r1-distill-llama-8b"]
+    assert resolve("hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4").name == "llama-3.1-8b"  # UMbreLLa's
+    assert resolve("llama-3.3-70b").variants == ("gptq", "awq")
+    with pytest.raises(SpecexecError, match=r"no W4A16 variant of 'llama-3.3-70b' is known; known: gptq, aw"):
+        resolve("llama-3.3-70b").quantized_variant("w4a16")
+    for name in ("llama-3.3-70b", "deepseek-r1-distill-llama-70b", "deepseek-r1-distill-llama-8b"):
+        s = resolve(name)
+        assert s.total_params() == s.params  # the shape fields agree with the parameter count
+
+
+def test_tune_searches_the_registry_variants_and_a_quantized_folder_only_as_stored(tmp_path):
+    pytest.importorskip("optuna")
+    import json as _json
+
+    import torch
+
+    from specexec_cli.tuning.tune import default_quantizations
+
+    assert default_quantizations("llama-3.1-70b", torch.device("cpu")) == ("fp32", "nf4", "gptq", "awq")
+    assert default_quantizations("qwen2.5-coder-1.5b", torch.device("cpu")) == ("fp32", "nf4")
+    folder = tmp_path / "awq-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(_json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True}}))
+    assert default_quantizations(str(folder), torch.device("cpu")) == ("awq",)

@@ -183,15 +183,14 @@ def load_model(
     """Load (model, tokenizer) in eval mode on `device` with weights in `dtype`.
 
     name_or_path: registry alias, bundled name, hub id, local folder or .gguf file (or a ModelSpec).
-    quantization: None, or "gptq" to load the registry's GPTQ variant of a known model.
+    quantization: None, or "gptq" / "awq" / "w4a16" to load the registry's 4-bit variant of a known
+      model. A quantized checkpoint (any of them, or a folder) loads through runtime/target.py.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = name_or_path if isinstance(name_or_path, ModelSpec) else resolve(name_or_path)
-    if quantization == "gptq":
-        spec = spec.gptq_variant()
-    elif quantization is not None:
-        raise SpecexecError(f"unknown quantization '{quantization}' (known: gptq)")
+    if quantization is not None:
+        spec = spec.quantized_variant(quantization)
     device = torch.device(device)
     if is_quantized(spec):
         return _load_quantized(spec, device, dtype)

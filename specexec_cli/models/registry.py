@@ -23,6 +23,7 @@ from specexec_cli.models import bundled
 KINDS = ("bundled", "hub", "local", "gguf")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 GPTQ_GROUP = 128  # GPTQ group size assumed for the 4-bit size estimate
+QUANT_VARIANTS = ("gptq", "awq", "w4a16")  # 4-bit hub variants a registry entry may list
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 EARLY_EXIT = "first-layers:"  # `--draft first-layers:N`: the target's first N layers and its head
 
@@ -39,8 +40,10 @@ class ModelSpec:
     kind: str
     hub_id: str | None = None
     gptq_hub_id: str | None = None
+    awq_hub_id: str | None = None
+    w4a16_hub_id: str | None = None  # compressed-tensors pack-quantized (llm-compressor W4A16)
     path: Path | None = None
-    quantization: str | None = None  # "gptq" when the hub id is the 4-bit variant
+    quantization: str | None = None  # "gptq" | "awq" | "w4a16" when the hub id is that 4-bit variant
     role: str | None = None  # "target" or "draft"
     tokenizer_family: str | None = None
     params: int | None = None
@@ -69,14 +72,31 @@ class ModelSpec:
         """What to load: the local path, else the hub id."""
         return str(self.path) if self.path is not None else (self.hub_id or self.name)
 
+    def variant_id(self, quant: str) -> str | None:
+        """The hub id of this model's 4-bit `quant` variant ("gptq", "awq", "w4a16"), or None."""
+        return {"gptq": self.gptq_hub_id, "awq": self.awq_hub_id, "w4a16": self.w4a16_hub_id}.get(quant)
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The 4-bit variants the registry knows for this model, in QUANT_VARIANTS order."""
+        return tuple(q for q in QUANT_VARIANTS if self.variant_id(q))
+
+    def quantized_variant(self, quant: str) -> ModelSpec:
+        """The same model with its 4-bit `quant` hub id, or a SpecexecError if none is known."""
+        if self.quantization == quant:
+            return self
+        if quant not in QUANT_VARIANTS:
+            raise SpecexecError(f"unknown 4-bit variant {quant!r} (known: {', '.join(QUANT_VARIANTS)})")
+        hub_id = self.variant_id(quant)
+        if not hub_id:
+            known = f"; known: {', '.join(self.variants)}" if self.variants else ""
+            raise SpecexecError(f"no {quant.upper()} variant of '{self.name}' is known{known}; pass a "
+                                f"{quant.upper()} hub id or folder instead")
+        return replace(self, kind="hub", hub_id=hub_id, path=None, quantization=quant, bundled=False)
+
     def gptq_variant(self) -> ModelSpec:
         """The same model with its 4-bit GPTQ hub id, or a SpecexecError if none is known."""
-        if self.quantization == "gptq":
-            return self
-        if not self.gptq_hub_id:
-            raise SpecexecError(f"no GPTQ variant of '{self.name}' is known; pass a GPTQ hub id instead")
-        return replace(self, kind="hub", hub_id=self.gptq_hub_id, path=None, quantization="gptq",
-                       bundled=False)
+        return self.quantized_variant("gptq")
 
     # --- sizes (for the memory planner and the tuner); None when the shape is unknown --------
 
@@ -185,8 +205,9 @@ def _entry_by_hub_id(hub_id: str) -> ModelSpec | None:
         if str(entry.get("hub_id") or "").lower() == wanted:
             spec = _spec_from_entry(entry)
             return replace(spec, kind="hub", hub_id=entry["hub_id"], bundled=False)
-        if str(entry.get("gptq_hub_id") or "").lower() == wanted:
-            return _spec_from_entry(entry).gptq_variant()
+        for quant in QUANT_VARIANTS:
+            if str(entry.get(f"{quant}_hub_id") or "").lower() == wanted:
+                return _spec_from_entry(entry).quantized_variant(quant)
     return None
 
 
@@ -308,7 +329,8 @@ def available_locally(spec: ModelSpec) -> bool:
 def list_models() -> list[dict[str, object]]:
     """One row per registry model with its sizes, drafts and whether it is available locally.
 
-    Keys: name, role, source ("bundled" or "hub"), hub_id, gptq_hub_id, params, n_layers,
+    Keys: name, role, source ("bundled" or "hub"), hub_id, gptq_hub_id, awq_hub_id, w4a16_hub_id,
+    params, n_layers,
     hidden_size, layer_bytes_fp16, layer_bytes_4bit, tokenizer_family, default_draft, drafts,
     available_locally, gptq_available_locally, description.
     """
@@ -321,6 +343,8 @@ def list_models() -> list[dict[str, object]]:
             "source": spec.kind,
             "hub_id": spec.hub_id,
             "gptq_hub_id": spec.gptq_hub_id,
+            "awq_hub_id": spec.awq_hub_id,
+            "w4a16_hub_id": spec.w4a16_hub_id,
             "params": spec.params,
             "n_layers": spec.n_layers,
             "hidden_size": spec.hidden_size,

@@ -17,7 +17,7 @@ from specexec_cli.tuning import log
 from specexec_cli.tuning.space import NO_DRAFT, Candidate, parse_early_exit, split_draft_quant
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-WEIGHT_QUANTS = ("nf4", "int8", "gptq")
+WEIGHT_QUANTS = ("nf4", "int8", "gptq", "awq", "w4a16")
 
 
 LoadFn = Callable[[str, str, torch.device], tuple[Any, Any]]
@@ -65,11 +65,11 @@ def compute_dtype(quant: str, device: torch.device) -> torch.dtype:
 
 def _registry_source(name: str, quant: str):
     from specexec_cli.models.load import local_source
-    from specexec_cli.models.registry import resolve
+    from specexec_cli.models.registry import QUANT_VARIANTS, resolve
 
     spec = resolve(name)
-    if quant == "gptq":
-        spec = spec.gptq_variant()
+    if quant in QUANT_VARIANTS and spec.quantization != quant and spec.kind != "local":
+        spec = spec.quantized_variant(quant)  # a quantized folder or hub id is its own variant
     return spec, str(local_source(spec) or spec.source)
 
 

@@ -194,7 +194,7 @@ def best_settings(
     float_bytes = 2 if hw.has_gpu else 4
     quants = [float_quant]  # NF4 dequantizes slowly on CPUs (bitsandbytes): GPU classes only
     if hw.has_gpu:
-        quants += ["gptq", "nf4"] if spec.gptq_hub_id else ["nf4"]  # GPTQ first: it wins ties
+        quants += [*spec.variants, "nf4"]  # 4-bit checkpoints first: they win ties
     drafts = [(d.name, model_shape(d.name), d.params) for d in drafts_for(spec)]
     choices: list[Choice] = []
     for quant in quants:

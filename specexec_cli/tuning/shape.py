@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Bytes per weight for each quantization the tuner knows. 4-bit formats carry per-group scales:
-# NF4 (bitsandbytes, blocks of 64, double-quantized absmax) and GPTQ (groups of 128, fp16 scales and
-# packed zeros) both land near 4.1-4.25 bits.
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "nf4": 0.53, "gptq": 0.53, "int8": 1.03}
+# NF4 (bitsandbytes, blocks of 64, double-quantized absmax) and GPTQ, AWQ and compressed-tensors W4A16
+# (groups of 128, 16-bit scales and packed zeros; all run as GPTQ, runtime/qformat.py) land near
+# 4.1-4.25 bits.
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "nf4": 0.53, "gptq": 0.53, "awq": 0.53,
+                   "w4a16": 0.53, "int8": 1.03}
 # Quantized weights are dequantized to a 16-bit copy before the matmul: written once, read once.
-DEQUANT_BYTES_PER_PARAM = {"nf4": 4.0, "gptq": 4.0, "int8": 4.0}
+DEQUANT_BYTES_PER_PARAM = {"nf4": 4.0, "gptq": 4.0, "awq": 4.0, "w4a16": 4.0, "int8": 4.0}
 # Embeddings and the LM head are not quantized; they stay at this many bytes per weight.
 UNQUANTIZED_BYTES = {"fp32": 4.0}
 

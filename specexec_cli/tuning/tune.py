@@ -73,16 +73,19 @@ PLAN_CONTEXT = 256 + 2048
 
 
 def default_quantizations(target: str, device: torch.device) -> tuple[str, ...]:
-    """16-bit (float32 on a CPU, where 16-bit is slow), NF4, and GPTQ where a variant is known."""
+    """16-bit (float32 on a CPU, where 16-bit is slow), NF4, and the 4-bit variants the registry knows
+    (GPTQ, AWQ, compressed-tensors W4A16); a quantized folder or hub id only as it is stored."""
+    from specexec_cli.models.load import quantized_format
     from specexec_cli.models.registry import resolve
 
-    quants = ["fp16" if device.type == "cuda" else "fp32", "nf4"]
     try:
-        if resolve(target).gptq_hub_id:
-            quants.append("gptq")
+        spec = resolve(target)
+        stored = spec.quantization or (quantized_format(spec).variant if quantized_format(spec) else None)
     except SpecexecError:
-        pass
-    return tuple(quants)
+        return ("fp16" if device.type == "cuda" else "fp32", "nf4")
+    if stored:
+        return (stored,)
+    return ("fp16" if device.type == "cuda" else "fp32", "nf4", *spec.variants)
 
 
 def default_drafts(target: str, early_exit_layers: tuple[int, ...] | None,
