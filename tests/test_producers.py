@@ -274,3 +274,32 @@ def test_gptqmodel_dynamic_per_module_bits_and_a_quantized_lm_head(tmp_path):
     prompt = torch.tensor([[5, 17, 3, 99, 42, 7]])
     assert _decode(resident, draft, prompt, "specexec") == _decode(resident, None, prompt, "autoregressive")
     resident.offload_engine.close()
+
+
+@pytest.mark.slow
+def test_cli_specexec_on_the_bundled_model_quantized_by_auto_round_equals_plain_decoding(tmp_path):
+    """The real case end to end: the bundled Qwen2.5-Coder-0.5B exported by auto-round as AWQ is the
+    target, the bundled float16 0.5B its draft; `generate` reads the folder with no --quant, resident and
+    streamed from disk, and SpecExec prints plain decoding's text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specexec_cli.models import bundled
+
+    if not bundled.is_installed("qwen2.5-coder-0.5b"):
+        pytest.skip("the bundled Qwen part packages are not installed")
+    source = bundled.bundled_folder("qwen2.5-coder-0.5b")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    folder = str(quantize(model, tokenizer, tmp_path / "awq", "auto_awq", sym=False))
+    base = ["generate", "-t", folder, "-p", "Write a Python function that reverses a list.", "-n", "20",
+            "--device", "cpu"]
+    spec_args = ["--draft", "qwen2.5-coder-0.5b", "--budget", "8"]
+    streamed = ["--offload", "disk", "--resident-layers", "0", "--offload-dir", str(tmp_path)]
+    plain = _cli(*base, "--method", "autoregressive")
+    assert plain.returncode == 0, plain.stderr
+    assert len(plain.stdout.split()) > 3
+    for extra in ([], streamed):
+        run = _cli(*base, *spec_args, *extra)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == plain.stdout
+    assert "expanded=24" in _cli(*base, "--method", "autoregressive", "-v").stderr
