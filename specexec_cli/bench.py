@@ -47,7 +47,7 @@ SPECEXEC_BUDGETS = (1, 16, 64, 256, 1024)
 SPECINFER_BUDGETS = (16, 64, 256)
 TREE_METHODS = ("specexec", "specinfer")
 ALL_METHODS = ("autoregressive", "specexec", "specinfer", "assisted")
-DEFAULT_TREE = TreeConfig(budget=1, max_n_beams=32, max_beam_len=8, max_branch_width=8)
+DEFAULT_TREE = TreeConfig(budget=1, max_n_beams=32, max_beam_len=None, max_branch_width=8)
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> torch.Tensor:
     """Token ids [L] of a conversation in the tokenizer's chat template, ready for the assistant's turn."""
@@ -245,7 +245,9 @@ class BenchPlan:
 
 def tree_settings(method: str, tree: TreeConfig) -> str:
     if method == "specexec":
-        return f"beams {tree.max_n_beams}, len {tree.max_beam_len}, width {tree.max_branch_width}"
+        depth = tree.max_beam_len or "auto"
+        cost = "" if tree.draft_cost is None else f", draft cost {tree.draft_cost:g}"
+        return f"beams {tree.max_n_beams}, len {depth}, width {tree.max_branch_width}{cost}"
     if method == "specinfer":
         n_stems = min(tree.max_n_beams, tree.budget)
         return f"{n_stems} stems x {max(1, tree.budget // n_stems)}"
@@ -265,7 +267,8 @@ def run_method(target: Any, draft: Any, prompts: Sequence[torch.Tensor], method:
             row.add(tokens, elapsed, t_calls, d_calls, t_calls, t_s, d_s)
         return row
     tree = TreeConfig(budget=budget or 1, max_n_beams=plan.tree.max_n_beams,
-                      max_beam_len=plan.tree.max_beam_len, max_branch_width=plan.tree.max_branch_width)
+                      max_beam_len=plan.tree.max_beam_len, max_branch_width=plan.tree.max_branch_width,
+                      draft_cost=plan.tree.draft_cost)
     row.settings = tree_settings(method, tree)
     for i, ids in enumerate(prompts):
         config = GenerationConfig(method=method, max_new_tokens=plan.max_new_tokens, sampling=sampling,
@@ -414,8 +417,9 @@ def run_benchmark(
     draft: str = DEFAULT_DRAFT,
     threads: int | None = None,
     max_n_beams: int = DEFAULT_TREE.max_n_beams,
-    max_beam_len: int = DEFAULT_TREE.max_beam_len,
+    max_beam_len: int | None = DEFAULT_TREE.max_beam_len,
     max_branch_width: int = DEFAULT_TREE.max_branch_width,
+    draft_cost: float | None = None,
     seed: int = 0,
     device: str = "cpu",
     offload: OffloadOptions | None = None,
@@ -455,7 +459,7 @@ def run_benchmark(
         specexec_budgets=tuple(budgets or SPECEXEC_BUDGETS),
         specinfer_budgets=tuple(specinfer_budgets or budgets or SPECINFER_BUDGETS),
         tree=TreeConfig(budget=1, max_n_beams=max_n_beams, max_beam_len=max_beam_len,
-                        max_branch_width=max_branch_width),
+                        max_branch_width=max_branch_width, draft_cost=draft_cost),
         max_new_tokens=max_new_tokens,
         seed=seed,
     )
@@ -557,6 +561,8 @@ def build_parser():
     parser.add_argument("--max-n-beams", type=int, default=DEFAULT_TREE.max_n_beams)
     parser.add_argument("--max-beam-len", type=int, default=DEFAULT_TREE.max_beam_len)
     parser.add_argument("--max-branch-width", type=int, default=DEFAULT_TREE.max_branch_width)
+    parser.add_argument("--draft-cost", type=float, default=None,
+                        help="one draft pass in target passes, fixed (0: depth is free) [default: measured]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print rows as JSON Lines instead of tables")
@@ -576,7 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             specinfer_budgets=parse_budgets(args.specinfer_budgets) if args.specinfer_budgets else None,
             methods=parse_methods(args.methods), assisted=not args.no_assisted,
             target=args.target, draft=args.draft, threads=args.threads, max_n_beams=args.max_n_beams,
-            max_beam_len=args.max_beam_len, max_branch_width=args.max_branch_width, seed=args.seed,
+            max_beam_len=args.max_beam_len, max_branch_width=args.max_branch_width,
+            draft_cost=args.draft_cost, seed=args.seed,
             device=args.device, json_lines=args.json,
         )
     except SpecexecError as exc:

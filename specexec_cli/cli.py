@@ -77,8 +77,13 @@ def main() -> None:
               help="[default: the profile's, else specexec]")
 @click.option("--budget", type=int, default=None, help="Tree tokens checked per target pass [default: 64].")
 @click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 16].")
-@click.option("--max-beam-len", type=int, default=None, help="Draft passes per iteration [default: 8].")
+@click.option("--max-beam-len", type=int, default=None,
+              help="Most draft passes per iteration, which caps the tree depth [default: no cap: the tree "
+              "grows while a draft pass pays for itself, judged from this run's measured pass times].")
 @click.option("--max-branch-width", type=int, default=None, help="Children per expanded node [default: 8].")
+@click.option("--draft-cost", type=float, default=None,
+              help="Cost of one draft pass as a fraction of a target pass, fixed instead of measured (0: "
+              "depth is free); the tree's shape then no longer depends on timing [default: measured].")
 @click.option("--draft-quant", type=click.Choice(["none", "int8"]), default=None,
               help="Draft weights: none (the compute dtype) or int8 (CPU only: less than half the memory "
               "of float32 and faster; the output is still the target's own) "
@@ -120,9 +125,9 @@ def main() -> None:
 @click.option("--no-profile", is_flag=True, help="Ignore tuned and starting profiles.")
 @friendly_errors
 def generate(prompts, files, input_format, target, draft, method, budget, max_n_beams, max_beam_len,
-             max_branch_width, draft_quant, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
-             no_chat_template, stream, as_json, verbose, device, dtype, offload, quant, buffers,
-             resident_layers, offload_dir, max_memory, batch_size, unordered, no_profile) -> None:
+             max_branch_width, draft_cost, draft_quant, max_new_tokens, temperature, top_p, top_k, seed,
+             stops, system, no_chat_template, stream, as_json, verbose, device, dtype, offload, quant,
+             buffers, resident_layers, offload_dir, max_memory, batch_size, unordered, no_profile) -> None:
     """Generate text; only the generated text (or JSON Lines with --json) goes to stdout.
 
     \b
@@ -144,7 +149,8 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
     streaming = stream and not as_json
     request = EngineRequest(target=target, draft=draft, method=method, budget=budget, max_n_beams=max_n_beams,
                             max_beam_len=max_beam_len, max_branch_width=max_branch_width,
-                            draft_quant=draft_quant, device=device, dtype=dtype, offload=offload, quant=quant,
+                            draft_cost=draft_cost, draft_quant=draft_quant, device=device, dtype=dtype,
+                            offload=offload, quant=quant,
                             buffers=buffers, resident_layers=resident_layers, offload_dir=offload_dir,
                             max_memory=tuple(max_memory), batch_size=batch_size, use_profile=not no_profile)
     workload = Workload.of_prompts(batch, max_new_tokens, system, not no_chat_template, streaming)
@@ -337,7 +343,11 @@ def profiles_rm(ref: str) -> None:
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="torch CPU threads.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 32].")
-@click.option("--max-beam-len", type=int, default=None, help="Draft passes per iteration [default: 8].")
+@click.option("--max-beam-len", type=int, default=None,
+              help="Most draft passes per iteration [default: no cap, the tree grows while a pass pays].")
+@click.option("--draft-cost", type=float, default=None,
+              help="One draft pass as a fraction of a target pass, fixed instead of measured (0: depth is "
+              "free) [default: measured].")
 @click.option("--draft-quant", type=click.Choice(["none", "int8"]), default=None,
               help="int8: the draft in int8 (CPU only; runtime/int8_cpu.py) [default: none].")
 @click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
@@ -349,8 +359,8 @@ def profiles_rm(ref: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Rows as JSON Lines instead of tables.")
 @friendly_errors
 def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_budgets, methods, no_assisted,
-          target, draft, threads, device, max_n_beams, max_beam_len, draft_quant, offload, resident_layers,
-          offload_dir, max_memory, as_json) -> None:
+          target, draft, threads, device, max_n_beams, max_beam_len, draft_cost, draft_quant, offload,
+          resident_layers, offload_dir, max_memory, as_json) -> None:
     """Measure SpecExec, SpecInfer, plain and assisted decoding in one process; tables on stdout.
 
     \b
@@ -370,6 +380,8 @@ def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_b
         kwargs["max_n_beams"] = max_n_beams
     if max_beam_len:
         kwargs["max_beam_len"] = max_beam_len
+    if draft_cost is not None:
+        kwargs["draft_cost"] = draft_cost
     if target:
         kwargs["target"] = target
     if draft:

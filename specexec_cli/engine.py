@@ -30,7 +30,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 FLOAT_FORMATS = ("fp32", "fp16", "bf16")
 DRAFT_QUANTS = ("none", "int8")  # none: the compute dtype; int8: runtime/int8_cpu.py (CPU only)
-TREE_DEFAULTS = {"budget": 64, "max_n_beams": 16, "max_beam_len": 8, "max_branch_width": 8}
+# max_beam_len None: no cap on draft passes, the tree grows while a pass pays (decoding/growth.py);
+# draft_cost None: that cost is measured during the run.
+TREE_DEFAULTS = {"budget": 64, "max_n_beams": 16, "max_beam_len": None, "max_branch_width": 8,
+                 "draft_cost": None}
 
 
 def log(message: str) -> None:
@@ -305,6 +308,7 @@ class EngineRequest:
     max_n_beams: int | None = None
     max_beam_len: int | None = None
     max_branch_width: int | None = None
+    draft_cost: float | None = None  # one draft pass in target passes, fixed; None: measured
     draft_quant: str | None = None  # "none" | "int8"
     device: str | None = None
     dtype: str | None = None  # fp32 | fp16 | bf16
@@ -321,7 +325,8 @@ class EngineRequest:
         """The knobs a profile may also set, as `resolve_settings` takes them."""
         return dict(method=self.method, draft=self.draft, budget=self.budget, max_n_beams=self.max_n_beams,
                     max_beam_len=self.max_beam_len, max_branch_width=self.max_branch_width,
-                    offload=self.offload, buffers=self.buffers, resident_layers=self.resident_layers,
+                    draft_cost=self.draft_cost, offload=self.offload, buffers=self.buffers,
+                    resident_layers=self.resident_layers,
                     quantization=self.quant or self.dtype, max_memory=list(self.max_memory) or None,
                     batch_size=self.batch_size, draft_quant=self.draft_quant)
 

@@ -49,6 +49,7 @@ SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
     "max_n_beams": int,
     "max_beam_len": int,
     "max_branch_width": int,
+    "draft_cost": (int, float),  # one draft pass in target passes, fixed (decoding/growth.py)
     "offload": str,  # "none" (resident), "ram" or "disk"
     "buffers": int,  # GPU layer buffers in the prefetch ring
     "resident_layers": int,
@@ -364,7 +365,7 @@ def describe_settings(settings: Mapping) -> str:
     if "budget" in settings:
         parts.append(f"budget={settings['budget']}")
     if "max_n_beams" in settings or "max_beam_len" in settings:
-        parts.append(f"beams={settings.get('max_n_beams', '-')}x{settings.get('max_beam_len', '-')}")
+        parts.append(f"beams={settings.get('max_n_beams', '-')}x{settings.get('max_beam_len', 'auto')}")
     if settings.get("offload", "none") != "none":
         parts.append(f"offload={settings['offload']}/{settings.get('buffers', '-')}")
     if settings.get("max_memory"):

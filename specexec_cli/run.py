@@ -87,7 +87,9 @@ def encoded_prompts(pair: ModelPair, prompts: list[Prompt], config: GenerationCo
         ids = encode(pair.tokenizer, prompt, system, chat_template)
         if not ids:
             raise UsageError(f"prompt {prompt.id} encodes to no tokens")
-        if limit and len(ids) + config.max_new_tokens + config.tree.max_beam_len > limit:
+        # a tree is never deeper than the tokens still wanted (decoding/growth.py): no position reaches
+        # prompt + max_new_tokens
+        if limit and len(ids) + config.max_new_tokens > limit:
             raise SpecexecError(f"prompt {prompt.id} has {len(ids)} tokens; with --max-new-tokens "
                                 f"{config.max_new_tokens} it exceeds the model's context of {limit}")
         yield torch.tensor(ids)

@@ -31,7 +31,8 @@ class AutoregressiveDecoder(LaneDecoder):
         ids = torch.cat([lane.sequence[lane.target_seen :] for lane in lanes])
         attend = torch.cat([cache.sees_past(rows), chain_pattern(rows, positions)], dim=1)
         logits = self.stats.timed("target", self.target.device, lambda: forward(
-            self.target, cache.cache, ids, positions, attend, keep=keep_rows(counts, device)))  # [R, V]
+            self.target, cache.cache, ids, positions, attend, keep=keep_rows(counts, device)),
+            tokens=ids.numel())  # [R, V]
         cache.appended(rows)
         for lane in lanes:
             lane.target_seen = lane.n

@@ -37,22 +37,28 @@ class TreeConfig:
 
     budget: tree tokens besides the root (the target validates budget + 1 tokens per pass).
     max_n_beams: most nodes the draft expands in one pass.
-    max_beam_len: most draft passes per iteration (also bounds the tree depth).
+    max_beam_len: most draft passes per iteration, which also bounds the tree depth; None: no cap, the
+      tree grows while a pass pays for itself (decoding/growth.py) and nodes can still enter the budget.
     max_branch_width: most children added per expanded node (top-k of the draft).
+    draft_cost: one draft pass's cost as a fraction of the target pass, fixed (0: depth is free);
+      None: measured during the run.
     For SpecInfer the tree is max_n_beams sampled stems of length budget // max_n_beams.
     """
 
     budget: int = 128
     max_n_beams: int = 32
-    max_beam_len: int = 16
+    max_beam_len: int | None = None
     max_branch_width: int = 8
+    draft_cost: float | None = None
 
     def validate(self) -> None:
         for name in ("budget", "max_n_beams", "max_beam_len", "max_branch_width"):
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} must be >= 1, got {value}")
+        if self.draft_cost is not None and not (math.isfinite(self.draft_cost) and self.draft_cost >= 0):
+            raise UsageError(f"--draft-cost must be a finite number >= 0, got {self.draft_cost}")
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,18 @@ class GenerationConfig:
         self.tree.validate()
 
 
+def draft_slot_limit(tree: TreeConfig) -> int:
+    """Most tree nodes the draft runs in one iteration: its cache keeps a slot for each, trimmed ones
+    included. At most max_n_beams per pass after the catch-up pass, and at most twice the budget (a
+    best-first tree has about one expanded node per two; growth stops before it would pass the limit)."""
+    limit = 2 * tree.budget + tree.max_n_beams
+    if tree.max_beam_len is not None:
+        limit = min(limit, (tree.max_beam_len - 1) * tree.max_n_beams)
+    return limit
+
+
 def tree_headroom(tree: TreeConfig) -> int:
     """KV slots an iteration needs beyond the budget + 1 tree rows the memory planner already counts: the
-    draft cache keeps a slot for every node the draft ran, trimmed ones included, up to
-    (max_beam_len - 1) * max_n_beams of them (SpecExec; SpecInfer's stems stay within the budget)."""
-    return max(0, (tree.max_beam_len - 1) * tree.max_n_beams - (tree.budget + 1))
+    draft cache's slots of processed nodes (`draft_slot_limit`; SpecInfer's stems stay within the
+    budget)."""
+    return max(0, draft_slot_limit(tree) - (tree.budget + 1))

@@ -133,6 +133,7 @@ class _Run:
                 break
         self.new_tokens += fresh
         self.lane.extend(fresh)
+        self.lane.remaining = self.config.max_new_tokens - len(self.new_tokens)
         if self.watcher is not None and (self.config.stop_strings or self.on_text):
             piece, self.stopped_by_string = self.watcher.update(self.new_tokens)
             if self.stopped_by_string:
@@ -196,7 +197,8 @@ def generate_many(
                 exhausted = True
                 break
             index, ids = item
-            lane = Lane(key=index, sequence=ids.reshape(-1).to(device), draws=TokenDraws(config.seed, device))
+            lane = Lane(key=index, sequence=ids.reshape(-1).to(device), draws=TokenDraws(config.seed, device),
+                        remaining=config.max_new_tokens)
             active.append(_Run(index, lane, config, decode, on_text, decoder.stats))
         if not active:
             if failure is not None:

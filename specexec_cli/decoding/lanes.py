@@ -25,6 +25,7 @@ class Lane:
     draws: TokenDraws
     target_seen: int = 0
     draft_seen: int = 0
+    remaining: int | None = None  # tokens still wanted (None: no limit): a deeper tree would be wasted
 
     @property
     def n(self) -> int:

@@ -2,16 +2,19 @@
 `budget` tokens, check the whole tree in one target pass, and keep the longest path the target agrees
 with plus one token of the target's own.
 
-The tree is a deterministic function of the committed tokens, so it is only a lookup cache: every
-emitted token is drawn from the target's distribution given its true prefix. Output equals plain
-decoding token for token at temperature 0 and in distribution when sampling.
+The tree is only a lookup cache: every emitted token is drawn from the target's distribution given its
+true prefix (position t of a lane always with that lane's draw for t), whatever the tree holds. So the
+output equals plain decoding token for token at temperature 0 and in distribution when sampling, and a
+seeded run is reproducible, even though the tree's depth and width follow this run's measured pass
+times (decoding/growth.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
+from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, draft_slot_limit
+from specexec_cli.decoding.growth import GrowthRule
 from specexec_cli.decoding.lanes import Lane, LaneDecoder
 from specexec_cli.decoding.packed import PackedCache
 from specexec_cli.decoding.sampling import draw, probabilities
@@ -35,29 +38,36 @@ def draft_log_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Ten
 
 
 def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roots: Roots,
-              config: GenerationConfig, stats: PassStats) -> Tree:
-    """Grow the draft tree best-first from each lane's last committed token (brief, step 1).
+              config: GenerationConfig, stats: PassStats,
+              rule: GrowthRule | None = None) -> tuple[Tree, float]:
+    """Grow the draft tree best-first from each lane's last committed token (brief, step 1); returns the
+    tree and its mass (the draft's estimate of the tokens it adds, `Tree.mass`).
 
     With several lanes the trees form one forest and the budget is shared: the `budget` best nodes by
     draft path probability are kept across all trees, so more of the budget goes to the prompts whose
     continuations the draft is surest of (a node's path probability is the draft's estimate of what it
-    adds to the expected tokens per pass). Each draft pass runs up to `max_n_beams` nodes of all trees.
+    adds to the expected tokens per pass). Each draft pass runs up to `max_n_beams` nodes of all trees;
+    `rule` (decoding/growth.py) decides how many, and when growing stops paying. Growth also stops when
+    no unexpanded node could enter the budget, at `max_beam_len` passes, once the tree is as deep as the
+    lanes' remaining tokens, and before the draft cache
+    would hold more than `draft_slot_limit` tree nodes. One host sync per draft pass.
     """
     tree_cfg = config.tree
+    rule = rule or GrowthRule(tree_cfg)
     width = tree_cfg.max_branch_width
     n_roots = len(lanes)
     device = lanes[0].sequence.device
     capacity = tree_cfg.budget + n_roots + max(tree_cfg.max_n_beams, n_roots) * width
+    slot_limit = draft_slot_limit(tree_cfg)
     tree = Tree(torch.stack([lane.sequence[-1] for lane in lanes]), capacity, device)
     nodes = torch.arange(n_roots, device=device)
+    catch_up_tokens = sum(lane.n - lane.draft_seen for lane in lanes)
     logits = draft_catch_up(draft, cache, lanes, stats)  # [R, V]
+    wanted = [lane.remaining for lane in lanes]
+    depth_limit = None if None in wanted else max(wanted)  # a path longer than every lane needs is waste
+    growth = rule.begin(stats, n_roots, catch_up_tokens, depth_limit)
     base = cache.length  # the tree's slots in the draft cache start here
-    for step in range(tree_cfg.max_beam_len):
-        if step > 0:
-            nodes = tree.best_unexpanded(tree_cfg.max_n_beams, tree_cfg.budget)
-            if nodes.numel() == 0:
-                break
-            logits = draft_tree_pass(draft, cache, tree, roots, nodes, base, stats)
+    while True:
         log_q = draft_log_probs(logits, config.sampling)  # [B, V]
         top = torch.topk(log_q, min(width, log_q.shape[-1]), dim=-1)  # [B, width]
         child_scores = tree.scores[nodes][:, None] + top.values.clamp(max=0.0)  # [B, width]
@@ -66,7 +76,14 @@ def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roo
         parents = nodes[:, None].expand_as(top.indices)
         tree.add_children(parents.reshape(-1), top.indices.reshape(-1), child_scores.reshape(-1))
         tree.keep_best(tree_cfg.budget + n_roots)
-    return tree
+        scores, candidates = tree.candidates(tree_cfg.max_n_beams, tree_cfg.budget)
+        *host_scores, mass = torch.cat([scores, tree.mass()[None]]).tolist()  # the pass's one sync
+        finite = [score for score in host_scores if score > float("-inf")]
+        count = min(growth.next_pass(mass, finite), slot_limit - tree.slot_node.numel())
+        if count <= 0:
+            return tree, mass
+        nodes = candidates[:count]
+        logits = draft_tree_pass(draft, cache, tree, roots, nodes, base, stats)
 
 
 def validate(tree: Tree, target_logits: torch.Tensor, lanes: list[Lane],
@@ -131,17 +148,20 @@ class SpecExecDecoder(LaneDecoder):
 
     def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, config: GenerationConfig) -> None:
         super().__init__(target, draft, config)
+        self.growth = GrowthRule(config.tree)
 
     @torch.inference_mode()
     def step(self, lanes: list[Lane]) -> list[list[int]]:
         """One iteration over `lanes`; returns each lane's newly emitted tokens."""
         roots = Roots.of(lanes, self.device)
-        tree = grow_tree(self.draft, self.draft_cache, lanes, roots, self.config, self.stats)
+        tree, mass = grow_tree(self.draft, self.draft_cache, lanes, roots, self.config, self.stats,
+                               self.growth)
         draft_base = self.draft_cache.length - tree.slot_node.numel()
         target_start = self.target_cache.length
         logits = target_tree_pass(self.target, self.target_cache, lanes, tree, roots, self.stats)
         self.observe(tree, logits)
         walks = validate(tree, logits, lanes, self.config.sampling)
+        self.growth.observe(sum(len(path) for path, _ in walks), mass)
         commit_paths(self.target_cache, self.draft_cache, tree, lanes, [p for p, _ in walks],
                      target_start, draft_base)
         self.stats.iterations += 1

@@ -10,6 +10,7 @@ forward's first layers could no longer load while the draft runs. On other devic
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 T = TypeVar("T")
+HISTORY = 256  # timed passes kept in `PassStats.history`
 
 
 def record_event(device: torch.device) -> Any:
@@ -34,7 +36,11 @@ class PassStats:
     draft_passes: int = 0
     iterations: int = 0
     _seconds: dict[str, float] = field(default_factory=lambda: {"target": 0.0, "draft": 0.0}, repr=False)
-    _pending: list[tuple[str, Any, Any]] = field(default_factory=list, repr=False)  # CUDA (which, start, end)
+    _pending: list[tuple[str, int, Any, Any]] = field(default_factory=list, repr=False)  # CUDA passes
+    # (which, tokens, seconds) of the latest timed passes whose times are known, oldest first; `passes_timed`
+    # counts every pass ever added to it, so a reader can tell which entries are new to it.
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY), repr=False)
+    passes_timed: int = 0
 
     @property
     def target_s(self) -> float:
@@ -49,29 +55,40 @@ class PassStats:
         self._collect(wait=True)
         return self._seconds[which]
 
-    def timed(self, which: str, device: torch.device, fn: Callable[[], T]) -> T:
-        """Run fn, count it as a `which` ("target" or "draft") pass and time it; returns its result."""
+    def timed(self, which: str, device: torch.device, fn: Callable[[], T], tokens: int = 0) -> T:
+        """Run fn, count it as a `which` ("target" or "draft") pass over `tokens` new tokens and time it;
+        returns its result."""
         setattr(self, f"{which}_passes", getattr(self, f"{which}_passes") + 1)
         if device.type != "cuda":
             start = time.perf_counter()
             result = fn()
-            self._seconds[which] += time.perf_counter() - start
+            self._add(which, tokens, time.perf_counter() - start)
             return result
         start_event = record_event(device)
         result = fn()
-        self._pending.append((which, start_event, record_event(device)))
+        self._pending.append((which, tokens, start_event, record_event(device)))
         self._collect(wait=False)
         return result
+
+    def recent(self) -> list[tuple[str, int, float]]:
+        """The timed passes in `history` whose end has been reached, without waiting for the device."""
+        self._collect(wait=False)
+        return list(self.history)
+
+    def _add(self, which: str, tokens: int, seconds: float) -> None:
+        self._seconds[which] += seconds
+        self.history.append((which, tokens, seconds))
+        self.passes_timed += 1
 
     def _collect(self, wait: bool) -> None:
         """Add up the passes whose end event has completed (all of them when `wait`)."""
         while self._pending:
-            which, start, end = self._pending[0]
+            which, tokens, start, end = self._pending[0]
             if wait:
                 end.synchronize()  # this event only: not the copy streams, not the whole device
             elif not end.query():
                 return
-            self._seconds[which] += start.elapsed_time(end) / 1000.0
+            self._add(which, tokens, start.elapsed_time(end) / 1000.0)
             self._pending.pop(0)
 
     def since(self, earlier: PassStats) -> PassStats:

@@ -62,18 +62,28 @@ class Tree:
         self.size += n
         return new
 
-    def best_unexpanded(self, max_nodes: int, budget: int) -> torch.Tensor:
-        """Up to `max_nodes` unexpanded nodes, best score first, whose children could still enter the
-        `n_roots + budget` best nodes (a child scores at most its parent, and loses ties to older nodes)."""
+    def candidates(self, max_nodes: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `max_nodes` best unexpanded nodes whose children could still enter the `n_roots + budget`
+        best nodes (a child scores at most its parent, and loses ties to older nodes), best score first:
+        (scores [k], nodes [k]), with -inf scores for the places no such node fills. No host sync."""
         n = self.size
         keep = self.n_roots + budget
         scores = self.scores[:n].masked_fill(self.expanded[:n], float("-inf"))
         if n >= keep:
             weakest_kept = torch.sort(self.scores[:n], descending=True, stable=True).values[keep - 1]
             scores = scores.masked_fill(scores <= weakest_kept, float("-inf"))
-        k = min(max_nodes, n)
-        best = torch.topk(scores, k, sorted=True)
-        return best.indices[torch.isfinite(best.values)]
+        best = torch.topk(scores, min(max_nodes, n), sorted=True)
+        return best.values, best.indices
+
+    def best_unexpanded(self, max_nodes: int, budget: int) -> torch.Tensor:
+        """The nodes of `candidates` (one host sync)."""
+        values, nodes = self.candidates(max_nodes, budget)
+        return nodes[torch.isfinite(values)]
+
+    def mass(self) -> torch.Tensor:
+        """Sum over the non-root nodes of their draft path probability exp(score), a 0-d float32 tensor:
+        the draft's estimate of the tokens the tree adds per iteration."""
+        return self.scores[self.n_roots : self.size].exp().sum()
 
     def mark_processed(self, nodes: torch.Tensor) -> None:
         """Record that the draft ran `nodes` in one pass; their KV now sits in the next slots."""

@@ -71,7 +71,8 @@ def draft_catch_up(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane]
     ids = torch.cat([lane.sequence[lane.draft_seen :] for lane in lanes])
     attend = torch.cat([cache.sees_past(rows), chain_pattern(rows, positions)], dim=1)
     logits = stats.timed("draft", draft.device, lambda: forward(draft, cache.cache, ids, positions, attend,
-                                                                keep=keep_rows(counts, device)))
+                                                                keep=keep_rows(counts, device)),
+                         tokens=ids.numel())
     cache.appended(rows)
     for lane in lanes:
         lane.draft_seen = lane.n
@@ -96,7 +97,8 @@ def draft_tree_pass(draft: torch.nn.Module, cache: PackedCache, tree: Tree, root
     )
     positions = roots.node_positions(tree, nodes)
     logits = stats.timed("draft", draft.device,
-                         lambda: forward(draft, cache.cache, tree.tokens[nodes], positions, attend))
+                         lambda: forward(draft, cache.cache, tree.tokens[nodes], positions, attend),
+                         tokens=nodes.numel())
     cache.appended(lanes)
     tree.mark_processed(nodes)
     return logits
@@ -123,7 +125,8 @@ def target_tree_pass(target: torch.nn.Module, cache: PackedCache, lanes: list[La
     attend[n_pending:, past + n_pending :] = tree.ancestors[:size, :size]
     # the LM head runs on the tree rows only: the pending committed tokens need no logits
     logits = stats.timed("target", target.device,
-                         lambda: forward(target, cache.cache, ids, positions, attend, keep=size))
+                         lambda: forward(target, cache.cache, ids, positions, attend, keep=size),
+                         tokens=n_pending + size)
     cache.appended(row_lanes)
     return logits
 

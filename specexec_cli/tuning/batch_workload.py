@@ -42,9 +42,10 @@ def batch_context(prompt_lengths: Sequence[int], batch_size: int, new_tokens: in
 
 
 def space_tree(budgets: Sequence[int], n_beams: Sequence[int], beam_lens: Sequence[int]) -> TreeConfig:
-    """The tree shape whose headroom bounds every candidate's: the most beams, the longest beams and
-    the smallest budget (tree_headroom shrinks as the budget grows)."""
-    return TreeConfig(min(budgets), max(n_beams), max(beam_lens))
+    """The tree shape whose headroom bounds every candidate's: the most beams and the longest beams, at
+    the budget whose tree_headroom is largest."""
+    trees = [TreeConfig(budget, max(n_beams), max(beam_lens)) for budget in budgets]
+    return max(trees, key=tree_headroom)
 
 
 @dataclass(frozen=True)

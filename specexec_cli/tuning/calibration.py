@@ -169,6 +169,8 @@ def calibrate(
             continue
         log(f"calibrating: acceptance curve of {draft} at budget {budget}")
         config = objective.config(replace(widest, draft=draft, budget=budget))
+        # every K up to the budget is read off one tree, so it grows as deep and wide as it can
+        config = replace(config, tree=replace(config.tree, draft_cost=0.0))
         cal.acceptance[draft] = measure_acceptance(
             pool.target(variant), pool.draft(draft, variant), objective.prompts, config, iterations_per_prompt
         )

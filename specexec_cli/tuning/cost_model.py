@@ -24,6 +24,8 @@ Everything here is a pure function of plain numbers, so it is cheap enough to ru
 from __future__ import annotations
 
 import bisect
+import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,6 +203,20 @@ class AcceptanceCurve:
             return None
         return self.depths[min(max(budget, 0), len(self.depths) - 1)]
 
+    def budget_within_depth(self, budget: int, max_depth: int) -> int:
+        """The largest K <= budget whose top-K tree is at most `max_depth` deep on average: what a tree
+        capped at `max_depth` levels is worth (its nodes past the cap, the deep ones that G(K) counts,
+        cannot be grown). `budget` itself when depths are unknown."""
+        if self.depths is None:
+            return budget
+        deepest = self._running_depths
+        return max(0, min(budget, bisect.bisect_right(deepest, float(max_depth)) - 1))
+
+    @functools.cached_property
+    def _running_depths(self) -> tuple[float, ...]:
+        """depths[0..K] made non-decreasing (a running maximum), so a search can bisect it."""
+        return tuple(itertools.accumulate(self.depths or (), max))
+
     @classmethod
     def from_iterations(
         cls, curves: Sequence[Sequence[float]], depth_curves: Sequence[Sequence[float]] | None = None
@@ -252,18 +268,25 @@ def _mean_padded(rows: list[list[float]]) -> list[float]:
     return [sum(col) / len(padded) for col in zip(*padded, strict=True)]
 
 
-def draft_passes(budget: int, max_n_beams: int, max_beam_len: int, depth: float | None = None) -> float:
+def depth_cap(budget: int, max_beam_len: int | None) -> int:
+    """The deepest a tree of `budget` nodes gets with at most `max_beam_len` draft passes (None: no cap)."""
+    return budget if max_beam_len is None else min(budget, max_beam_len)
+
+
+def draft_passes(budget: int, max_n_beams: int, max_beam_len: int | None,
+                 depth: float | None = None) -> float:
     """Draft passes per iteration for a tree of `budget` nodes.
 
     Reaching depth d takes d passes, and a tree of K nodes needs about K / 2 expansions at most
     max_n_beams per pass, so passes are at least max(depth, K / (2 max_n_beams)); at most
-    max_beam_len. Without a known depth the tree is assumed as deep as allowed (min(budget,
-    max_beam_len)): an upper bound on draft cost.
+    max_beam_len (None: no cap). Without a known depth the tree is assumed as deep as allowed: an
+    upper bound on draft cost.
     """
     if budget <= 0:
         return 0.0
-    deep = min(float(budget), float(max_beam_len)) if depth is None else depth
-    return min(float(max_beam_len), max(1.0, deep, math.ceil(budget / (2 * max_n_beams))))
+    cap = float(depth_cap(budget, max_beam_len))
+    deep = cap if depth is None else depth
+    return min(cap, max(1.0, deep, math.ceil(budget / (2 * max_n_beams))))
 
 
 @dataclass(frozen=True)
@@ -276,7 +299,7 @@ class PairCosts:
     host_s: float = DEFAULT_HOST_OVERHEAD_S
 
 
-def draft_time_s(costs: PairCosts, budget: int, max_n_beams: int, max_beam_len: int) -> float:
+def draft_time_s(costs: PairCosts, budget: int, max_n_beams: int, max_beam_len: int | None) -> float:
     if costs.draft is None or budget <= 0:
         return 0.0
     depth = costs.acceptance.depth_at(budget) if costs.acceptance else None
@@ -285,14 +308,16 @@ def draft_time_s(costs: PairCosts, budget: int, max_n_beams: int, max_beam_len: 
 
 
 def predict_tokens_per_s(
-    costs: PairCosts, budget: int, max_n_beams: int = 32, max_beam_len: int = 16
+    costs: PairCosts, budget: int, max_n_beams: int = 32, max_beam_len: int | None = None
 ) -> float:
     """S(K) = G(K) / (T_draft(K) + T_target(K + 1) + T_host); budget 0 is plain decoding.
 
-    The tree the draft can grow is limited by its shape: at most max_beam_len deep, so no iteration
-    emits more than max_beam_len + 1 tokens; and at most max_n_beams * max_beam_len expansions, which
-    hold the best ~2x that many nodes (a best-first tree has about one internal node per two), so G
-    is read at min(K, effective_budget(...)).
+    The tree the draft can grow is limited by its shape: at most max_beam_len deep (None: no cap but
+    the budget), so no iteration emits more than max_beam_len + 1 tokens, and a capped tree is worth
+    what the uncapped tree of the largest budget no deeper than the cap is worth
+    (`AcceptanceCurve.budget_within_depth`); and at most max_n_beams * max_beam_len expansions, which
+    hold the best ~2x that many nodes (a best-first tree has about one internal node per two), so G is
+    read at min(K, effective_budget(...), budget_within_depth(...)).
     """
     if budget <= 0 or costs.draft is None:
         return 1.0 / (costs.target.at(1) + costs.host_s)
@@ -300,8 +325,9 @@ def predict_tokens_per_s(
     seconds = (
         draft_time_s(costs, budget, max_n_beams, max_beam_len) + costs.target.at(budget + 1) + costs.host_s
     )
-    reachable = acceptance.at(min(budget, effective_budget(max_n_beams, max_beam_len)))
-    return min(reachable, max_beam_len + 1.0) / seconds
+    depth = depth_cap(budget, max_beam_len)
+    usable = min(budget, effective_budget(max_n_beams, depth), acceptance.budget_within_depth(budget, depth))
+    return min(acceptance.at(usable), depth + 1.0) / seconds
 
 
 def effective_budget(max_n_beams: int, max_beam_len: int) -> int:
@@ -310,7 +336,7 @@ def effective_budget(max_n_beams: int, max_beam_len: int) -> int:
 
 
 def best_budget(
-    costs: PairCosts, budgets: Sequence[int], max_n_beams: int = 32, max_beam_len: int = 16
+    costs: PairCosts, budgets: Sequence[int], max_n_beams: int = 32, max_beam_len: int | None = None
 ) -> tuple[int, float]:
     """(budget, predicted tokens/s) that maximizes S over `budgets` (Sequoia's pick)."""
     scored = [(predict_tokens_per_s(costs, b, max_n_beams, max_beam_len), -b) for b in budgets]

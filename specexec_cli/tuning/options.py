@@ -11,7 +11,7 @@ from specexec_cli.runtime.caps import parse_caps
 from specexec_cli.runtime.plan import OFFLOADS
 from specexec_cli.tuning.batch_workload import DEFAULT_BATCH_SIZES, MAX_BATCH_SIZE, batch_sizes_to_try
 from specexec_cli.tuning.pool import FLOAT_DTYPES, WEIGHT_QUANTS
-from specexec_cli.tuning.space import DEFAULT_BUDGETS, DEFAULT_PLACEMENT
+from specexec_cli.tuning.space import DEFAULT_BUDGETS, DEFAULT_PLACEMENT, UNCAPPED
 
 
 @dataclass
@@ -24,7 +24,7 @@ class TuneOptions:
     early_exit_layers: tuple[int, ...] | None = None  # early-exit drafts from the target
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
     n_beams: tuple[int, ...] = (8, 32, 128)
-    beam_lens: tuple[int, ...] = (8, 16, 32)
+    beam_lens: tuple[int, ...] = (8, 16, UNCAPPED)  # caps on draft passes; UNCAPPED: none
     max_branch_width: int = 8
     n_trials: int = 24
     timeout: float | None = None  # seconds for the whole run; at least one trial runs after calibration

@@ -21,7 +21,7 @@ from specexec_cli.hardware import GIB
 from specexec_cli.runtime import plan as planner
 from specexec_cli.tuning import cost_model as cm
 from specexec_cli.tuning.memory import model_facts
-from specexec_cli.tuning.space import DEFAULT_BUDGETS, NO_DRAFT
+from specexec_cli.tuning.space import DEFAULT_BUDGETS, NO_DRAFT, UNCAPPED
 
 CONTEXT = 1024  # prompt + new tokens the KV caches are planned for
 
@@ -120,7 +120,7 @@ STARTING_TARGETS = (
     "qwen2.5-coder-1.5b",
 )
 N_BEAMS = (8, 32, 128)
-BEAM_LENS = (8, 16, 32)
+BEAM_LENS = (UNCAPPED, 8, 16, 32)  # UNCAPPED (first: it wins ties): no cap, the tree as deep as it pays
 
 
 def prior_scale(draft_params: int, target_params: int) -> float:
@@ -229,8 +229,10 @@ def _settings(draft: str, quant: str, budget: int, beams: int, length: int, the_
     settings: dict = {"method": "autoregressive" if draft == NO_DRAFT else "specexec", "quantization": quant}
     if draft != NO_DRAFT:
         settings.update(
-            draft=draft, budget=budget, max_n_beams=beams, max_beam_len=length, max_branch_width=8
+            draft=draft, budget=budget, max_n_beams=beams, max_branch_width=8
         )
+        if length < budget:  # a cap at least the budget caps nothing: none is written
+            settings["max_beam_len"] = length
     settings["offload"] = the_plan.offload
     if the_plan.offload != "none":
         settings.update(buffers=max(2, the_plan.buffers), resident_layers=the_plan.resident_layers)

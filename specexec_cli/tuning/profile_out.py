@@ -33,9 +33,10 @@ def make_profile(
             draft=generate_draft_name(best.draft, options.target),
             budget=best.budget,
             max_n_beams=best.max_n_beams,
-            max_beam_len=best.max_beam_len,
             max_branch_width=options.max_branch_width,
         )
+        if best.max_beam_len < best.budget:  # a cap at least the budget caps nothing: none is saved
+            settings["max_beam_len"] = best.max_beam_len
     settings.update(pool.offload_settings(best))
     if split_draft_quant(best.draft)[1] == "int8":
         settings["draft_quant"] = "int8"

@@ -14,6 +14,9 @@ if TYPE_CHECKING:  # only the search (tuning/search.py) needs optuna itself
 NO_DRAFT = "none"
 INT8_SUFFIX = "@int8"  # a draft key "name@int8": the draft quantized to int8 (runtime/int8_cpu.py, CPU)
 DEFAULT_BUDGETS = tuple(2**i for i in range(13))  # 1 .. 4096, log scale
+# A max_beam_len at least the budget caps nothing (a tree is never deeper than its budget): this value
+# stands for "no cap", where the tree grows while a draft pass pays (decoding/growth.py).
+UNCAPPED = max(DEFAULT_BUDGETS)
 DEFAULT_PLACEMENT = ""  # the loader's own placement (no --max-memory)
 
 @dataclass(frozen=True, order=True)
@@ -49,7 +52,8 @@ class Candidate:
         variant = self.quantization + (f" offload={self.offload}" if self.offload else "")
         if self.autoregressive:
             return f"autoregressive {variant}"
-        beams = f"beams={self.max_n_beams}x{self.max_beam_len}"
+        depth = self.max_beam_len if self.max_beam_len < self.budget else "auto"
+        beams = f"beams={self.max_n_beams}x{depth}"
         return f"{self.draft} {variant} budget={self.budget} {beams}"
 
     def to_dict(self) -> dict:
@@ -121,7 +125,7 @@ class SearchSpace:
     quantizations: tuple[str, ...]
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
     n_beams: tuple[int, ...] = (32,)
-    beam_lens: tuple[int, ...] = (16,)
+    beam_lens: tuple[int, ...] = (UNCAPPED,)
     offloads: tuple[str, ...] = (DEFAULT_PLACEMENT,)  # target tiers (--max-memory), searched when > 1
 
     def __post_init__(self) -> None:
