@@ -114,6 +114,34 @@ def test_draft_passes_bounds():
     assert cm.draft_passes(64, 32, 16, depth=3.0) == 3.0
 
 
+def test_a_depth_cap_is_worth_the_tree_no_deeper_than_it():
+    """A tree capped at c levels is worth G at the largest budget whose tree is at most c deep: with the
+    prior that flattens capped trees (the old fixed cap of 8 or 16 passes) while an uncapped one keeps
+    rising to budget 2048, as the paper measured (18-21.6 tokens per pass at budgets 1024-2048)."""
+    prior = cm.AcceptanceCurve.prior()
+    assert prior.budget_within_depth(2048, 2048) == 2048
+    within = prior.budget_within_depth(2048, 16)
+    assert prior.depth_at(within) <= 16 < prior.depth_at(within + 1)
+    assert prior.budget_within_depth(5, 16) == 5  # a small tree is shallower than the cap anyway
+    unknown = cm.AcceptanceCurve(tuple(1.0 + k for k in range(9)))
+    assert unknown.budget_within_depth(8, 2) == 8  # no depths measured: nothing to go by
+    # GPU-like costs: draft passes nearly free against a flat streamed target pass
+    target = cm.LatencyCurve.from_points({1: 1.4, 4096: 1.5})
+    draft = cm.LatencyCurve.from_points({1: 0.004, 128: 0.006})
+    costs = cm.PairCosts(target, draft, prior, host_s=0.01)
+
+    def tokens_per_pass(budget, cap):
+        seconds = cm.draft_time_s(costs, budget, 32, cap) + target.at(budget + 1) + 0.01
+        return cm.predict_tokens_per_s(costs, budget, 32, cap) * seconds
+
+    uncapped = [tokens_per_pass(b, None) for b in (256, 512, 1024, 2048)]
+    capped = [tokens_per_pass(b, 16) for b in (256, 512, 1024, 2048)]
+    assert all(a < b for a, b in zip(uncapped, uncapped[1:], strict=False)) and uncapped[-1] > 18
+    assert max(capped) == min(capped) < 10
+    # and the best budget under that model is large and uncapped
+    assert cm.best_budget(costs, [2**i for i in range(13)], 32, None)[0] >= 1024
+
+
 def test_predict_matches_the_formula_and_plain_decoding():
     target = cm.LatencyCurve.from_points({1: 0.39, 64: 3.6})
     draft = cm.LatencyCurve.from_points({1: 0.1, 64: 0.9})
