@@ -37,7 +37,8 @@ class AutoregressiveDecoder(LaneDecoder):
         for lane in lanes:
             lane.target_seen = lane.n
         self.stats.iterations += 1
-        sampling = self.config.sampling
-        if sampling.greedy:
+        samplings = self.samplings(lanes)
+        if all(sampling.greedy for sampling in samplings):
             return [[token] for token in logits.argmax(dim=-1).tolist()]
-        return [[int(draw(logits[i], sampling, lane.draws.at(lane.n)))] for i, lane in enumerate(lanes)]
+        return [[int(draw(logits[i], sampling, lane.draws.at(lane.n)))]
+                for i, (lane, sampling) in enumerate(zip(lanes, samplings, strict=True))]

@@ -105,13 +105,16 @@ class StopStringWatcher:
         return piece
 
 
-class _Run:
-    """One prompt in flight: its lane, what it has produced so far and when it finishes."""
+class Run:
+    """One prompt in flight: its lane, what it has produced so far and when it finishes. `config` is this
+    prompt's own: its sampling, seed, token limit, stop strings and EOS ids (the tree is the decoder's)."""
 
-    def __init__(self, index: int, lane: Lane, config: GenerationConfig,
+    def __init__(self, key: int, ids: torch.Tensor, config: GenerationConfig,
                  decode: Callable[[list[int]], str] | None, on_text: Callable[[str], None] | None,
-                 stats: PassStats) -> None:
-        self.index, self.lane, self.config, self.decode, self.on_text = index, lane, config, decode, on_text
+                 stats: PassStats, device: torch.device) -> None:
+        self.index, self.config, self.decode, self.on_text = key, config, decode, on_text
+        self.lane = Lane(key=key, sequence=ids.reshape(-1).to(device), draws=TokenDraws(config.seed, device),
+                         remaining=config.max_new_tokens, sampling=config.sampling)
         self.watcher = StopStringWatcher(decode, config.stop_strings) if decode is not None else None
         self.eos = set(config.eos_token_ids)
         self.new_tokens: list[int] = []
@@ -155,6 +158,47 @@ class _Run:
                                 stats.since(self.start_stats))
 
 
+class Batch:
+    """The runs decoding together (continuous batching): `add` a run at any time, `step` advances all of
+    them by one iteration (one target pass) and hands back those that finished, `drop` frees a run that
+    is no longer wanted. generate_many and the server (specexec_cli/serve) both drive one."""
+
+    def __init__(self, decoder: LaneDecoder) -> None:
+        self.decoder = decoder
+        self.runs: list[Run] = []
+
+    @property
+    def stats(self) -> PassStats:
+        return self.decoder.stats
+
+    def start(self, key: int, ids: torch.Tensor, config: GenerationConfig,
+              decode: Callable[[list[int]], str] | None = None,
+              on_text: Callable[[str], None] | None = None) -> Run:
+        """A new run for prompt `ids` ([L] or [1, L]); it joins at the next `step`. `key`: unique among
+        the runs of this batch's decoder."""
+        if ids.numel() == 0:
+            raise UsageError("the prompt is empty")
+        if (config.stop_strings or on_text) and decode is None:
+            raise ValueError("stop strings and streaming need a decode function")
+        run = Run(key, ids, config, decode, on_text, self.decoder.stats, self.decoder.device)
+        self.runs.append(run)
+        return run
+
+    def step(self) -> list[Run]:
+        """One iteration over every run; returns the runs that finished, already removed."""
+        for run, emitted in zip(self.runs, self.decoder.step([run.lane for run in self.runs]), strict=True):
+            run.take(emitted)
+        finished = [run for run in self.runs if run.finish_reason is not None]
+        for run in finished:
+            self.drop(run)
+        return finished
+
+    def drop(self, run: Run) -> None:
+        """Free a run's cache slots and forget it (finished, or cancelled by its client)."""
+        self.decoder.remove(run.lane)
+        self.runs.remove(run)
+
+
 def generate_many(
     target: torch.nn.Module,
     draft: torch.nn.Module | None,
@@ -180,36 +224,25 @@ def generate_many(
         raise ValueError("stop strings and streaming need a decode function")
     if on_text is not None and batch_size > 1:
         raise UsageError("streaming (--stream) prints one prompt at a time: use --batch-size 1")
-    device = target.device
-    decoder = make_decoder(target, draft, config, batch_size)
+    batch = Batch(make_decoder(target, draft, config, batch_size))
     queue = enumerate(prompts)
-    active: list[_Run] = []
     exhausted, failure = False, None
     while True:
-        while not exhausted and len(active) < batch_size:
+        while not exhausted and len(batch.runs) < batch_size:
             try:
                 item = next(queue, None)
-                if item is not None and item[1].numel() == 0:
-                    raise UsageError("the prompt is empty")
+                if item is not None:
+                    batch.start(item[0], item[1], config, decode, on_text)
             except Exception as exc:  # a bad prompt: finish the ones in flight, then report it
                 item, failure = None, exc
             if item is None:
                 exhausted = True
-                break
-            index, ids = item
-            lane = Lane(key=index, sequence=ids.reshape(-1).to(device), draws=TokenDraws(config.seed, device),
-                        remaining=config.max_new_tokens)
-            active.append(_Run(index, lane, config, decode, on_text, decoder.stats))
-        if not active:
+        if not batch.runs:
             if failure is not None:
                 raise failure
-            return decoder.stats
-        for run, emitted in zip(active, decoder.step([run.lane for run in active]), strict=True):
-            run.take(emitted)
-        for run in [run for run in active if run.finish_reason is not None]:
-            decoder.remove(run.lane)
-            active.remove(run)
-            on_result(run.index, run.result(decoder.stats))
+            return batch.stats
+        for run in batch.step():
+            on_result(run.index, run.result(batch.stats))
 
 
 def generate(

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from specexec_cli.decoding.config import SamplingConfig
 from specexec_cli.decoding.forward import use_tree_attention
 from specexec_cli.decoding.packed import PackedCache
 from specexec_cli.decoding.sampling import TokenDraws
@@ -26,6 +27,7 @@ class Lane:
     target_seen: int = 0
     draft_seen: int = 0
     remaining: int | None = None  # tokens still wanted (None: no limit): a deeper tree would be wasted
+    sampling: SamplingConfig | None = None  # this prompt's own sampling (None: the decoder's config)
 
     @property
     def n(self) -> int:
@@ -57,6 +59,11 @@ class LaneDecoder:
 
     def step(self, lanes: list[Lane]) -> list[list[int]]:
         raise NotImplementedError
+
+    def samplings(self, lanes: list[Lane]) -> list[SamplingConfig]:
+        """How each lane draws its tokens: its own sampling, else the decoder's config's. Lanes with
+        different temperatures, top-p or top-k share passes all the same (a server's requests)."""
+        return [lane.sampling or self.config.sampling for lane in lanes]
 
     @torch.inference_mode()
     def remove(self, lane: Lane) -> None:

@@ -31,10 +31,14 @@ from specexec_cli.decoding.tree_passes import (
 )
 
 
-def draft_log_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Draft scores [B, V]: log-softmax at the sampling temperature (plain log-softmax when greedy)."""
-    scale = 1.0 if sampling.greedy else sampling.temperature
-    return torch.log_softmax(logits.float() / scale, dim=-1)
+def draft_temperature(sampling: SamplingConfig) -> float:
+    """The temperature the draft scores its tree at: the sampling one, 1 when greedy."""
+    return 1.0 if sampling.greedy else sampling.temperature
+
+
+def draft_log_probs(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Draft scores [B, V]: log-softmax at `temperature` (a number, or [B, 1]: one per row)."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
 def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roots: Roots,
@@ -61,6 +65,10 @@ def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roo
     slot_limit = draft_slot_limit(tree_cfg)
     tree = Tree(torch.stack([lane.sequence[-1] for lane in lanes]), capacity, device)
     nodes = torch.arange(n_roots, device=device)
+    temperatures = [draft_temperature(lane.sampling or config.sampling) for lane in lanes]
+    lane_temperature = None  # [R, 1] when the lanes score at different temperatures
+    if len(set(temperatures)) > 1:
+        lane_temperature = torch.tensor(temperatures, device=device)[:, None]
     catch_up_tokens = sum(lane.n - lane.draft_seen for lane in lanes)
     logits = draft_catch_up(draft, cache, lanes, stats)  # [R, V]
     wanted = [lane.remaining for lane in lanes]
@@ -68,7 +76,8 @@ def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roo
     growth = rule.begin(stats, n_roots, catch_up_tokens, depth_limit)
     base = cache.length  # the tree's slots in the draft cache start here
     while True:
-        log_q = draft_log_probs(logits, config.sampling)  # [B, V]
+        scale = temperatures[0] if lane_temperature is None else lane_temperature[tree.roots[nodes]]
+        log_q = draft_log_probs(logits, scale)  # [B, V]
         top = torch.topk(log_q, min(width, log_q.shape[-1]), dim=-1)  # [B, width]
         child_scores = tree.scores[nodes][:, None] + top.values.clamp(max=0.0)  # [B, width]
         # All B * width children go in (a -inf one is never expanded and is trimmed first): masking
@@ -87,18 +96,19 @@ def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roo
 
 
 def validate(tree: Tree, target_logits: torch.Tensor, lanes: list[Lane],
-             sampling: SamplingConfig) -> list[tuple[list[int], list[int]]]:
-    """Per lane, walk from its root, drawing the target's token at each visited node (brief, step 3).
+             samplings: list[SamplingConfig]) -> list[tuple[list[int], list[int]]]:
+    """Per lane, walk from its root, drawing the target's token at each visited node with the lane's
+    sampling (brief, step 3).
 
     Returns per lane (accepted path as node indices, emitted tokens = path tokens + the target's bonus
     token). A sampled token landing at position t of a lane is drawn with that lane's generator for t.
     """
-    if sampling.greedy:
+    if all(sampling.greedy for sampling in samplings):
         return greedy_walks(tree, target_logits)
     lookup = tree.children_lookup()
-    return [walk(tree, lambda node, step, lane=lane: int(draw(target_logits[node], sampling,
-                                                              lane.draws.at(lane.n + step))), lookup, root)
-            for root, lane in enumerate(lanes)]
+    return [walk(tree, lambda node, step, lane=lane, sampling=sampling: int(
+                draw(target_logits[node], sampling, lane.draws.at(lane.n + step))), lookup, root)
+            for root, (lane, sampling) in enumerate(zip(lanes, samplings, strict=True))]
 
 
 CURVE_ROWS = 64  # target rows turned into distributions at a time by `acceptance_curve`
@@ -160,7 +170,7 @@ class SpecExecDecoder(LaneDecoder):
         target_start = self.target_cache.length
         logits = target_tree_pass(self.target, self.target_cache, lanes, tree, roots, self.stats)
         self.observe(tree, logits)
-        walks = validate(tree, logits, lanes, self.config.sampling)
+        walks = validate(tree, logits, lanes, self.samplings(lanes))
         self.growth.observe(sum(len(path) for path, _ in walks), mass)
         commit_paths(self.target_cache, self.draft_cache, tree, lanes, [p for p, _ in walks],
                      target_start, draft_base)

@@ -72,7 +72,8 @@ def sample_stems(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], 
     pass created: tree indices first .. first + count - 1, in order. Each lane samples with its own
     generator. One host sync per pass."""
     n_stems, length = shape
-    q_sampling = drafting_sampling(config.sampling)
+    q_samplings = [drafting_sampling(lane.sampling or config.sampling) for lane in lanes]
+    shared = q_samplings[0] if len(set(q_samplings)) == 1 else None  # else: each row its lane's
     n_roots, device = len(lanes), roots.keys.device
     tree = Tree(torch.stack([lane.sequence[-1] for lane in lanes]), n_roots * (1 + n_stems * length), device)
     q_at: dict[int, torch.Tensor] = {}
@@ -85,7 +86,12 @@ def sample_stems(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], 
         if depth > 0:
             nodes = torch.arange(first, first + count, device=device)
             logits = draft_tree_pass(draft, cache, tree, roots, nodes, base, stats)  # [count, V]
-        q = probabilities(logits, q_sampling)  # [count, V]
+        if shared is not None:
+            q = probabilities(logits, shared)  # [count, V]
+        else:
+            row_roots = tree.roots[first : first + count].tolist()
+            q = torch.stack([probabilities(logits[row], q_samplings[root])
+                             for row, root in enumerate(row_roots)])
         for row in range(count):
             q_at[first + row] = q[row]
         samples = torch.cat([
@@ -130,17 +136,22 @@ def speculative_walk(tree: Tree, target_logits: torch.Tensor, q_at: dict[int, to
 
 
 def validate(tree: Tree, target_logits: torch.Tensor, q_at: dict[int, torch.Tensor], lanes: list[Lane],
-             sampling: SamplingConfig) -> list[tuple[list[int], list[int]]]:
-    """Per lane: (accepted path, emitted tokens), greedy or by multi-step speculative sampling."""
-    if sampling.greedy:
+             samplings: list[SamplingConfig]) -> list[tuple[list[int], list[int]]]:
+    """Per lane: (accepted path, emitted tokens), greedy or by multi-step speculative sampling, each
+    lane with its own sampling."""
+    greedy = [sampling.greedy for sampling in samplings]
+    if all(greedy):
         return greedy_walks(tree, target_logits)
+    greedy_paths = greedy_walks(tree, target_logits) if any(greedy) else []
     parents, tokens = torch.stack([tree.parents[: tree.size], tree.tokens[: tree.size]]).tolist()
     children: dict[int, list[int]] = {}
     for child, parent in enumerate(parents):
         if parent >= 0:
             children.setdefault(parent, []).append(child)
-    return [speculative_walk(tree, target_logits, q_at, sampling, lane.draws.stream, root, parents, tokens,
-                             children) for root, lane in enumerate(lanes)]
+    return [greedy_paths[root] if sampling.greedy else
+            speculative_walk(tree, target_logits, q_at, sampling, lane.draws.stream, root, parents, tokens,
+                             children)
+            for root, (lane, sampling) in enumerate(zip(lanes, samplings, strict=True))]
 
 
 class SpecInferDecoder(LaneDecoder):
@@ -160,7 +171,7 @@ class SpecInferDecoder(LaneDecoder):
         draft_base = self.draft_cache.length - tree.slot_node.numel()
         target_start = self.target_cache.length
         logits = target_tree_pass(self.target, self.target_cache, lanes, tree, roots, self.stats)
-        walks = validate(tree, logits, q_at, lanes, self.config.sampling)
+        walks = validate(tree, logits, q_at, lanes, self.samplings(lanes))
         commit_paths(self.target_cache, self.draft_cache, tree, lanes, [p for p, _ in walks],
                      target_start, draft_base)
         self.stats.iterations += 1

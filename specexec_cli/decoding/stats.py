@@ -41,6 +41,7 @@ class PassStats:
     # counts every pass ever added to it, so a reader can tell which entries are new to it.
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY), repr=False)
     passes_timed: int = 0
+    checked_tokens: int = 0  # draft tree tokens the target checked (roots not counted)
 
     @property
     def target_s(self) -> float:
@@ -97,9 +98,11 @@ class PassStats:
         return PassStats(
             later.target_passes - earlier.target_passes, later.draft_passes - earlier.draft_passes,
             later.iterations - earlier.iterations,
-            {which: later._seconds[which] - earlier._seconds[which] for which in later._seconds})
+            {which: later._seconds[which] - earlier._seconds[which] for which in later._seconds},
+            checked_tokens=later.checked_tokens - earlier.checked_tokens)
 
     def snapshot(self) -> PassStats:
         """A frozen copy of the counters (waits for the timed passes to finish on the device)."""
         self._collect(wait=True)
-        return PassStats(self.target_passes, self.draft_passes, self.iterations, dict(self._seconds))
+        return PassStats(self.target_passes, self.draft_passes, self.iterations, dict(self._seconds),
+                         checked_tokens=self.checked_tokens)

@@ -128,6 +128,7 @@ def target_tree_pass(target: torch.nn.Module, cache: PackedCache, lanes: list[La
                          lambda: forward(target, cache.cache, ids, positions, attend, keep=size),
                          tokens=n_pending + size)
     cache.appended(row_lanes)
+    stats.checked_tokens += size - tree.n_roots
     return logits
 
 
