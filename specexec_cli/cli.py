@@ -12,10 +12,12 @@ import click
 
 from specexec_cli import __version__
 from specexec_cli.devices import MAX_THREADS, check_device
-from specexec_cli.errors import SpecexecError, Terminated
+from specexec_cli.errors import SpecexecError, Terminated, UsageError
 from specexec_cli.messages import one_line, unexpected
 
 EXIT_INTERRUPTED = 130
+QUANTS = ["fp16", "bf16", "fp32", "gptq", "awq", "w4a16", "nf4", "int8"]
+DEFAULT_SERVED_NAME = "qwen2.5-coder-1.5b"  # the bundled target, served when no --target is given
 MAX_MEMORY_HELP = ("Memory the run may plan with, like accelerate's max_memory: 'cpu=4GiB', 'cuda:0=20GiB', "
                    "or a bare size for the compute device (repeatable). The planner uses the smaller of the "
                    "cap and what it measures, and streams the layers that do not fit.")
@@ -63,31 +65,73 @@ def main() -> None:
 # --- generate ---------------------------------------------------------------------------------
 
 
+ENGINE_OPTIONS = [
+    click.option("-t", "--target", default=None, help="Target model: registry name, hub id, folder or .gguf "
+                 "[default: qwen2.5-coder-1.5b, the bundled pair]."),
+    click.option("-d", "--draft", default=None,
+                 help="Draft model name or path, 'first-layers:N' (the target's first N layers) or 'none'."),
+    click.option("-m", "--method", type=click.Choice(["specexec", "specinfer", "autoregressive"]),
+                 default=None, help="[default: the profile's, else specexec]"),
+    click.option("--budget", type=int, default=None,
+                 help="Tree tokens checked per target pass [default: 64]."),
+    click.option("--max-n-beams", type=int, default=None,
+                 help="Nodes the draft expands per pass [default: 16]."),
+    click.option("--max-beam-len", type=int, default=None,
+                 help="Most draft passes per iteration, which caps the tree depth [default: no cap: the tree "
+                 "grows while a draft pass pays for itself, judged from this run's measured pass times]."),
+    click.option("--max-branch-width", type=int, default=None,
+                 help="Children per expanded node [default: 8]."),
+    click.option("--draft-cost", type=float, default=None,
+                 help="Cost of one draft pass as a fraction of a target pass, fixed instead of measured (0: "
+                 "depth is free); the tree's shape then no longer depends on timing [default: measured]."),
+    click.option("--draft-quant", type=click.Choice(["none", "int8"]), default=None,
+                 help="Draft weights: none (the compute dtype) or int8 (CPU only: less than half the memory "
+                 "of float32 and faster; the output is still the target's own) "
+                 "[default: the profile's, else none]."),
+    click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]."),
+    click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+                 help="[default: fp32 on CPU, bf16/fp16 on GPU]."),
+    click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
+                 help="Where the target's layers live: none (resident), ram or disk; auto picks the first "
+                 "tier that fits. The planner keeps as many layers resident as memory allows (streaming "
+                 "only the rest), so on a big machine nothing may stream: use --max-memory or "
+                 "--resident-layers [default: resident, unless another offload flag is given]."),
+    click.option("--quant", type=click.Choice(QUANTS), default=None,
+                 help="Target weight format: gptq, awq, w4a16 load the registry's 4-bit checkpoint of "
+                 "that format; nf4, int8 quantize at load. A quantized folder or hub id needs none."),
+    click.option("--buffers", type=int, default=None, help="Device-side layer buffers in the ring (>= 2)."),
+    click.option("--resident-layers", type=int, default=None,
+                 help="First layers kept on the device [default: as many as fit]."),
+    click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers."),
+    click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP),
+    click.option("--no-profile", is_flag=True, help="Ignore tuned and starting profiles."),
+]
+
+
+def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The model, tree, offload and profile flags that `generate` and `serve` share."""
+    for option in reversed(ENGINE_OPTIONS):
+        command = option(command)
+    return command
+
+
+def engine_request(engine: dict[str, Any], batch_size: int | None) -> Any:
+    """The EngineRequest of the shared flags (`engine_options`)."""
+    from specexec_cli.engine import EngineRequest
+
+    flags = dict(engine)
+    use_profile = not flags.pop("no_profile")
+    flags["max_memory"] = tuple(flags["max_memory"])
+    return EngineRequest(**flags, batch_size=batch_size, use_profile=use_profile)
+
+
 @main.command()
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt text (repeatable); '-' reads stdin.")
 @click.option("-f", "--file", "files", multiple=True,
               help="Prompt file: plain text (one prompt) or JSON Lines with 'id' and 'prompt' (repeatable).")
 @click.option("--input-format", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
               show_default=True, help="How to read --file and stdin; auto detects JSON Lines.")
-@click.option("-t", "--target", default=None, help="Target model: registry name, hub id, folder or .gguf "
-              "[default: qwen2.5-coder-1.5b, the bundled pair].")
-@click.option("-d", "--draft", default=None,
-              help="Draft model name or path, 'first-layers:N' (the target's first N layers) or 'none'.")
-@click.option("-m", "--method", type=click.Choice(["specexec", "specinfer", "autoregressive"]), default=None,
-              help="[default: the profile's, else specexec]")
-@click.option("--budget", type=int, default=None, help="Tree tokens checked per target pass [default: 64].")
-@click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 16].")
-@click.option("--max-beam-len", type=int, default=None,
-              help="Most draft passes per iteration, which caps the tree depth [default: no cap: the tree "
-              "grows while a draft pass pays for itself, judged from this run's measured pass times].")
-@click.option("--max-branch-width", type=int, default=None, help="Children per expanded node [default: 8].")
-@click.option("--draft-cost", type=float, default=None,
-              help="Cost of one draft pass as a fraction of a target pass, fixed instead of measured (0: "
-              "depth is free); the tree's shape then no longer depends on timing [default: measured].")
-@click.option("--draft-quant", type=click.Choice(["none", "int8"]), default=None,
-              help="Draft weights: none (the compute dtype) or int8 (CPU only: less than half the memory "
-              "of float32 and faster; the output is still the target's own) "
-              "[default: the profile's, else none].")
+@engine_options
 @click.option("-n", "--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 decodes greedily.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -99,35 +143,15 @@ def main() -> None:
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout (JSON Lines).")
 @click.option("-v", "--verbose", is_flag=True, help="Per-prompt speed and pass counts on stderr.")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="[default: fp32 on CPU, bf16/fp16 on GPU].")
-@click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
-              help="Where the target's layers live: none (resident), ram or disk; auto picks the first "
-              "tier that fits. The planner keeps as many layers resident as memory allows (streaming "
-              "only the rest), so on a big machine nothing may stream: use --max-memory or "
-              "--resident-layers [default: resident, unless another offload flag is given].")
-@click.option("--quant", type=click.Choice(["fp16", "bf16", "fp32", "gptq", "awq", "w4a16", "nf4", "int8"]),
-              default=None, help="Target weight format: gptq, awq, w4a16 load the registry's 4-bit "
-              "checkpoint of that format; nf4, int8 quantize at load. A quantized folder or hub id "
-              "needs none.")
-@click.option("--buffers", type=int, default=None, help="Device-side layer buffers in the ring (>= 2).")
-@click.option("--resident-layers", type=int, default=None,
-              help="First layers kept on the device [default: as many as fit].")
-@click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers.")
-@click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Prompts decoded together, sharing each target pass; with a tree method the budget is "
               "shared by their trees [default: the profile's, else up to 8 when the target is offloaded "
               "(fewer if the memory plan cannot hold 8 prompts' KV caches), else 1].")
 @click.option("--unordered", is_flag=True,
               help="Write each result when it finishes, not in input order (JSON Lines carry the id).")
-@click.option("--no-profile", is_flag=True, help="Ignore tuned and starting profiles.")
 @friendly_errors
-def generate(prompts, files, input_format, target, draft, method, budget, max_n_beams, max_beam_len,
-             max_branch_width, draft_cost, draft_quant, max_new_tokens, temperature, top_p, top_k, seed,
-             stops, system, no_chat_template, stream, as_json, verbose, device, dtype, offload, quant,
-             buffers, resident_layers, offload_dir, max_memory, batch_size, unordered, no_profile) -> None:
+def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
+             no_chat_template, stream, as_json, verbose, batch_size, unordered, **engine) -> None:
     """Generate text; only the generated text (or JSON Lines with --json) goes to stdout.
 
     \b
@@ -138,7 +162,7 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
       specexec generate -f prompts.jsonl --json --offload disk --max-memory cpu=5GiB --batch-size 8
     """
     from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
-    from specexec_cli.engine import EngineRequest, Workload, open_engine
+    from specexec_cli.engine import Workload, open_engine
     from specexec_cli.prompts import collect_prompts
     from specexec_cli.run import run_batch
 
@@ -147,19 +171,67 @@ def generate(prompts, files, input_format, target, draft, method, budget, max_n_
                      seed=seed).validate()  # bad sampling or limits fail before anything loads
     batch = collect_prompts(prompts, files, sys.stdin, input_format)
     streaming = stream and not as_json
-    request = EngineRequest(target=target, draft=draft, method=method, budget=budget, max_n_beams=max_n_beams,
-                            max_beam_len=max_beam_len, max_branch_width=max_branch_width,
-                            draft_cost=draft_cost, draft_quant=draft_quant, device=device, dtype=dtype,
-                            offload=offload, quant=quant,
-                            buffers=buffers, resident_layers=resident_layers, offload_dir=offload_dir,
-                            max_memory=tuple(max_memory), batch_size=batch_size, use_profile=not no_profile)
     workload = Workload.of_prompts(batch, max_new_tokens, system, not no_chat_template, streaming)
-    engine = open_engine(request, workload)
+    engine = open_engine(engine_request(engine, batch_size), workload)
     config = engine.config(max_new_tokens, sampling, tuple(stops), seed)
     if engine.lanes > 1:
         click.echo(f"batch: {len(batch)} prompts, up to {engine.lanes} per target pass", err=True)
     run_batch(engine.pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,
               stream=stream, verbose=verbose, out=sys.stdout, batch_size=engine.lanes, unordered=unordered)
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+@main.command()
+@engine_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="SPECEXEC_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 routes "
+              "[env: SPECEXEC_API_KEY; default: none].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded at once, sharing every target pass; more wait.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests that may wait for a lane; past it the answer is 503 with Retry-After.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Most new tokens per request, and the default when a request names none.")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Longest prompt in tokens (a longer one is a 400); the memory plan holds --max-batch of "
+              "them with their new tokens.")
+@click.option("--served-model-name", default=None,
+              help="The model id clients name and /v1/models lists [default: the target's name].")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM/SIGINT, seconds to finish the requests in flight before cancelling them.")
+@friendly_errors
+def serve(host, port, api_key, max_batch, max_queue, max_tokens, max_prompt_tokens, served_model_name,
+          shutdown_timeout, **engine) -> None:
+    """Serve the OpenAI API (chat and text completions, streamed or not) on HTTP.
+
+    Concurrent requests are lanes of one batch: each target pass checks every active request's tree.
+    SIGTERM or SIGINT stops admitting (503), finishes what is in flight within --shutdown-timeout,
+    cancels the rest and exits 0.
+
+    \b
+    Examples:
+      specexec serve                                   # the bundled pair on http://127.0.0.1:8000/v1
+      specexec serve -t llama-3-70b --max-batch 4 --api-key "$KEY"
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
+    """
+    from specexec_cli.engine import Workload, open_engine
+    from specexec_cli.serve.app import ServeOptions, bind
+    from specexec_cli.serve.app import serve as run_server
+
+    if engine["method"] == "specinfer":
+        raise UsageError("serve runs specexec or autoregressive decoding; specinfer is a baseline for bench")
+    sock = bind(host, port)  # a taken port fails before the models load
+    workload = Workload.uniform(max_prompt_tokens, max_tokens, max_batch)
+    opened = open_engine(engine_request(engine, max_batch), workload)
+    options = ServeOptions(host=host, port=port, api_key=api_key or None, max_batch=max_batch,
+                           max_queue=max_queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                           model_name=served_model_name or engine["target"] or DEFAULT_SERVED_NAME,
+                           shutdown_timeout=shutdown_timeout)
+    run_server(opened, options, sock)
 
 # --- models -----------------------------------------------------------------------------------
 
