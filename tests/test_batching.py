@@ -185,3 +185,30 @@ def test_a_bad_prompt_fails_after_the_earlier_results_were_delivered(pair):
         generate_many(target, draft, prompts, config_for("specexec", max_new_tokens=3),
                       lambda index, result: delivered.append(index), batch_size=2, decode=decode)
     assert sorted(delivered) == [0, 1]
+
+
+@pytest.mark.parametrize("method", ["specexec", "autoregressive", "specinfer"])
+def test_lanes_with_their_own_sampling_share_passes(pair, method):
+    """A server's requests: greedy and sampled lanes, each with its own temperature, top-p, top-k and
+    seed, decoded in one batch. Greedy lanes equal their greedy output alone; sampled lanes equal their
+    seeded output alone (SpecExec and plain decoding draw position t with the lane's draw for t; a
+    SpecInfer lane's stems depend on its batch, so only its greedy lanes are compared)."""
+    from specexec_cli.decoding.generate import Batch
+
+    target, draft = pair
+    base = config_for(method)
+    samplings = [GREEDY, SamplingConfig(0.7, 0.9), SamplingConfig(1.3, 1.0, 20), GREEDY, SamplingConfig(0.5)]
+    configs = [config_for(method, sampling, seed=11 + i) for i, sampling in enumerate(samplings)]
+    batch = Batch(make_decoder(target, draft if method != "autoregressive" else None, base, len(configs)))
+    runs = [batch.start(i, torch.tensor(PROMPTS[i]), config, decode) for i, config in enumerate(configs)]
+    results: dict[int, GenerationResult] = {}
+    while batch.runs:
+        for run in batch.step():
+            results[run.index] = run.result(batch.stats)
+    assert sorted(results) == [run.index for run in runs]
+    for i, config in enumerate(configs):
+        if method == "specinfer" and not config.sampling.greedy:
+            continue
+        alone = generate(target, draft if method != "autoregressive" else None, torch.tensor([PROMPTS[i]]),
+                         config, decode=decode)
+        assert results[i].token_ids == alone.token_ids, (i, config.sampling)
