@@ -170,6 +170,9 @@ def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, t
     GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stops),
                      seed=seed).validate()  # bad sampling or limits fail before anything loads
     batch = collect_prompts(prompts, files, sys.stdin, input_format)
+    if any(prompt.request is not None for prompt in batch):
+        run_batch_api(batch, max_new_tokens, engine, batch_size, unordered, verbose)
+        return
     streaming = stream and not as_json
     workload = Workload.of_prompts(batch, max_new_tokens, system, not no_chat_template, streaming)
     engine = open_engine(engine_request(engine, batch_size), workload)
@@ -178,6 +181,34 @@ def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, t
         click.echo(f"batch: {len(batch)} prompts, up to {engine.lanes} per target pass", err=True)
     run_batch(engine.pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,
               stream=stream, verbose=verbose, out=sys.stdout, batch_size=engine.lanes, unordered=unordered)
+
+def run_batch_api(batch: list[Any], max_new_tokens: int, engine: dict[str, Any], batch_size: int | None,
+                  unordered: bool, verbose: bool) -> None:
+    """`generate -f` of OpenAI Batch API lines: each line's body sets its own sampling and limits (-n is
+    the default max_tokens); the Batch API's output lines go to stdout; exit 1 if any request failed."""
+    from specexec_cli.engine import Workload, open_engine
+    from specexec_cli.prompts import encode
+    from specexec_cli.run import batch_jobs, job_prompt, run_requests
+    from specexec_cli.serve.protocol import ApiError
+
+    if not all(prompt.request is not None for prompt in batch):
+        raise UsageError("OpenAI Batch API lines cannot be mixed with other prompts in one run")
+    jobs = batch_jobs(batch, max_new_tokens)
+    valid = [(prompt, job) for prompt, job in zip(batch, jobs, strict=True) if not isinstance(job, ApiError)]
+
+    def lengths(tokenizer: Any) -> list[int]:
+        return [len(encode(tokenizer, job_prompt(p, job), None, job.kind == "chat")) for p, job in valid]
+
+    most_tokens = max([job.max_tokens for _, job in valid] or [max_new_tokens])
+    workload = Workload(lengths, most_tokens, max(1, len(valid)))
+    opened = open_engine(engine_request(engine, batch_size), workload)
+    if opened.lanes > 1:
+        click.echo(f"batch: {len(batch)} requests, up to {opened.lanes} per target pass", err=True)
+    model = engine["target"] or DEFAULT_SERVED_NAME
+    failed = run_requests(opened, batch, jobs, model=model, out=sys.stdout, batch_size=opened.lanes,
+                          unordered=unordered, verbose=verbose)
+    if failed:
+        raise SpecexecError(f"{failed} of {len(batch)} requests failed; their output lines carry the error")
 
 # --- serve ------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ class Prompt:
     id: str
     text: str
     messages: tuple[dict[str, str], ...] = ()
+    request: dict[str, Any] | None = None  # an OpenAI Batch API line: {"custom_id", "url", "body", ...}
 
 
 def parse_messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
@@ -58,6 +59,9 @@ def parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
         except json.JSONDecodeError as exc:
             raise UsageError(f"{source}:{number}: not valid JSON ({exc.msg})") from None
         where = f"{source}:{number}"
+        if isinstance(record, dict) and "custom_id" in record and "body" in record:
+            prompts.append(Prompt(str(record["custom_id"]), "", (), record))  # checked by run.batch_requests
+            continue
         prompt_id = str(record.get("id", len(prompts) + 1)) if isinstance(record, dict) else ""
         if isinstance(record, dict) and "messages" in record:
             messages = parse_messages(record["messages"], where)
@@ -69,6 +73,8 @@ def parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
         prompts.append(Prompt(prompt_id, record["prompt"]))
     if not prompts:
         raise UsageError(f"{source}: no prompts")
+    if 0 < sum(p.request is not None for p in prompts) < len(prompts):
+        raise UsageError(f"{source}: mixes OpenAI Batch API lines with prompt lines; use one kind per run")
     return prompts
 
 

@@ -126,3 +126,90 @@ def run_batch(pair: ModelPair, prompts: list[Prompt], config: GenerationConfig, 
     finally:
         writer.close(prompts)
     return writer.written
+
+
+# --- OpenAI Batch API lines (`generate -f` of {"custom_id", "method", "url", "body"} lines) -----------
+
+UNLIMITED = 2**31  # offline requests have no server limits: the model's context is the bound
+
+
+def batch_jobs(prompts: list[Prompt], default_tokens: int) -> list[Any]:
+    """Each Batch API line's Job, or the ApiError its request would get from `specexec serve`."""
+    from specexec_cli.serve.protocol import ApiError, Limits, batch_kind, parse_job
+
+    jobs: list[Any] = []
+    for prompt in prompts:
+        try:
+            kind = batch_kind(prompt.request)
+            jobs.append(parse_job(prompt.request["body"], kind, Limits(UNLIMITED, UNLIMITED, default_tokens)))
+        except ApiError as error:
+            jobs.append(error)
+    return jobs
+
+
+def job_prompt(prompt: Prompt, job: Any) -> Prompt:
+    """The prompt a job encodes: its messages (chat template) or its raw text."""
+    return Prompt(prompt.id, job.prompt, job.messages)
+
+
+def run_requests(engine: Any, prompts: list[Prompt], jobs: list[Any], *, model: str, out: TextIO,
+                 batch_size: int = 1, unordered: bool = False, verbose: bool = False) -> int:
+    """Run Batch API lines as `specexec serve` would answer them, several sharing each target pass, and
+    write the Batch API's output lines (`{"id", "custom_id", "response": {"status_code", "body"},
+    "error"}`), in input order unless `unordered`. A request that fails is an output line with its 4xx
+    error body, as the server would answer it; the others run. Returns the number that failed."""
+    from specexec_cli.serve import protocol
+    from specexec_cli.serve.protocol import ApiError
+
+    pair = engine.pair
+    writer = OrderedWriter(out, unordered)
+    limit = getattr(pair.target.config, "max_position_embeddings", None)
+    runnable: list[tuple[int, torch.Tensor, GenerationConfig, Any]] = []
+    failed = 0
+
+    def write(index: int, status: int, body: dict[str, Any]) -> None:
+        record = protocol.batch_output(prompts[index].id, status, body)
+        writer.put(index, json.dumps(record, ensure_ascii=False) + "\n")
+
+    for index, (prompt, job) in enumerate(zip(prompts, jobs, strict=True)):
+        try:
+            if isinstance(job, ApiError):
+                raise job
+            try:
+                config = engine.config(job.max_tokens, job.sampling, job.stop, job.seed)
+                ids = encode(pair.tokenizer, job_prompt(prompt, job), None, job.kind == "chat")
+            except SpecexecError as exc:
+                raise ApiError(400, str(exc).replace("--", "")) from None
+            if not ids:
+                raise ApiError(400, "the prompt encodes to no tokens")
+            if limit and len(ids) + job.max_tokens > limit:
+                raise ApiError(400, f"the prompt has {len(ids)} tokens; with max_tokens {job.max_tokens} it "
+                               f"exceeds the model's context of {limit}", code="context_length_exceeded")
+        except ApiError as error:
+            failed += 1
+            log(f"[{prompt.id}] error {error.status}: {error.message}")
+            write(index, error.status, error.body())
+            continue
+        runnable.append((index, torch.tensor(ids), config, job))
+
+    def on_result(position: int, result: GenerationResult) -> None:
+        index, ids, config, job = runnable[position]
+        stats = result.stats
+        usage = protocol.usage(ids.numel(), result.n_new_tokens)
+        timings = protocol.timings(result.n_new_tokens, stats.target_passes, stats.draft_passes,
+                                   result.elapsed_s, ids.numel(), None)
+        body = protocol.completion_body(job, protocol.new_id(job.kind), model, result.text or "",
+                                        result.finish_reason, usage, timings)
+        write(index, 200, body)
+        if verbose:
+            log(describe(prompts[index], result))
+
+    try:
+        if runnable:
+            generate_many(pair.target, pair.draft, (ids for _, ids, _, _ in runnable), runnable[0][2],
+                          on_result, batch_size=batch_size,
+                          decode=lambda t: pair.tokenizer.decode(t, skip_special_tokens=True),
+                          config_of=lambda position: runnable[position][2])
+    finally:
+        writer.close(prompts)
+    return failed

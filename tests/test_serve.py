@@ -287,8 +287,9 @@ def test_overload_is_503_with_retry_after(strict_server):
         first = next(lines)  # the one lane is taken
         refused = httpx.post(strict_server.url + "/v1/completions", headers=headers, timeout=30,
                              json={"model": "tiny", "prompt": "w5", "max_tokens": 2})
-        rest = list(lines)
-    assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0, (first, len(rest), rest[-4:])
+        rest = [line for line in lines if line]
+    assert first.startswith("data: ") and rest[-1] == "data: [DONE]"  # the busy request was served whole
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
     assert refused.json()["error"]["code"] == "overloaded"
 
 
@@ -327,3 +328,35 @@ def test_a_taken_port_fails_before_loading(models):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
     assert "loading" not in result.stderr
+
+
+def test_batch_api_lines_offline_answer_as_the_server_does(server, models, tmp_path):
+    """`generate -f` of OpenAI Batch API lines (as `vllm run-batch` takes): the Batch output format, each
+    body its own sampling and limits, a bad line an error line (exit 1) while the others run."""
+    lines = [
+        {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "tiny", "messages": [{"role": "user", "content": "w1 w2 w3"}], "max_tokens": 12,
+                  "temperature": 0}},
+        {"custom_id": "text", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "w5 w6", "max_tokens": 9, "temperature": 0.9, "seed": 3}},
+        {"custom_id": "many", "method": "POST", "url": "/v1/completions", "body": {"prompt": "w4", "n": 3}},
+        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "w4"}},
+    ]
+    source = tmp_path / "batch.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["generate", "-t", str(models / "target"), "-d", str(models / "draft"), "-f", str(source),
+            "--batch-size", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: 2 of 4 requests failed; their output lines carry the error"
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["custom_id"] for r in records] == ["chat", "text", "many", "embed"]
+    assert [r["response"]["status_code"] for r in records] == [200, 200, 400, 400]
+    assert records[2]["response"]["body"]["error"]["param"] == "n"
+    client = server.client()
+    chat_answer = chat(client, "w1 w2 w3", max_tokens=12).choices[0].message.content
+    assert records[0]["response"]["body"]["choices"][0]["message"]["content"] == chat_answer
+    text = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=9, temperature=0.9, seed=3)
+    assert records[1]["response"]["body"]["choices"][0]["text"] == text.choices[0].text
+    assert records[1]["response"]["body"]["usage"]["completion_tokens"] == 9

@@ -208,9 +208,13 @@ def generate_many(
     batch_size: int = 1,
     decode: Callable[[list[int]], str] | None = None,
     on_text: Callable[[str], None] | None = None,
+    config_of: Callable[[int], GenerationConfig] | None = None,
 ) -> PassStats:
     """Generate for every prompt, up to `batch_size` at a time sharing each target pass (continuous
     batching: a finished prompt leaves and the next one from `prompts` takes its place).
+
+    `config` sets the method and tree; `config_of(index)`, when given, is prompt `index`'s own config
+    (sampling, seed, limits, stop strings; same method and tree), else every prompt runs with `config`.
 
     `on_result(index, result)` is called as each prompt finishes (not necessarily in input order).
     `prompts` is read lazily; when reading it fails (a bad prompt), the prompts already in flight are
@@ -232,7 +236,8 @@ def generate_many(
             try:
                 item = next(queue, None)
                 if item is not None:
-                    batch.start(item[0], item[1], config, decode, on_text)
+                    own = config if config_of is None else config_of(item[0])
+                    batch.start(item[0], item[1], own, decode, on_text)
             except Exception as exc:  # a bad prompt: finish the ones in flight, then report it
                 item, failure = None, exc
             if item is None:

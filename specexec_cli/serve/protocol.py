@@ -61,8 +61,9 @@ class ApiError(Exception):
 class Limits:
     """What the server admits per request."""
 
-    max_tokens: int  # the most new tokens a request may ask for, and the default
+    max_tokens: int  # the most new tokens a request may ask for
     max_prompt_tokens: int  # the longest prompt, in tokens
+    default_tokens: int | None = None  # new tokens when a request names none (None: max_tokens)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def _stops(value: Any) -> tuple[str, ...]:
 def _check_unsupported(body: dict[str, Any]) -> None:
     for name, harmless in UNSUPPORTED.items():
         if name in body and body[name] not in harmless:
-            raise ApiError(400, f"'{name}' is not supported by this server (it would change the output)",
+            raise ApiError(400, f"'{name}' is not supported (it would change the output)",
                            name)
 
 
@@ -151,7 +152,7 @@ def parse_job(body: Any, kind: str, limits: Limits) -> Job:
     if max_tokens is None:
         max_tokens, name = _integer(body, "max_tokens"), "max_tokens"
     if max_tokens is None:
-        max_tokens = limits.max_tokens
+        max_tokens = limits.default_tokens or limits.max_tokens
     if not 1 <= max_tokens <= limits.max_tokens:
         raise ApiError(400, f"'{name}' must be between 1 and {limits.max_tokens} (the server's "
                        f"--max-tokens), got {max_tokens}", name)
@@ -173,6 +174,30 @@ def parse_job(body: Any, kind: str, limits: Limits) -> Job:
     return Job(kind=kind, model=model or "", messages=messages, prompt=prompt, max_tokens=max_tokens,
                sampling=sampling, seed=seed, stop=_stops(body.get("stop")), stream=stream,
                include_usage=bool(options.get("include_usage")) and stream)
+
+
+# --- the Batch API (offline requests, as `vllm run-batch` takes them) --------------------------------
+
+BATCH_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+def batch_kind(record: dict[str, Any]) -> str:
+    """"chat" or "completion" for a Batch API line {"custom_id", "method", "url", "body"}; ApiError if its
+    method or url is not one this tool runs."""
+    if record.get("method", "POST") != "POST":
+        raise ApiError(400, f"method {record.get('method')!r}: only POST requests run", "method")
+    url = record.get("url")
+    if url not in BATCH_URLS:
+        raise ApiError(400, f"url {url!r}: use one of {', '.join(BATCH_URLS)}", "url")
+    return BATCH_URLS[url]
+
+
+def batch_output(custom_id: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """One line of the Batch API's output file: the response's status and body (an error body for a
+    request that failed, as the HTTP API would have answered it)."""
+    return {"id": "batch_req_" + uuid.uuid4().hex[:24], "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": uuid.uuid4().hex[:24], "body": body},
+            "error": None}
 
 
 # --- responses ---------------------------------------------------------------------------------------
