@@ -136,15 +136,17 @@ def smollm2():
     return load_model("smollm2-135m", device="cpu", dtype=torch.float32)
 
 
-def save_tiny_cli_pair(root) -> None:
-    """A tiny float32 Llama target and draft with the word-level tokenizer, saved as folders
-    root/target and root/draft for tests that drive the CLI (64 positions, EOS id 1)."""
+def save_tiny_cli_pair(root, positions: int = 64, chat_template: str | None = None) -> None:
+    """A tiny float32 Llama target and draft with the word-level tokenizer (and `chat_template`), saved as
+    folders root/target and root/draft for tests that drive the CLI (`positions` positions, EOS id 1)."""
     from tiny_pairs import tiny_pair
 
     tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB - 4)])
+    if chat_template:
+        tokenizer.chat_template = chat_template
     target, draft = tiny_pair("llama", vocab=TINY_VOCAB, dtype=torch.float32)
     for name, model in (("target", target), ("draft", draft)):
-        model.config.max_position_embeddings = 64
+        model.config.max_position_embeddings = positions
         model.config.eos_token_id = 1
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)

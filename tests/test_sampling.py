@@ -82,7 +82,16 @@ def test_sampled_output_matches_target_distribution(method):
         tokens = tuple(generate(target, draft, prompt, config).token_ids)
         assert tokens in counts, f"{tokens} has probability 0 under the target"
         counts[tokens] += 1
-    # Pool outcomes with expected count < 5 into one cell, as the test requires.
+    pvalue, cells = pooled_chisquare(exact, counts)
+    assert cells >= 3, "the test distribution should not be degenerate"
+    assert pvalue > ALPHA
+
+
+def pooled_chisquare(exact: dict, counts: dict) -> tuple[float, int]:
+    """Chi-square goodness of fit of observed `counts` against `exact` probabilities of the same outcomes:
+    (p-value, outcomes expected at least 5 times). Outcomes expected fewer than 5 times are pooled into
+    one cell, as the test requires."""
+    n_samples = sum(counts.values())
     cells = sorted(exact, key=exact.get, reverse=True)
     big = [c for c in cells if exact[c] * n_samples >= 5]
     small = [c for c in cells if exact[c] * n_samples < 5]
@@ -90,9 +99,8 @@ def test_sampled_output_matches_target_distribution(method):
     expected = [exact[c] * n_samples for c in big]
     if small:
         expected.append(sum(exact[c] for c in small) * n_samples)
-    scale = sum(observed) / sum(expected)
-    assert len(big) >= 3, "the test distribution should not be degenerate"
-    assert chisquare(observed, [e * scale for e in expected]).pvalue > ALPHA
+    scale = sum(observed) / sum(expected)  # the exact probabilities sum to 1 up to rounding
+    return chisquare(observed, [e * scale for e in expected]).pvalue, len(big)
 
 
 def test_seed_makes_sampling_reproducible():

@@ -21,10 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from conftest import TINY_VOCAB, _word_tokenizer
-from tiny_pairs import tiny_pair
+from conftest import save_tiny_cli_pair
 
 from specexec_cli.cli import main
 
@@ -41,14 +39,7 @@ PROMPTS = ["w1 w2 w3", "w7", "w9 w9 w10 w11 w12 w13", "w20 w30", "w5 w6 w7 w8", 
 def models(tmp_path_factory) -> Path:
     """A tiny float32 Llama target and draft with a word-level tokenizer and a chat template."""
     root = tmp_path_factory.mktemp("serve_models")
-    tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB - 4)])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    target, draft = tiny_pair("llama", vocab=TINY_VOCAB, dtype=torch.float32)
-    for name, model in (("target", target), ("draft", draft)):
-        model.config.max_position_embeddings = 512
-        model.config.eos_token_id = 1
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    save_tiny_cli_pair(root, positions=512, chat_template=CHAT_TEMPLATE)
     return root
 
 
