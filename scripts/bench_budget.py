@@ -119,11 +119,12 @@ def plot(rows: Sequence[dict], png: Path, title: str) -> None:
             if row["dataset"] == dataset:
                 series.setdefault((row["method"], row["temperature"]), []).append(
                     (row["budget"], row["tokens_per_pass"]))
+        temperatures = sorted({temperature for _, temperature in series})
         for (method, temperature), points in sorted(series.items()):
             points.sort()
             name = {"specexec": "SpecExec", "specinfer": "SpecInfer"}[method]
             ax.plot([p[0] for p in points], [p[1] for p in points], styles[method],
-                    label=f"{name}, t={temperature:g}")
+                    color=f"C{temperatures.index(temperature)}", label=f"{name}, t={temperature:g}")
         ax.set_xscale("log", base=2)
         budgets = sorted({p[0] for points in series.values() for p in points})
         ax.set_xticks(budgets, [str(b) for b in budgets])

@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specexec_cli.prompt_sets import load_prompt_set, resolve_prompt_path  # noqa: E402
 
-DEFAULT_SERVER_FLAGS = ["--offload", "disk", "--resident-layers", "0", "--max-memory", "cpu=6GiB",
+# SpecExec named: without --method the shipped CPU profile picks plain decoding for a resident target
+DEFAULT_SERVER_FLAGS = ["--method", "specexec", "--budget", "64", "--draft-quant", "int8",
+                        "--offload", "disk", "--resident-layers", "0", "--max-memory", "cpu=6GiB",
                         "--max-batch", "8", "--max-prompt-tokens", "1024", "--max-tokens", "256"]
 
 
