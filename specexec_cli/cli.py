@@ -187,17 +187,22 @@ def run_batch_api(batch: list[Any], max_new_tokens: int, engine: dict[str, Any],
     """`generate -f` of OpenAI Batch API lines: each line's body sets its own sampling and limits (-n is
     the default max_tokens); the Batch API's output lines go to stdout; exit 1 if any request failed."""
     from specexec_cli.engine import Workload, open_engine
-    from specexec_cli.prompts import encode
-    from specexec_cli.run import batch_jobs, job_prompt, run_requests
-    from specexec_cli.serve.protocol import ApiError
+    from specexec_cli.run import batch_jobs, run_requests
+    from specexec_cli.serve.protocol import ApiError, encode_job
 
     if not all(prompt.request is not None for prompt in batch):
         raise UsageError("OpenAI Batch API lines cannot be mixed with other prompts in one run")
     jobs = batch_jobs(batch, max_new_tokens)
     valid = [(prompt, job) for prompt, job in zip(batch, jobs, strict=True) if not isinstance(job, ApiError)]
 
+    def length(tokenizer: Any, job: Any) -> int:
+        try:
+            return len(encode_job(tokenizer, job))
+        except ApiError:  # run_requests answers this request with its error
+            return 0
+
     def lengths(tokenizer: Any) -> list[int]:
-        return [len(encode(tokenizer, job_prompt(p, job), None, job.kind == "chat")) for p, job in valid]
+        return [length(tokenizer, job) for _, job in valid]
 
     most_tokens = max([job.max_tokens for _, job in valid] or [max_new_tokens])
     workload = Workload(lengths, most_tokens, max(1, len(valid)))

@@ -147,11 +147,6 @@ def batch_jobs(prompts: list[Prompt], default_tokens: int) -> list[Any]:
     return jobs
 
 
-def job_prompt(prompt: Prompt, job: Any) -> Prompt:
-    """The prompt a job encodes: its messages (chat template) or its raw text."""
-    return Prompt(prompt.id, job.prompt, job.messages)
-
-
 def run_requests(engine: Any, prompts: list[Prompt], jobs: list[Any], *, model: str, out: TextIO,
                  batch_size: int = 1, unordered: bool = False, verbose: bool = False) -> int:
     """Run Batch API lines as `specexec serve` would answer them, several sharing each target pass, and
@@ -175,16 +170,9 @@ def run_requests(engine: Any, prompts: list[Prompt], jobs: list[Any], *, model: 
         try:
             if isinstance(job, ApiError):
                 raise job
-            try:
-                config = engine.config(job.max_tokens, job.sampling, job.stop, job.seed)
-                ids = encode(pair.tokenizer, job_prompt(prompt, job), None, job.kind == "chat")
-            except SpecexecError as exc:
-                raise ApiError(400, str(exc).replace("--", "")) from None
-            if not ids:
-                raise ApiError(400, "the prompt encodes to no tokens")
-            if limit and len(ids) + job.max_tokens > limit:
-                raise ApiError(400, f"the prompt has {len(ids)} tokens; with max_tokens {job.max_tokens} it "
-                               f"exceeds the model's context of {limit}", code="context_length_exceeded")
+            config = protocol.job_config(engine, job)
+            ids = protocol.encode_job(pair.tokenizer, job)
+            protocol.check_prompt_length(len(ids), job, limit)
         except ApiError as error:
             failed += 1
             log(f"[{prompt.id}] error {error.status}: {error.message}")

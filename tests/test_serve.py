@@ -193,6 +193,9 @@ def test_malformed_bodies_routes_and_limits(server):
     post = server.url + "/v1/chat/completions"
     assert httpx.post(post, content=b"{not json", timeout=30).status_code == 400
     assert httpx.post(post, content=b"[1, 2]", timeout=30).status_code == 400
+    lone_surrogate = b'{"messages": [{"role": "user", "content": "w1 \\ud800"}]}'  # JSON, not valid Unicode
+    invalid_text = httpx.post(post, content=lone_surrogate, timeout=30)
+    assert invalid_text.status_code == 400 and "UTF-8" in invalid_text.json()["error"]["message"]
     big = httpx.post(post, content=b"x" * (5 * 1024 * 1024), timeout=60)
     assert big.status_code == 413 and "error" in big.json()
     long_prompt = " ".join(["w1"] * 600)

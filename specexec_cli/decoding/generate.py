@@ -159,7 +159,7 @@ class Run:
 
 
 class Batch:
-    """The runs decoding together (continuous batching): `add` a run at any time, `step` advances all of
+    """The runs decoding together (continuous batching): `start` a run at any time, `step` advances all of
     them by one iteration (one target pass) and hands back those that finished, `drop` frees a run that
     is no longer wanted. generate_many and the server (specexec_cli/serve) both drive one."""
 

@@ -30,7 +30,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from specexec_cli.errors import SpecexecError
-from specexec_cli.prompts import Prompt, encode
 from specexec_cli.serve import protocol
 from specexec_cli.serve.metrics import Metrics
 from specexec_cli.serve.protocol import ApiError, Job, Limits
@@ -80,22 +79,8 @@ class Service:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def encode(self, job: Job) -> list[int]:
-        """The prompt's token ids, as `specexec generate` encodes it: messages in the chat template,
-        a raw prompt as `--no-chat-template` does."""
-        prompt = Prompt("request", job.prompt, job.messages)
         with self.tokenizer_lock:
-            return encode(self.tokenizer, prompt, None, chat_template=job.kind == "chat")
-
-    def check_prompt(self, ids: list[int], job: Job) -> None:
-        if not ids:
-            raise ApiError(400, "the prompt encodes to no tokens")
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; this server takes at most "
-                           f"{self.limits.max_prompt_tokens} (--max-prompt-tokens)",
-                           code="context_length_exceeded")
-        if self.context and len(ids) + job.max_tokens > self.context:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; with max_tokens {job.max_tokens} it "
-                           f"exceeds the model's context of {self.context}", code="context_length_exceeded")
+            return protocol.encode_job(self.tokenizer, job)
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -186,12 +171,9 @@ def make_app(service: Service) -> Starlette:
         if job.model and job.model != service.options.model_name:
             raise ApiError(404, f"the model '{job.model}' does not exist; this server serves "
                            f"'{service.options.model_name}'", "model", code="model_not_found")
-        try:
-            config = service.engine.config(job.max_tokens, job.sampling, job.stop, job.seed)
-        except SpecexecError as exc:  # the CLI's own validation of sampling and limits
-            raise ApiError(400, str(exc).replace("--", "")) from None
+        config = protocol.job_config(service.engine, job)  # the CLI's own checks of sampling and limits
         ids = await asyncio.to_thread(service.encode, job)
-        service.check_prompt(ids, job)
+        protocol.check_prompt_length(len(ids), job, service.context, service.limits.max_prompt_tokens)
         ticket = Ticket(asyncio.get_running_loop())
         try:
             service.scheduler.submit(torch.tensor(ids), config, ticket)

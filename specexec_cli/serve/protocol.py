@@ -15,9 +15,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from specexec_cli.decoding.config import SamplingConfig
-from specexec_cli.errors import UsageError
-from specexec_cli.prompts import parse_messages
+from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
+from specexec_cli.errors import SpecexecError, UsageError
+from specexec_cli.prompts import Prompt, encode, parse_messages
 
 MAX_STOPS = 4  # as OpenAI's API
 # Fields that would change the output and are not supported: refused, never ignored. The value that
@@ -174,6 +174,38 @@ def parse_job(body: Any, kind: str, limits: Limits) -> Job:
     return Job(kind=kind, model=model or "", messages=messages, prompt=prompt, max_tokens=max_tokens,
                sampling=sampling, seed=seed, stop=_stops(body.get("stop")), stream=stream,
                include_usage=bool(options.get("include_usage")) and stream)
+
+
+def job_config(engine: Any, job: Job) -> GenerationConfig:
+    """The request's GenerationConfig, checked by the engine as `generate` checks its flags (a bad value
+    is a 400)."""
+    try:
+        return engine.config(job.max_tokens, job.sampling, job.stop, job.seed)
+    except SpecexecError as exc:
+        raise ApiError(400, str(exc).replace("--", "")) from None
+
+
+def encode_job(tokenizer: Any, job: Job) -> list[int]:
+    """The prompt's token ids, as `specexec generate` encodes it: messages in the chat template, a raw
+    prompt as `--no-chat-template` does; text that is not valid Unicode is a 400."""
+    try:
+        return encode(tokenizer, Prompt("request", job.prompt, job.messages), None, job.kind == "chat")
+    except UsageError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def check_prompt_length(n_tokens: int, job: Job, context: int | None, max_prompt_tokens: int | None = None,
+                        ) -> None:
+    """A 400 for an empty prompt, one over `max_prompt_tokens`, or one that with its max_tokens passes the
+    model's `context`."""
+    if not n_tokens:
+        raise ApiError(400, "the prompt encodes to no tokens")
+    if max_prompt_tokens is not None and n_tokens > max_prompt_tokens:
+        raise ApiError(400, f"the prompt has {n_tokens} tokens; this server takes at most "
+                       f"{max_prompt_tokens} (--max-prompt-tokens)", code="context_length_exceeded")
+    if context and n_tokens + job.max_tokens > context:
+        raise ApiError(400, f"the prompt has {n_tokens} tokens; with max_tokens {job.max_tokens} it exceeds "
+                       f"the model's context of {context}", code="context_length_exceeded")
 
 
 # --- the Batch API (offline requests, as `vllm run-batch` takes them) --------------------------------
