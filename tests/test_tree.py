@@ -67,14 +67,19 @@ def test_keep_best_breaks_ties_deterministically():
     assert tree.tokens[:3].tolist() == [0, 1, 2]
 
 
-def test_best_unexpanded_skips_hopeless_nodes():
+def test_candidates_skip_hopeless_nodes():
     tree = Tree(root_token=0, capacity=16, device="cpu")
     tree.add_children(torch.zeros(3, dtype=torch.long), torch.arange(1, 4), torch.tensor([-0.1, -1.0, -3.0]))
-    assert tree.best_unexpanded(2, budget=10).tolist() == [1, 2]
+
+    def expandable(max_nodes: int, budget: int) -> list[int]:
+        scores, nodes = tree.candidates(max_nodes, budget)  # -inf where no node can enter
+        return nodes[torch.isfinite(scores)].tolist()
+
+    assert expandable(2, budget=10) == [1, 2]
     # Full at budget 3: node 3 is the weakest kept node, its children could never enter.
-    assert tree.best_unexpanded(5, budget=3).tolist() == [1, 2]
+    assert expandable(5, budget=3) == [1, 2]
     # Over-full at budget 2: node 2 is now the weakest kept node.
-    assert tree.best_unexpanded(5, budget=2).tolist() == [1]
+    assert expandable(5, budget=2) == [1]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

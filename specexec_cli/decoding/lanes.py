@@ -40,6 +40,11 @@ class Lane:
             self.sequence = torch.cat([self.sequence, fresh])
 
 
+def lane_samplings(lanes: list[Lane], default: SamplingConfig) -> list[SamplingConfig]:
+    """Each lane's own sampling, else `default` (the run's)."""
+    return [lane.sampling or default for lane in lanes]
+
+
 class LaneDecoder:
     """What every decoder shares: the models, one packed KV cache per model, and the pass counters.
 
@@ -63,7 +68,7 @@ class LaneDecoder:
     def samplings(self, lanes: list[Lane]) -> list[SamplingConfig]:
         """How each lane draws its tokens: its own sampling, else the decoder's config's. Lanes with
         different temperatures, top-p or top-k share passes all the same (a server's requests)."""
-        return [lane.sampling or self.config.sampling for lane in lanes]
+        return lane_samplings(lanes, self.config.sampling)
 
     @torch.inference_mode()
     def remove(self, lane: Lane) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, draft_slot_limit
 from specexec_cli.decoding.growth import GrowthRule
-from specexec_cli.decoding.lanes import Lane, LaneDecoder
+from specexec_cli.decoding.lanes import Lane, LaneDecoder, lane_samplings
 from specexec_cli.decoding.packed import PackedCache
 from specexec_cli.decoding.sampling import draw, probabilities
 from specexec_cli.decoding.stats import PassStats
@@ -65,7 +65,7 @@ def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roo
     slot_limit = draft_slot_limit(tree_cfg)
     tree = Tree(torch.stack([lane.sequence[-1] for lane in lanes]), capacity, device)
     nodes = torch.arange(n_roots, device=device)
-    temperatures = [draft_temperature(lane.sampling or config.sampling) for lane in lanes]
+    temperatures = [draft_temperature(s) for s in lane_samplings(lanes, config.sampling)]
     lane_temperature = None  # [R, 1] when the lanes score at different temperatures
     if len(set(temperatures)) > 1:
         lane_temperature = torch.tensor(temperatures, device=device)[:, None]

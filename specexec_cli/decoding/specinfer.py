@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
-from specexec_cli.decoding.lanes import Lane, LaneDecoder
+from specexec_cli.decoding.lanes import Lane, LaneDecoder, lane_samplings
 from specexec_cli.decoding.packed import PackedCache
 from specexec_cli.decoding.sampling import draw_from, probabilities
 from specexec_cli.decoding.stats import PassStats
@@ -72,7 +72,7 @@ def sample_stems(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], 
     pass created: tree indices first .. first + count - 1, in order. Each lane samples with its own
     generator. One host sync per pass."""
     n_stems, length = shape
-    q_samplings = [drafting_sampling(lane.sampling or config.sampling) for lane in lanes]
+    q_samplings = [drafting_sampling(s) for s in lane_samplings(lanes, config.sampling)]
     shared = q_samplings[0] if len(set(q_samplings)) == 1 else None  # else: each row its lane's
     n_roots, device = len(lanes), roots.keys.device
     tree = Tree(torch.stack([lane.sequence[-1] for lane in lanes]), n_roots * (1 + n_stems * length), device)

@@ -75,11 +75,6 @@ class Tree:
         best = torch.topk(scores, min(max_nodes, n), sorted=True)
         return best.values, best.indices
 
-    def best_unexpanded(self, max_nodes: int, budget: int) -> torch.Tensor:
-        """The nodes of `candidates` (one host sync)."""
-        values, nodes = self.candidates(max_nodes, budget)
-        return nodes[torch.isfinite(values)]
-
     def mass(self) -> torch.Tensor:
         """Sum over the non-root nodes of their draft path probability exp(score), a 0-d float32 tensor:
         the draft's estimate of the tokens the tree adds per iteration."""
