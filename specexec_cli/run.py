@@ -182,10 +182,7 @@ def run_requests(engine: Any, prompts: list[Prompt], jobs: list[Any], *, model: 
 
     def on_result(position: int, result: GenerationResult) -> None:
         index, ids, config, job = runnable[position]
-        stats = result.stats
-        usage = protocol.usage(ids.numel(), result.n_new_tokens)
-        timings = protocol.timings(result.n_new_tokens, stats.target_passes, stats.draft_passes,
-                                   result.elapsed_s, ids.numel(), None)
+        usage, timings = protocol.result_figures(result, ids.numel())
         body = protocol.completion_body(job, protocol.new_id(job.kind), model, result.text or "",
                                         result.finish_reason, usage, timings)
         write(index, 200, body)

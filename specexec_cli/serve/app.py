@@ -38,6 +38,7 @@ from specexec_cli.serve.scheduler import Event, Overloaded, Scheduler, ShuttingD
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a larger request body is answered 413
 RETRY_AFTER_S = 5  # told to clients turned away with 503
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+START = int(time.time())  # the served model's `created` in /v1/models
 
 
 @dataclass(frozen=True)
@@ -236,11 +237,7 @@ def make_app(service: Service) -> Starlette:
             ticket.cancel()  # the client went away (the generator was closed) or the answer is complete
 
     def summary(result: Any, prompt_tokens: int, ticket: Ticket) -> tuple[dict, dict]:
-        stats = result.stats
-        usage_ = protocol.usage(prompt_tokens, result.n_new_tokens)
-        timings_ = protocol.timings(result.n_new_tokens, stats.target_passes, stats.draft_passes,
-                                    result.elapsed_s, prompt_tokens, ticket.first_token_s)
-        return usage_, timings_
+        return protocol.result_figures(result, prompt_tokens, ticket.first_token_s)
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
         error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
@@ -262,9 +259,6 @@ def make_app(service: Service) -> Starlette:
         Route("/v1/completions", counted("completions", completions), methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
-
-
-START = int(time.time())
 
 
 # --- running -----------------------------------------------------------------------------------------

@@ -244,15 +244,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def timings(generated: int, target_passes: int, draft_passes: int, seconds: float, prompt_tokens: int,
-            first_token_s: float | None) -> dict[str, Any]:
-    """The speculative figures of one response, in an extra object as llama-server's `timings`."""
-    return {"prompt_n": prompt_tokens, "predicted_n": generated, "target_passes": target_passes,
-            "draft_passes": draft_passes,
-            "tokens_per_target_pass": round(generated / target_passes, 4) if target_passes else None,
-            "predicted_ms": round(1000 * seconds, 3),
-            "predicted_per_second": round(generated / seconds, 4) if seconds > 0 else None,
-            "time_to_first_token_ms": None if first_token_s is None else round(1000 * first_token_s, 3)}
+def result_figures(result: Any, prompt_tokens: int, first_token_s: float | None = None,
+                   ) -> tuple[dict[str, int], dict[str, Any]]:
+    """`usage` and `timings` of a finished GenerationResult: the token counts, and the speculative
+    figures in an extra object as llama-server's `timings`."""
+    generated, seconds = result.n_new_tokens, result.elapsed_s
+    target_passes, draft_passes = result.stats.target_passes, result.stats.draft_passes
+    timings = {"prompt_n": prompt_tokens, "predicted_n": generated, "target_passes": target_passes,
+               "draft_passes": draft_passes,
+               "tokens_per_target_pass": round(generated / target_passes, 4) if target_passes else None,
+               "predicted_ms": round(1000 * seconds, 3),
+               "predicted_per_second": round(generated / seconds, 4) if seconds > 0 else None,
+               "time_to_first_token_ms": None if first_token_s is None else round(1000 * first_token_s, 3)}
+    return usage(prompt_tokens, generated), timings
 
 
 def completion_body(job: Job, response_id: str, model: str, text: str, finish_reason: str,
