@@ -149,9 +149,16 @@ def engine_request(engine: dict[str, Any], batch_size: int | None) -> Any:
               "(fewer if the memory plan cannot hold 8 prompts' KV caches), else 1].")
 @click.option("--unordered", is_flag=True,
               help="Write each result when it finishes, not in input order (JSON Lines carry the id).")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run the prompts on a Ray cluster: ADDRESS as ray.init takes it (HOST:6379 of a `ray "
+              "start --head` node, 'auto'), or 'local' to start one on this machine. Needs the [ray] extra.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="Engines on the cluster (each opens the models once) [default: one per GPU, else one per "
+              "node].")
 @friendly_errors
 def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
-             no_chat_template, stream, as_json, verbose, batch_size, unordered, **engine) -> None:
+             no_chat_template, stream, as_json, verbose, batch_size, unordered, ray_address, ray_workers,
+             **engine) -> None:
     """Generate text; only the generated text (or JSON Lines with --json) goes to stdout.
 
     \b
@@ -160,6 +167,7 @@ def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, t
       echo "Explain KV caches" | specexec generate --stream
       specexec generate -f prompts.jsonl --json > results.jsonl
       specexec generate -f prompts.jsonl --json --offload disk --max-memory cpu=5GiB --batch-size 8
+      specexec generate -f prompts.jsonl --json --ray HEAD_IP:6379 > results.jsonl
     """
     from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
     from specexec_cli.engine import Workload, open_engine
@@ -169,7 +177,20 @@ def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, t
     sampling = SamplingConfig(temperature, top_p, top_k)
     GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stops),
                      seed=seed).validate()  # bad sampling or limits fail before anything loads
+    if ray_workers is not None and ray_address is None:
+        raise UsageError("--ray-workers needs --ray ADDRESS")
     batch = collect_prompts(prompts, files, sys.stdin, input_format)
+    if ray_address is not None:
+        from specexec_cli.cluster.driver import plan_prompts
+        from specexec_cli.cluster.worker import Job
+
+        if stream:
+            raise UsageError("--stream prints one prompt at a time on this machine; drop it with --ray")
+        job = Job(engine_request(engine, batch_size), max_new_tokens, sampling, tuple(stops), seed, system,
+                  not no_chat_template, plan_prompts(batch), len(batch))
+        run_ray_job(ray_address, ray_workers, batch, job, as_json=as_json, verbose=verbose,
+                    unordered=unordered)
+        return
     if any(prompt.request is not None for prompt in batch):
         run_batch_api(batch, max_new_tokens, engine, batch_size, unordered, verbose)
         return
@@ -181,6 +202,21 @@ def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, t
         click.echo(f"batch: {len(batch)} prompts, up to {engine.lanes} per target pass", err=True)
     run_batch(engine.pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,
               stream=stream, verbose=verbose, out=sys.stdout, batch_size=engine.lanes, unordered=unordered)
+
+def run_ray_job(address: str, workers: int | None, batch: list[Any], job: Any, *, as_json: bool,
+                verbose: bool, unordered: bool) -> None:
+    """`generate --ray`: the prompts run on a Ray cluster, one engine per worker; exit 1 if any failed."""
+    from specexec_cli.cluster.driver import run_on_ray
+
+    if any(prompt.request is not None for prompt in batch):
+        raise UsageError("--ray runs prompt and chat lines; run OpenAI Batch API lines without --ray")
+    summary = run_on_ray(address, job, batch, workers=workers, as_json=as_json, verbose=verbose,
+                         out=sys.stdout, unordered=unordered)
+    if summary.failed:
+        named = ", ".join(summary.failed[:10]) + (" ..." if len(summary.failed) > 10 else "")
+        raise SpecexecError(f"{len(summary.failed)} of {len(batch)} prompts failed ({named}); the others "
+                            "were written")
+
 
 def run_batch_api(batch: list[Any], max_new_tokens: int, engine: dict[str, Any], batch_size: int | None,
                   unordered: bool, verbose: bool) -> None:

@@ -52,26 +52,33 @@ class OrderedWriter:
 
     def __init__(self, out: TextIO, unordered: bool) -> None:
         self.out, self.unordered = out, unordered
-        self.held: dict[int, str] = {}
+        self.held: dict[int, str | None] = {}
         self.next_index = 0
         self.written = 0
 
-    def put(self, index: int, text: str) -> None:
+    def put(self, index: int, text: str | None) -> None:
+        """Prompt `index`'s output; None: it has none (it failed), so later ones need not wait for it."""
         if self.unordered:
-            self._write(text)
+            if text is not None:
+                self._write(text)
             return
         self.held[index] = text
         while self.next_index in self.held:
-            self._write(self.held.pop(self.next_index))
+            held = self.held.pop(self.next_index)
+            if held is not None:
+                self._write(held)
             self.next_index += 1
 
     def close(self, prompts: list[Prompt]) -> None:
         if self.held:
             missing = [prompts[i].id for i in range(self.next_index, max(self.held)) if i not in self.held]
-            log(f"warning: the run stopped before prompt(s) {', '.join(missing)} finished; the "
+            named = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            log(f"warning: the run stopped before prompt(s) {named} finished; the "
                 f"{len(self.held)} later result(s) that did finish follow without them")
             for index in sorted(self.held):
-                self._write(self.held.pop(index))
+                held = self.held.pop(index)
+                if held is not None:
+                    self._write(held)
 
     def _write(self, text: str) -> None:
         self.out.write(text)
@@ -79,20 +86,26 @@ class OrderedWriter:
         self.written += 1
 
 
+def encode_prompt(pair: ModelPair, prompt: Prompt, config: GenerationConfig, system: str | None,
+                  chat_template: bool) -> torch.Tensor:
+    """A prompt's token ids [L], checked: not empty, and room in the model's context for its new tokens."""
+    limit = getattr(pair.target.config, "max_position_embeddings", None)
+    ids = encode(pair.tokenizer, prompt, system, chat_template)
+    if not ids:
+        raise UsageError(f"prompt {prompt.id} encodes to no tokens")
+    # a tree is never deeper than the tokens still wanted (decoding/growth.py): no position reaches
+    # prompt + max_new_tokens
+    if limit and len(ids) + config.max_new_tokens > limit:
+        raise SpecexecError(f"prompt {prompt.id} has {len(ids)} tokens; with --max-new-tokens "
+                            f"{config.max_new_tokens} it exceeds the model's context of {limit}")
+    return torch.tensor(ids)
+
+
 def encoded_prompts(pair: ModelPair, prompts: list[Prompt], config: GenerationConfig, system: str | None,
                     chat_template: bool) -> Iterator[torch.Tensor]:
     """Each prompt's token ids [L], checked when it is reached (a bad one raises then)."""
-    limit = getattr(pair.target.config, "max_position_embeddings", None)
     for prompt in prompts:
-        ids = encode(pair.tokenizer, prompt, system, chat_template)
-        if not ids:
-            raise UsageError(f"prompt {prompt.id} encodes to no tokens")
-        # a tree is never deeper than the tokens still wanted (decoding/growth.py): no position reaches
-        # prompt + max_new_tokens
-        if limit and len(ids) + config.max_new_tokens > limit:
-            raise SpecexecError(f"prompt {prompt.id} has {len(ids)} tokens; with --max-new-tokens "
-                                f"{config.max_new_tokens} it exceeds the model's context of {limit}")
-        yield torch.tensor(ids)
+        yield encode_prompt(pair, prompt, config, system, chat_template)
 
 
 def run_batch(pair: ModelPair, prompts: list[Prompt], config: GenerationConfig, *, system: str | None,

@@ -124,6 +124,24 @@ def test_bad_flags_give_usage_errors(model_dirs, args, code, needle):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--ray-workers", "2"], "--ray-workers needs --ray ADDRESS"),
+    (["--ray", "local", "--stream"], "--stream prints one prompt at a time on this machine"),
+])
+def test_ray_flags_that_cannot_work_are_usage_errors(model_dirs, args, needle):
+    result = run(model_dirs, "-p", "w1", *args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+
+
+def test_ray_without_the_extra_says_how_to_install_it(model_dirs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
+    result = run(model_dirs, "-p", "w1", "--ray", "local")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == "error: --ray needs Ray on this machine and every node: pip install " \
+        "'specexec[ray]'"
+
+
 @pytest.mark.parametrize("value,needle", [("abc", "is not a whole number"), ("0", "out of range")])
 def test_a_bad_read_threads_setting_is_a_usage_error(model_dirs, monkeypatch, value, needle):
     monkeypatch.setenv("SPECEXEC_READ_THREADS", value)

@@ -1,0 +1,333 @@
+"""The driver of a cluster job (`specexec generate -f PROMPTS --ray ADDRESS`): connect to Ray, start one
+worker (specexec_cli/cluster/worker.py) per GPU or per node, send prompts in chunks to the worker with
+the least queued work, and write each result as `generate` writes it, in input order unless unordered.
+
+One call at a time is in flight to each worker: first `info` (it returns once the engine is open), then
+`exchange` calls that carry new prompts out and finished results back. A call that fails with the
+actor gone means the worker died: the ledger (specexec_cli/cluster/ledger.py) gives its unfinished
+prompts to the others. Whatever finished is written before the driver stops, however it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from specexec_cli.cluster.ledger import Ledger
+from specexec_cli.cluster.worker import Job, Worker, error_text
+from specexec_cli.engine import log
+from specexec_cli.errors import SpecexecError, Terminated, UsageError
+from specexec_cli.prompts import Prompt
+from specexec_cli.run import OrderedWriter
+
+INSTALL_HINT = "--ray needs Ray on this machine and every node: pip install 'specexec[ray]'"
+WAIT_S = 1.0  # longest an exchange call waits for a result before coming back empty
+REPORT_S = 30.0  # progress on stderr at most this often
+PLAN_PROMPTS = 64  # the longest prompts each worker's memory plan holds
+QUEUE_BATCHES = 2  # a worker holds up to this many batches of prompts: one decoding, one waiting
+
+
+@dataclass
+class Summary:
+    """What a cluster job did."""
+
+    finished: int = 0
+    failed: list[str] = field(default_factory=list)  # ids of prompts given up
+    new_tokens: int = 0
+    seconds: float = 0.0  # from the first worker ready to the last result
+    workers: int = 0  # workers that opened the engine
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(INSTALL_HINT) from None
+    return ray
+
+
+def check_reachable(address: str) -> None:
+    """A HOST:PORT address must answer before ray.init, which would otherwise retry for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # "local", "auto", ray://...: ray.init decides
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise SpecexecError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
+                            "`ray start --head` on that machine, or use --ray local") from None
+
+
+def connect(ray: Any, address: str) -> None:
+    """ray.init(address), keeping the CLI's SIGTERM handler (ray.init installs its own)."""
+    check_reachable(address)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    kwargs = {"include_dashboard": False} if address == "local" else {}
+    try:
+        ray.init(address=address, log_to_driver=True, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise SpecexecError(f"could not connect to Ray at {address}: {exc}") from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def default_workers(ray: Any) -> int:
+    """One worker per GPU in the cluster, else one per node."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return gpus or sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def worker_resources(ray: Any, n_workers: int) -> dict[str, float]:
+    """Each worker's reservation: a GPU when the cluster has them, else an equal share of the CPUs (no more
+    than the biggest node has), which also sets its torch threads. More workers than GPUs wait for one."""
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return {"num_gpus": 1, "num_cpus": 1}
+    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    share = sum(node_cpus) / max(1, n_workers)
+    return {"num_cpus": min(float(int(share)) if share >= 1 else share, max(node_cpus, default=1.0))}
+
+
+def plan_prompts(prompts: list[Prompt]) -> tuple[Prompt, ...]:
+    """The longest prompts by characters (a stand-in for tokens: the driver has no tokenizer)."""
+    def size(prompt: Prompt) -> int:
+        return len(prompt.text) + sum(len(m["content"]) for m in prompt.messages)
+
+    return tuple(sorted(prompts, key=size, reverse=True)[:PLAN_PROMPTS])
+
+
+def why_lost(ray: Any, exc: BaseException) -> str:
+    """Why a call to a worker failed: the actor died, or its __init__ (opening the engine) raised."""
+    if isinstance(exc, ray.exceptions.RayActorError):
+        first = (getattr(exc, "error_msg", None) or str(exc)).strip().splitlines()
+        return first[0] if first else type(exc).__name__
+    if isinstance(exc, ray.exceptions.RayTaskError) and getattr(exc, "cause", None) is not None:
+        return error_text(exc.cause)
+    return error_text(exc)
+
+
+class Dispatcher:
+    """The driver's loop over its workers' calls (see the module docstring)."""
+
+    def __init__(self, ray: Any, job: Job, prompts: list[Prompt], n_workers: int, writer: OrderedWriter,
+                 as_json: bool, verbose: bool) -> None:
+        self.ray, self.prompts, self.writer = ray, prompts, writer
+        self.as_json, self.verbose = as_json, verbose
+        self.ledger = Ledger(len(prompts))
+        self.summary = Summary()
+        resources = worker_resources(ray, n_workers)
+        actor_class = ray.remote(max_restarts=0)(Worker)  # a dead worker's prompts go to the others
+        self.actors: dict[str, Any] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.calls: dict[Any, str] = {}  # the one call in flight per worker -> its name
+        for number in range(1, n_workers + 1):
+            name = f"w{number}"
+            actor = actor_class.options(scheduling_strategy="SPREAD", **resources).remote(job)
+            self.actors[name] = actor
+            self.ledger.add_worker(name)
+            self.calls[actor.info.remote()] = name
+        per = ", ".join(f"{key.removeprefix('num_')}={value:g}" for key, value in resources.items())
+        log(f"ray: starting {n_workers} worker(s) ({per} each); each opens the engine (loads the models)")
+        self.first_ready: float | None = None
+        self.last_result = 0.0
+        self.start_errors: list[dict[str, Any]] = []
+
+    def run(self) -> Summary:
+        last_report = time.monotonic()
+        while not self.ledger.done:
+            if not self.calls:
+                self._none_left()
+            done, _ = self.ray.wait(list(self.calls), num_returns=1, timeout=REPORT_S)
+            for ref in done:
+                self._answer(self.calls.pop(ref), ref)
+            if time.monotonic() - last_report >= REPORT_S:
+                self._report()
+                last_report = time.monotonic()
+        self.summary.seconds = (self.last_result - self.first_ready) if self.first_ready else 0.0
+        return self.summary
+
+    def drain(self) -> None:
+        """The job stops early (Ctrl-C): take in the results of the calls in flight, which come back within
+        WAIT_S, without sending more work."""
+        calls, self.calls = self.calls, {}
+        done, _ = self.ray.wait(list(calls), num_returns=len(calls), timeout=2 * WAIT_S + 1)
+        for ref in done:
+            name = calls.pop(ref)
+            try:
+                outcomes = self.ray.get(ref)
+            except Exception:
+                continue
+            if name in self.info:
+                for outcome in outcomes:
+                    self._outcome(name, outcome)
+
+    def stop(self) -> None:
+        for actor in self.actors.values():
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+
+    # --- one answered call ------------------------------------------------------------------------
+
+    def _answer(self, name: str, ref: Any) -> None:
+        try:
+            value = self.ray.get(ref)
+        except Exception as exc:
+            self._lost(name, exc)
+            return
+        if name not in self.info:
+            if "error" in value:
+                self._not_started(name, value)
+                return
+            self._ready(name, value)
+        else:
+            for outcome in value:
+                self._outcome(name, outcome)
+        if name in self.actors:
+            self.calls[self.actors[name].exchange.remote(self._items_for(name), WAIT_S)] = name
+
+    def _ready(self, name: str, info: dict[str, Any]) -> None:
+        self.info[name] = info
+        self.summary.workers += 1
+        self.first_ready = self.first_ready or time.monotonic()
+        budget = f", budget {info['budget']}" if info.get("budget") else ""
+        log(f"ray: worker {name} ready on {info['node']} (actor {info['actor']}, pid {info['pid']}): "
+            f"{info['method']}{budget}, {info['lanes']} prompt(s) per pass, {info['device']}, "
+            f"{info['threads']} thread(s)")
+
+    def _lost(self, name: str, exc: BaseException) -> None:
+        why = why_lost(self.ray, exc)
+        if name not in self.info:
+            self._not_started(name, {"error": why, "usage": False})
+            return
+        self.actors.pop(name, None)
+        again, given_up = self.ledger.worker_lost(name)
+        log(f"ray: worker {name} died ({why}); {len(again)} unfinished prompt(s) go to the other workers")
+        for index in given_up:
+            self._give_up(index)
+
+    def _not_started(self, name: str, info: dict[str, Any]) -> None:
+        """Worker `name` could not open the engine (or died doing it): it leaves the job."""
+        node = f" on {info['node']}" if info.get("node") else ""
+        log(f"ray: worker {name}{node} could not start: {info['error']}")
+        self.start_errors.append(info)
+        actor = self.actors.pop(name, None)
+        if actor is not None:
+            self.ray.kill(actor, no_restart=True)
+        for index in self.ledger.worker_lost(name)[1]:
+            self._give_up(index)
+
+    def _outcome(self, name: str, outcome: dict[str, Any]) -> None:
+        index = outcome["index"]
+        if "error" in outcome:
+            history_before = self.ledger.history.get(index)
+            solo_before = history_before.solo if history_before else False
+            if self.ledger.fail(name, index, outcome["error"], outcome["shared"]):
+                self._give_up(index)
+            elif outcome["shared"] and not solo_before:
+                log(f"ray: prompt {self.prompts[index].id} was in a pass that failed on {name}; it runs "
+                    f"again alone ({outcome['error']})")
+            else:
+                log(f"ray: prompt {self.prompts[index].id} failed on {name}; trying another worker "
+                    f"({outcome['error']})")
+            return
+        if not self.ledger.finish(index):
+            return  # a copy of a result already written
+        record = outcome["record"]
+        self.summary.finished += 1
+        self.summary.new_tokens += record["new_tokens"]
+        self.last_result = time.monotonic()
+        line = json.dumps(record, ensure_ascii=False) if self.as_json else outcome["text"]
+        self.writer.put(index, line + "\n")
+        if self.verbose:
+            log(f"{outcome['describe']} on {name}")
+
+    def _give_up(self, index: int) -> None:
+        history = self.ledger.history.get(index)
+        tries = len(history.failed_on) if history else 0
+        on = f" on {tries} worker(s)" if tries else ""
+        log(f"error: prompt {self.prompts[index].id} failed{on}: {self.ledger.given_up[index]}")
+        self.summary.failed.append(self.prompts[index].id)
+        self.writer.put(index, None)
+
+    # --- dispatch ---------------------------------------------------------------------------------
+
+    def _items_for(self, name: str) -> list[Any]:
+        """Chunks of waiting prompts for worker `name` while it is the ready worker with the least queued
+        work (the others get theirs when their own calls come back, within WAIT_S)."""
+        items: list[Any] = []
+        lanes = max(1, self.info[name]["lanes"])
+        limits = {other: QUEUE_BATCHES * max(1, self.info[other]["lanes"])
+                  for other in self.info if other in self.actors}
+        while self.ledger.waiting and self.ledger.least_queued(limits, prefer=name) == name:
+            chunk = self.ledger.take(name, min(lanes, limits[name] - self.ledger.queued(name)))
+            if not chunk:
+                break  # what waits has failed on this worker
+            items += [(item, self.prompts[item.index]) for item in chunk]
+        return items
+
+    def _none_left(self) -> None:
+        """Every worker failed to start or died with prompts unfinished: one line, exit 2 when every start
+        failed on bad input (an unknown model, say), else 1."""
+        if self.start_errors and not self.info:
+            why = "; ".join(dict.fromkeys(info["error"] for info in self.start_errors))
+            error = UsageError if all(info["usage"] for info in self.start_errors) else SpecexecError
+            raise error(f"no Ray worker could open the engine: {why}")
+        raise SpecexecError(f"every Ray worker is gone; {self._left()} prompt(s) did not finish")
+
+    def _left(self) -> int:
+        return self.ledger.n_prompts - len(self.ledger.finished) - len(self.ledger.given_up)
+
+    def _report(self) -> None:
+        ready = sum(1 for name in self.info if name in self.actors)
+        rate = ""
+        if self.first_ready and self.summary.new_tokens:
+            rate = f", {self.summary.new_tokens / (time.monotonic() - self.first_ready):.2f} tok/s"
+        log(f"ray: {self.summary.finished}/{self.ledger.n_prompts} prompts done, "
+            f"{len(self.summary.failed)} failed, {ready} worker(s) running, "
+            f"{len(self.actors) - ready} starting{rate}")
+
+
+def run_on_ray(address: str, job: Job, prompts: list[Prompt], *, workers: int | None, as_json: bool,
+               verbose: bool, out: TextIO, unordered: bool = False) -> Summary:
+    """Run `prompts` on the Ray cluster at `address` and write each result to `out` (see the module
+    docstring). Raises SpecexecError when no worker is left; on any exit, what finished is written, the
+    workers are stopped and the driver disconnects (a `local` cluster stops)."""
+    ray = import_ray()
+    writer = OrderedWriter(out, unordered)
+    dispatcher = None
+    # Ray prints its workers' and raylets' logs on sys.stdout: they go to stderr, results to `out`
+    with contextlib.redirect_stdout(sys.stderr):
+        connect(ray, address)
+        try:
+            n_workers = min(workers or default_workers(ray), len(prompts))
+            dispatcher = Dispatcher(ray, job, prompts, n_workers, writer, as_json, verbose)
+            try:
+                summary = dispatcher.run()
+            except (KeyboardInterrupt, Terminated):
+                log("ray: stopping; collecting the results the workers have finished")
+                dispatcher.drain()
+                raise
+            log(f"ray: {summary.finished} of {len(prompts)} prompts on {summary.workers} worker(s), "
+                f"{summary.new_tokens} new tokens in {summary.seconds:.1f} s from the first worker ready "
+                f"({summary.tokens_per_s:.2f} tok/s)")
+            return summary
+        finally:
+            writer.close(prompts)
+            if dispatcher is not None:
+                dispatcher.stop()
+            ray.shutdown()

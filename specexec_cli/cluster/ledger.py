@@ -1,0 +1,164 @@
+"""The books of a cluster job: where each prompt is (waiting, on a worker, settled), with no Ray in it.
+
+Rules (docs/ray.md):
+- A prompt goes to one worker at a time; a result is accepted once (a second copy is ignored), so
+  nothing is written twice.
+- A worker that dies gives its unsettled prompts back, at the front of the queue. A prompt that was on a
+  worker when it died runs alone after its second such death (it may be what kills them) and is given up
+  after its third.
+- A prompt that fails in a pass shared with other prompts runs again alone (any of them may have caused
+  it); a prompt that fails alone is not sent to that worker again, and is given up once it has failed on
+  every live worker.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+SOLO_AFTER_DEATHS = 2  # deaths of workers running a prompt before it runs alone
+MAX_DEATHS = 3  # ... and before it is given up
+
+
+@dataclass
+class History:
+    """What happened to one prompt so far."""
+
+    failed_on: set[str] = field(default_factory=set)  # workers it failed on alone
+    deaths: int = 0  # workers that died while it was on them
+    solo: bool = False  # runs in a pass of its own from now on
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One prompt as sent to a worker: its index in the job and whether it must run alone."""
+
+    index: int
+    solo: bool = False
+
+
+class Ledger:
+    """Where each of `n_prompts` prompts is. Workers are named by the driver; `add_worker` before `take`."""
+
+    def __init__(self, n_prompts: int) -> None:
+        self.n_prompts = n_prompts
+        self.waiting: deque[int] = deque(range(n_prompts))
+        self.on_worker: dict[str, set[int]] = {}  # live workers -> prompts sent and not settled
+        self.finished: set[int] = set()
+        self.given_up: dict[int, str] = {}  # index -> why
+        self.history: dict[int, History] = {}
+
+    # --- workers --------------------------------------------------------------------------------
+
+    def add_worker(self, name: str) -> None:
+        self.on_worker.setdefault(name, set())
+
+    @property
+    def live_workers(self) -> list[str]:
+        return list(self.on_worker)
+
+    def queued(self, name: str) -> int:
+        """Prompts sent to worker `name` and not settled: its queued work."""
+        return len(self.on_worker[name])
+
+    def least_queued(self, limits: dict[str, int], prefer: str | None = None) -> str | None:
+        """Of the workers in `limits` (name -> most prompts it may hold), the one with the least queued work
+        among those under their limit: `prefer` on a tie, else the first; None when all are full."""
+        open_ = [name for name, limit in limits.items() if self.queued(name) < limit]
+        if not open_:
+            return None
+        least = min(self.queued(name) for name in open_)
+        if prefer in open_ and self.queued(prefer) == least:
+            return prefer
+        return next(name for name in open_ if self.queued(name) == least)
+
+    def worker_lost(self, name: str) -> tuple[list[int], list[int]]:
+        """Worker `name` died (or could not start): its unsettled prompts go back to the front of the queue.
+        Returns (prompts to run again, prompts given up now)."""
+        held = sorted(self.on_worker.pop(name, set()))
+        again = []
+        for index in held:
+            history = self._history(index)
+            history.deaths += 1
+            history.solo = history.solo or history.deaths >= SOLO_AFTER_DEATHS
+            if history.deaths >= MAX_DEATHS:
+                self._give_up(index, f"{history.deaths} workers died while running it")
+            else:
+                again.append(index)
+        self.waiting.extendleft(reversed(again))
+        return again, [i for i in held if i in self.given_up] + self._give_up_unrunnable()
+
+    # --- prompts --------------------------------------------------------------------------------
+
+    def take(self, name: str, size: int) -> list[Item]:
+        """Up to `size` waiting prompts for worker `name`, in queue order, skipping any that failed on it."""
+        taken: list[Item] = []
+        skipped: list[int] = []
+        while self.waiting and len(taken) < size:
+            index = self.waiting.popleft()
+            history = self.history.get(index)
+            if history is not None and name in history.failed_on:
+                skipped.append(index)
+                continue
+            taken.append(Item(index, history.solo if history else False))
+            self.on_worker[name].add(index)
+        self.waiting.extendleft(reversed(skipped))
+        return taken
+
+    def finish(self, index: int) -> bool:
+        """A result for prompt `index` arrived: True the first time (write it), False for a copy."""
+        if self.settled(index):
+            return False
+        self._release(index)
+        self.finished.add(index)
+        return True
+
+    def fail(self, name: str, index: int, error: str, shared: bool) -> bool:
+        """Prompt `index` failed on worker `name` (`shared`: in a pass with other prompts). It runs again
+        (alone, or elsewhere); returns True when it is given up now."""
+        if self.settled(index):
+            return False
+        self._release(index)
+        history = self._history(index)
+        history.last_error = error
+        if shared and not history.solo:
+            history.solo = True
+        else:
+            history.failed_on.add(name)
+            if set(self.on_worker) <= history.failed_on:
+                self._give_up(index, error)
+                return True
+        self.waiting.appendleft(index)
+        return False
+
+    def settled(self, index: int) -> bool:
+        return index in self.finished or index in self.given_up
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) + len(self.given_up) == self.n_prompts
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _history(self, index: int) -> History:
+        return self.history.setdefault(index, History())
+
+    def _release(self, index: int) -> None:
+        for held in self.on_worker.values():
+            held.discard(index)
+        if index in self.waiting:
+            self.waiting.remove(index)
+
+    def _give_up(self, index: int, why: str) -> None:
+        self._release(index)
+        self.given_up[index] = why
+
+    def _give_up_unrunnable(self) -> list[int]:
+        """Waiting prompts that failed on every worker still alive (after one died): given up."""
+        live = set(self.on_worker)
+        stuck = [index for index in self.waiting
+                 if live and index in self.history and live <= self.history[index].failed_on]
+        for index in stuck:
+            self._give_up(index, self.history[index].last_error)
+        return stuck

@@ -1,0 +1,124 @@
+"""The books of a cluster job (specexec_cli/cluster/ledger.py), with no Ray: dispatch to the least queued
+worker, nothing lost or written twice when workers die, failing prompts run alone and are given up only
+when every live worker failed them."""
+
+from __future__ import annotations
+
+import random
+
+from specexec_cli.cluster.ledger import MAX_DEATHS, Item, Ledger
+
+
+def test_take_hands_out_prompts_in_order_and_counts_queued_work() -> None:
+    ledger = Ledger(5)
+    ledger.add_worker("a")
+    ledger.add_worker("b")
+    assert ledger.take("a", 2) == [Item(0), Item(1)]
+    assert ledger.take("b", 2) == [Item(2), Item(3)]
+    assert (ledger.queued("a"), ledger.queued("b")) == (2, 2)
+    assert ledger.finish(0) and not ledger.finish(0)  # a second copy is not written
+    assert ledger.queued("a") == 1
+    assert not ledger.done
+
+
+def test_least_queued_prefers_the_asker_on_a_tie_and_skips_full_workers() -> None:
+    ledger = Ledger(10)
+    for name in ("a", "b", "c"):
+        ledger.add_worker(name)
+    ledger.take("a", 3)
+    ledger.take("b", 1)
+    limits = {"a": 4, "b": 4, "c": 4}
+    assert ledger.least_queued(limits) == "c"
+    ledger.take("c", 1)
+    assert ledger.least_queued(limits, prefer="c") == "c"
+    assert ledger.least_queued(limits, prefer="a") == "b"  # a holds more
+    assert ledger.least_queued({"a": 3}) is None  # full
+
+
+def test_a_dead_workers_prompts_go_first_to_the_others() -> None:
+    ledger = Ledger(6)
+    ledger.add_worker("a")
+    ledger.add_worker("b")
+    ledger.take("a", 2)  # 0, 1
+    ledger.take("b", 2)  # 2, 3
+    ledger.finish(0)
+    again, given_up = ledger.worker_lost("a")
+    assert again == [1] and given_up == []
+    assert ledger.live_workers == ["b"]
+    assert ledger.take("b", 2) == [Item(1), Item(4)]  # the lost prompt first
+
+
+def test_a_prompt_on_dying_workers_runs_alone_then_is_given_up() -> None:
+    ledger = Ledger(1)
+    names = [f"w{i}" for i in range(MAX_DEATHS + 1)]
+    for name in names:
+        ledger.add_worker(name)
+    for death, name in enumerate(names[:MAX_DEATHS], start=1):
+        [item] = ledger.take(name, 1)
+        assert item.solo == (death > 2)  # alone after its second death
+        again, given_up = ledger.worker_lost(name)
+        assert (again, given_up) == (([], [0]) if death == MAX_DEATHS else ([0], []))
+    assert ledger.done and 0 in ledger.given_up
+
+
+def test_a_failure_in_a_shared_pass_runs_alone_and_a_lone_failure_moves_on() -> None:
+    ledger = Ledger(3)
+    ledger.add_worker("a")
+    ledger.add_worker("b")
+    ledger.take("a", 3)
+    for index in range(3):  # a pass over all three failed
+        assert not ledger.fail("a", index, "boom", shared=True)
+    assert [item.solo for item in ledger.take("a", 3)] == [True, True, True]
+    assert not ledger.fail("a", 0, "bad prompt", shared=False)  # alone: not on "a" again
+    assert ledger.take("a", 1) == []
+    assert ledger.take("b", 1) == [Item(0, solo=True)]
+    assert ledger.fail("b", 0, "bad prompt", shared=False)  # failed on every live worker: given up
+    assert ledger.given_up == {0: "bad prompt"}
+    assert ledger.finish(1) and ledger.finish(2) and ledger.done
+
+
+def test_waiting_prompts_that_failed_on_every_survivor_are_given_up_when_a_worker_dies() -> None:
+    ledger = Ledger(1)
+    ledger.add_worker("a")
+    ledger.add_worker("b")
+    ledger.take("a", 1)
+    assert not ledger.fail("a", 0, "bad", shared=False)  # waits for b
+    assert ledger.worker_lost("b") == ([], [0])  # only "a" is left, and it failed it
+    assert ledger.given_up == {0: "bad"} and ledger.done
+
+
+def test_random_schedules_settle_every_prompt_exactly_once() -> None:
+    """Workers finish, fail and die at random: every prompt ends finished or given up, never both, a finished
+    prompt is never handed out again, and the job ends."""
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 30)
+        ledger = Ledger(n)
+        names = [f"w{i}" for i in range(rng.randint(1, 4))]
+        for name in names:
+            ledger.add_worker(name)
+        held: dict[str, list[Item]] = {name: [] for name in names}
+        finished_once: set[int] = set()
+        for _step in range(2000):
+            if ledger.done or not ledger.live_workers:
+                break
+            name = rng.choice(ledger.live_workers)
+            roll = rng.random()
+            if roll < 0.5:
+                held[name] += ledger.take(name, rng.randint(1, 3))
+            elif roll < 0.85 and held[name]:
+                item = held[name].pop(0)
+                if not ledger.settled(item.index):
+                    assert item.index not in finished_once
+                    assert ledger.finish(item.index)
+                    finished_once.add(item.index)
+            elif roll < 0.95 and held[name]:
+                item = held[name].pop(0)
+                ledger.fail(name, item.index, "x", shared=rng.random() < 0.5)
+            elif len(ledger.live_workers) > 1:
+                ledger.worker_lost(name)
+                held[name] = []
+        assert not (ledger.finished & set(ledger.given_up))
+        assert ledger.finished == finished_once
+        if ledger.live_workers:
+            assert ledger.done or ledger.waiting or any(ledger.on_worker.values())

@@ -1,0 +1,198 @@
+"""`specexec generate --ray local` on a real local Ray cluster started by the command (2 CPU workers),
+with tiny random models in folders: outputs equal the single-machine run (ids and text), a worker killed
+mid-job loses and repeats nothing, Ctrl-C writes what finished and exits 130, a prompt that fails on every
+worker is one line and exit 1. Every job here is bounded in prompts and time."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from click.testing import CliRunner
+from conftest import save_tiny_cli_pair
+
+from specexec_cli.cli import main
+
+pytest.importorskip("ray")
+
+JOB_TIMEOUT_S = 300
+N_SMALL, N_LONG = 16, 120  # prompts of the short job and of the jobs interrupted mid-way
+
+
+def words(i: int, n: int) -> str:
+    return " ".join(f"w{(i * 7 + j) % 50 + 2}" for j in range(n))
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    """Tiny models (64 positions), prompt files, and the single-machine answers of the long file."""
+    root = tmp_path_factory.mktemp("ray_job")
+    save_tiny_cli_pair(root, positions=64)
+    for name, count in (("small.jsonl", N_SMALL), ("long.jsonl", N_LONG)):
+        with open(root / name, "w") as f:
+            for i in range(count):
+                f.write(json.dumps({"id": f"p{i}", "prompt": words(i, 1 + i % 5)}) + "\n")
+    return root
+
+
+def model_flags(root: Path, tokens: int) -> list[str]:
+    return ["-t", str(root / "target"), "-d", str(root / "draft"), "-n", str(tokens), "--no-chat-template"]
+
+
+def single_machine(root: Path, prompts: str, tokens: int, *flags: str) -> str:
+    command = ["generate", "-f", str(root / prompts), *model_flags(root, tokens), *flags]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def ray_command(root: Path, prompts: str, tokens: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "specexec_cli", "generate", "-f", str(root / prompts),
+            *model_flags(root, tokens), "--ray", "local", "--ray-workers", "2", *flags]
+
+
+def by_id(lines: list[str]) -> dict[str, dict]:
+    records = [json.loads(line) for line in lines]
+    ids = [record["id"] for record in records]
+    assert len(ids) == len(set(ids)), "a result was written twice"
+    return {record["id"]: record for record in records}
+
+
+@pytest.fixture(scope="module")
+def long_reference(job: Path) -> dict[str, dict]:
+    return by_id(single_machine(job, "long.jsonl", 24, "--json").splitlines())
+
+
+def ray_processes_since(start: float) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["name", "create_time", "cmdline"]):
+        try:
+            text = " ".join(process.info["cmdline"] or []) + " " + (process.info["name"] or "")
+            if process.info["create_time"] >= start - 1 and re.search(r"raylet|gcs_server|ray::", text):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+class RayJob:
+    """A `generate --ray local` job in a subprocess of its own session, its stdout read line by line."""
+
+    def __init__(self, command: list[str], stderr: Path) -> None:
+        self.started = time.time()
+        self.stderr_path = stderr
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=open(stderr, "w"), text=True,
+                                        start_new_session=True)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def worker_pids(self) -> list[int]:
+        return [int(pid) for pid in re.findall(r"ray: worker w\d ready on \S+ \(actor \w+, pid (\d+)\)",
+                                               self.stderr())]
+
+    def read_until(self, lines: list[str], count: int) -> None:
+        """Read result lines until `count` are in and both workers are ready."""
+        for line in self.process.stdout:
+            lines.append(line)
+            if len(lines) >= count and len(self.worker_pids()) == 2:
+                return
+            assert time.time() - self.started < JOB_TIMEOUT_S
+        raise AssertionError("the job ended early:\n" + self.stderr())
+
+    def finish(self, lines: list[str]) -> int:
+        lines += self.process.stdout.readlines()
+        return self.process.wait(timeout=JOB_TIMEOUT_S)
+
+
+def test_outputs_equal_the_single_machine_run_in_input_order(job: Path, tmp_path: Path) -> None:
+    reference = single_machine(job, "small.jsonl", 16, "--json").splitlines()
+    result = subprocess.run(ray_command(job, "small.jsonl", 16, "--json"), capture_output=True, text=True,
+                            timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    expected = [json.loads(line) for line in reference]
+    got = [json.loads(line) for line in lines]  # stdout holds only results: every line parses
+    assert [r["id"] for r in got] == [r["id"] for r in expected]
+    assert [r["text"] for r in got] == [r["text"] for r in expected]
+    for record in got:
+        assert set(record["worker"]) == {"node", "actor"} and record["worker"]["actor"]
+    assert re.search(rf"ray: {N_SMALL} of {N_SMALL} prompts on [12] worker\(s\)", result.stderr)
+
+
+def test_text_output_without_a_prompt_that_fails_everywhere(job: Path, tmp_path: Path) -> None:
+    """A prompt too long for the model fails on both workers: one error line, the others written in
+    order as the single-machine run writes them, exit 1."""
+    prompts = [{"id": f"q{i}", "prompt": words(i, 70 if i == 3 else 1 + i % 4)} for i in range(8)]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(p) + "\n" for p in prompts if p["id"] != "q3"))
+    reference = CliRunner().invoke(main, ["generate", "-f", str(good), *model_flags(job, 12)])
+    assert reference.exit_code == 0
+    command = [sys.executable, "-m", "specexec_cli", "generate", "-f", str(tmp_path / "bad.jsonl"),
+               *model_flags(job, 12), "--ray", "local", "--ray-workers", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == reference.stdout
+    failures = [line for line in result.stderr.splitlines() if line.startswith("error: prompt q3 failed")]
+    assert len(failures) == 1 and "exceeds the model's context of 64" in failures[0]
+    assert "error: 1 of 8 prompts failed (q3)" in result.stderr
+
+
+def test_a_worker_killed_mid_job_loses_and_repeats_nothing(job: Path, long_reference, tmp_path: Path) -> None:
+    run = RayJob(ray_command(job, "long.jsonl", 24, "--json", "--unordered"), tmp_path / "stderr")
+    lines: list[str] = []
+    run.read_until(lines, 10)
+    victim = run.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    assert run.finish(lines) == 0, run.stderr()
+    got = by_id(lines)  # no id twice
+    assert set(got) == set(long_reference)  # none lost
+    assert all(got[key]["text"] == long_reference[key]["text"] for key in got)
+    died = re.search(r"ray: worker w\d died \(.*\); (\d+) unfinished prompt\(s\) go to the other workers",
+                     run.stderr())
+    assert died and int(died.group(1)) >= 1, run.stderr()  # the retry path really ran
+    assert len({record["worker"]["actor"] for record in got.values()}) == 2
+
+
+def test_ctrl_c_writes_what_finished_and_exits_130(job: Path, long_reference, tmp_path: Path) -> None:
+    run = RayJob(ray_command(job, "long.jsonl", 24, "--json", "--unordered"), tmp_path / "stderr")
+    lines: list[str] = []
+    run.read_until(lines, 10)
+    os.killpg(run.process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    assert run.finish(lines) == 130, run.stderr()
+    got = by_id(lines)
+    assert 10 <= len(got) < N_LONG
+    assert all(got[key]["text"] == long_reference[key]["text"] for key in got)
+    assert run.stderr().rstrip().endswith("interrupted")
+    deadline = time.time() + 30
+    while ray_processes_since(run.started) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes_since(run.started), "the local cluster outlived the driver"
+
+
+def test_a_cluster_address_that_does_not_answer_is_one_line(job: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "specexec_cli", "generate", "-p", "w1",
+                             *model_flags(job, 4), "--ray", "127.0.0.1:9"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "no Ray cluster answers at 127.0.0.1:9" in result.stderr
+
+
+def test_workers_that_cannot_open_the_engine_end_the_job_in_one_line(job: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "specexec_cli", "generate", "-p", "w1", "-t",
+                             str(job / "missing"), "-d", str(job / "draft"), "--ray", "local"],
+                            capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 2 and result.stdout == ""  # bad input on every worker: a usage error
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    missing = job / "missing"
+    assert errors == [f"error: no Ray worker could open the engine: no such file or folder: {missing}"]
