@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import sys
@@ -24,6 +25,7 @@ from specexec_cli.cluster.ledger import Ledger
 from specexec_cli.cluster.worker import Job, Worker, error_text
 from specexec_cli.engine import log
 from specexec_cli.errors import SpecexecError, Terminated, UsageError
+from specexec_cli.messages import one_line
 from specexec_cli.prompts import Prompt
 from specexec_cli.run import OrderedWriter
 
@@ -79,7 +81,11 @@ def connect(ray: Any, address: str) -> None:
     try:
         ray.init(address=address, log_to_driver=True, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise SpecexecError(f"could not connect to Ray at {address}: {exc}") from None
+        hint = ""
+        if not os.environ.get("RAY_AUTH_MODE"):
+            hint = ("; if the cluster uses token authentication (`ray start`'s default), set "
+                    "RAY_AUTH_MODE=token and put its token in ~/.ray/auth_token (docs/ray.md)")
+        raise SpecexecError(f"could not connect to Ray at {address}: {one_line(exc)}{hint}") from None
     finally:
         if main and previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -112,8 +118,9 @@ def plan_prompts(prompts: list[Prompt]) -> tuple[Prompt, ...]:
 def why_lost(ray: Any, exc: BaseException) -> str:
     """Why a call to a worker failed: the actor died, or its __init__ (opening the engine) raised."""
     if isinstance(exc, ray.exceptions.RayActorError):
-        first = (getattr(exc, "error_msg", None) or str(exc)).strip().splitlines()
-        return first[0] if first else type(exc).__name__
+        lines = (getattr(exc, "error_msg", None) or str(exc)).strip().splitlines()
+        first = lines[0] if lines else type(exc).__name__
+        return first if len(first) <= 160 else first[:157] + "..."
     if isinstance(exc, ray.exceptions.RayTaskError) and getattr(exc, "cause", None) is not None:
         return error_text(exc.cause)
     return error_text(exc)
@@ -176,10 +183,8 @@ class Dispatcher:
 
     def stop(self) -> None:
         for actor in self.actors.values():
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 self.ray.kill(actor, no_restart=True)
-            except Exception:  # already gone
-                pass
 
     # --- one answered call ------------------------------------------------------------------------
 
@@ -214,7 +219,9 @@ class Dispatcher:
         if name not in self.info:
             self._not_started(name, {"error": why, "usage": False})
             return
-        self.actors.pop(name, None)
+        actor = self.actors.pop(name)
+        with contextlib.suppress(Exception):  # "unavailable" may be a network blip: it must not come back
+            self.ray.kill(actor, no_restart=True)
         again, given_up = self.ledger.worker_lost(name)
         log(f"ray: worker {name} died ({why}); {len(again)} unfinished prompt(s) go to the other workers")
         for index in given_up:
