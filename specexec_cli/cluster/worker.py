@@ -1,9 +1,8 @@
-"""The Ray actor of a cluster job: it opens the engine once, as `generate` does (settings from this
-machine's best profile, memory plan, loaded pair), and runs the prompts it is sent as one continuous
-batch on an engine thread of its own. The driver talks to it with one call at a time: `exchange` hands
-it more prompts and brings back the results that finished since the last call.
-
-This class is plain Python; the driver makes it an actor with `ray.remote` (specexec_cli/cluster/driver.py).
+"""A cluster job's worker: `Worker` is the Ray actor (the driver makes it one with `ray.remote`); it opens
+the engine once, as `generate` does (settings from this machine's best profile, memory plan, loaded
+pair), and hands it to a `BatchLoop`, which runs the prompts it is sent as one continuous batch on an
+engine thread of its own. The driver talks to a worker with one call at a time: `exchange` hands it more
+prompts and brings back the results that finished since the last call. BatchLoop has no Ray in it.
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ from typing import Any
 import torch
 
 from specexec_cli.cluster.ledger import Item
-from specexec_cli.decoding.config import SamplingConfig
+from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
 from specexec_cli.decoding.generate import Batch, make_decoder
-from specexec_cli.engine import EngineRequest, Workload, log, open_engine
+from specexec_cli.engine import Engine, EngineRequest, Workload, log, open_engine
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.messages import one_line, unexpected
 from specexec_cli.prompts import Prompt
@@ -45,51 +44,34 @@ def error_text(exc: BaseException) -> str:
     return one_line(exc) if isinstance(exc, SpecexecError) else unexpected(exc)
 
 
-class Worker:
-    """One engine on one Ray worker (see the module docstring)."""
+class BatchLoop:
+    """Prompts in, outcomes out: the prompts handed to `exchange` run as one continuous batch on a thread
+    of its own, `lanes` at a time; a prompt marked solo runs in a pass of its own. `where` goes into each
+    result's JSON line as its "worker" field."""
 
-    def __init__(self, job: Job) -> None:
-        import ray
-
-        context = ray.get_runtime_context()
-        cpus = context.get_assigned_resources().get("CPU", 0)
-        if cpus:
-            torch.set_num_threads(max(1, round(cpus)))  # the worker's share of its node's cores
-        self.where = {"node": ray.util.get_node_ip_address(), "actor": context.get_actor_id()}
-        self.job = job
-        self.start_error: dict[str, Any] | None = None
-        workload = replace(Workload.of_prompts(job.plan_prompts, job.max_new_tokens, job.system,
-                                               job.chat_template), n_prompts=job.n_prompts)
-        try:
-            self.engine = open_engine(job.request, workload)
-            self.config = self.engine.config(job.max_new_tokens, job.sampling, job.stop_strings, job.seed)
-        except Exception as exc:  # told to the driver by info() in one line, not as Ray's traceback
-            self.start_error = {"error": error_text(exc), "usage": isinstance(exc, UsageError)}
-            return
-        self.lanes = self.engine.lanes
+    def __init__(self, engine: Engine, config: GenerationConfig, system: str | None, chat_template: bool,
+                 where: dict[str, str]) -> None:
+        self.engine, self.config, self.where = engine, config, where
+        self.system, self.chat_template = system, chat_template
+        self.lanes = engine.lanes
         self.changed = threading.Condition()
         self.waiting: deque[tuple[Item, Prompt]] = deque()
         self.outbox: list[dict[str, Any]] = []
-        threading.Thread(target=self._run, name="specexec-engine", daemon=True).start()
-
-    def info(self) -> dict[str, Any]:
-        """Where this worker runs and what it opened, or {"error", "usage"} when the engine did not open."""
-        if self.start_error is not None:
-            return {**self.where, **self.start_error}
-        tree = self.engine.tree
-        return {**self.where, "pid": os.getpid(), "lanes": self.lanes, "method": self.engine.method,
-                "budget": tree.budget if self.engine.method != "autoregressive" else None,
-                "device": self.engine.device, "threads": torch.get_num_threads()}
+        self.fatal: str | None = None  # why the engine thread stopped, if it did
+        threading.Thread(target=self._serve, name="specexec-engine", daemon=True).start()
 
     def exchange(self, items: list[tuple[Item, Prompt]], wait_s: float) -> list[dict[str, Any]]:
         """Queue `items`; return the outcomes that finished since the last call, waiting up to `wait_s`
         seconds for one. An outcome is {"index", "record", "text", "describe"} or {"index", "error",
-        "shared"} (shared: the prompt failed in a pass with other prompts)."""
+        "shared"} (shared: the prompt failed in a pass with other prompts). Raises SpecexecError once the
+        engine thread has stopped (a bug), so the driver counts this worker as dead."""
         with self.changed:
             self.waiting.extend(items)
             self.changed.notify_all()
-            self.changed.wait_for(lambda: self.outbox, timeout=wait_s)
+            self.changed.wait_for(lambda: self.outbox or self.fatal, timeout=wait_s)
             outcomes, self.outbox = self.outbox, []
+            if self.fatal and not outcomes:
+                raise SpecexecError(f"the engine thread stopped: {self.fatal}")
         return outcomes
 
     # --- the engine thread ------------------------------------------------------------------------
@@ -113,6 +95,14 @@ class Worker:
                 solo_running = item.solo
             return joining
 
+    def _serve(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # a bug: say so at the next exchange instead of hanging the job
+            with self.changed:
+                self.fatal = error_text(exc)
+                self.changed.notify_all()
+
     def _run(self) -> None:
         pair = self.engine.pair
 
@@ -124,7 +114,7 @@ class Worker:
         while True:
             for item, prompt in self._admit(batch, any(item.solo for item, _ in running.values())):
                 try:
-                    ids = encode_prompt(pair, prompt, self.config, self.job.system, self.job.chat_template)
+                    ids = encode_prompt(pair, prompt, self.config, self.system, self.chat_template)
                     batch.start(item.index, ids, self.config, decode)
                     running[item.index] = (item, prompt)
                 except Exception as exc:  # this prompt alone is bad (too long, empty)
@@ -147,3 +137,40 @@ class Worker:
                 record = {**result_record(prompt, result, self.config), "worker": self.where}
                 self._post({"index": run.index, "record": record, "text": result.text or "",
                             "describe": describe(prompt, result)})
+
+
+class Worker:
+    """The Ray actor: one engine on one worker (see the module docstring). Opening the engine may fail
+    (a model missing on this node): `info` then says why in one line, instead of Ray's traceback."""
+
+    def __init__(self, job: Job) -> None:
+        import ray
+
+        context = ray.get_runtime_context()
+        cpus = context.get_assigned_resources().get("CPU", 0)
+        if cpus:
+            torch.set_num_threads(max(1, round(cpus)))  # the worker's share of its node's cores
+        self.where = {"node": ray.util.get_node_ip_address(), "actor": context.get_actor_id()}
+        self.start_error: dict[str, Any] | None = None
+        workload = replace(Workload.of_prompts(job.plan_prompts, job.max_new_tokens, job.system,
+                                               job.chat_template), n_prompts=job.n_prompts)
+        try:
+            engine = open_engine(job.request, workload)
+            config = engine.config(job.max_new_tokens, job.sampling, job.stop_strings, job.seed)
+        except Exception as exc:
+            self.start_error = {"error": error_text(exc), "usage": isinstance(exc, UsageError)}
+            return
+        self.loop = BatchLoop(engine, config, job.system, job.chat_template, self.where)
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs and what it opened, or {"error", "usage"} when the engine did not open."""
+        if self.start_error is not None:
+            return {**self.where, **self.start_error}
+        engine = self.loop.engine
+        return {**self.where, "pid": os.getpid(), "lanes": engine.lanes, "method": engine.method,
+                "budget": engine.tree.budget if engine.method != "autoregressive" else None,
+                "device": engine.device, "threads": torch.get_num_threads()}
+
+    def exchange(self, items: list[tuple[Item, Prompt]], wait_s: float) -> list[dict[str, Any]]:
+        """BatchLoop.exchange of this worker's engine."""
+        return self.loop.exchange(items, wait_s)
