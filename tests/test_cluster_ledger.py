@@ -35,6 +35,18 @@ def test_least_queued_prefers_the_asker_on_a_tie_and_skips_full_workers() -> Non
     assert ledger.least_queued({"a": 3}) is None  # full
 
 
+def test_a_worker_holds_two_batches_at_most_and_no_more_than_its_share_of_a_small_job() -> None:
+    ledger = Ledger(16)
+    ledger.add_worker("a")
+    ledger.add_worker("b")  # still starting: it counts
+    assert ledger.holding_limit(lanes=8, batches=2) == 8  # half of 16, not all of them
+    assert Ledger(1000).holding_limit(lanes=8, batches=2) == 16  # two batches (one worker)
+    assert ledger.holding_limit(lanes=1, batches=2) == 2
+    for index in range(14):
+        ledger.finish(index)
+    assert ledger.holding_limit(lanes=8, batches=2) == 8  # never less than a batch
+
+
 def test_a_dead_workers_prompts_go_first_to_the_others() -> None:
     ledger = Ledger(6)
     ledger.add_worker("a")

@@ -278,8 +278,7 @@ class Dispatcher:
         work (the others get theirs when their own calls come back, within WAIT_S)."""
         items: list[Any] = []
         lanes = max(1, self.info[name]["lanes"])
-        limits = {other: QUEUE_BATCHES * max(1, self.info[other]["lanes"])
-                  for other in self.info if other in self.actors}
+        limits = {other: self._limit(other) for other in self.info if other in self.actors}
         while self.ledger.waiting and self.ledger.least_queued(limits, prefer=name) == name:
             chunk = self.ledger.take(name, min(lanes, limits[name] - self.ledger.queued(name)))
             if not chunk:
@@ -294,10 +293,10 @@ class Dispatcher:
             why = "; ".join(dict.fromkeys(info["error"] for info in self.start_errors))
             error = UsageError if all(info["usage"] for info in self.start_errors) else SpecexecError
             raise error(f"no Ray worker could open the engine: {why}")
-        raise SpecexecError(f"every Ray worker is gone; {self._left()} prompt(s) did not finish")
+        raise SpecexecError(f"every Ray worker is gone; {self.ledger.left} prompt(s) did not finish")
 
-    def _left(self) -> int:
-        return self.ledger.n_prompts - len(self.ledger.finished) - len(self.ledger.given_up)
+    def _limit(self, name: str) -> int:
+        return self.ledger.holding_limit(self.info[name]["lanes"], QUEUE_BATCHES)
 
     def _report(self) -> None:
         ready = sum(1 for name in self.info if name in self.actors)
@@ -330,7 +329,7 @@ def run_on_ray(address: str, job: Job, prompts: list[Prompt], *, workers: int | 
                 dispatcher.drain()
                 raise
             log(f"ray: {summary.finished} of {len(prompts)} prompts on {summary.workers} worker(s), "
-                f"{summary.new_tokens} new tokens in {summary.seconds:.1f} s from the first worker ready "
+                f"{summary.new_tokens} new tokens in {summary.seconds:.2f} s from the first worker ready "
                 f"({summary.tokens_per_s:.2f} tok/s)")
             return summary
         finally:

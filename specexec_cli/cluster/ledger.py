@@ -73,6 +73,14 @@ class Ledger:
             return prefer
         return next(name for name in open_ if self.queued(name) == least)
 
+    def holding_limit(self, lanes: int, batches: int) -> int:
+        """Most prompts a worker with `lanes` per pass may hold: `batches` batches, but no more than its fair
+        share of what is left among the live workers (those still starting count), so that the first
+        worker ready does not take a small job's every prompt; never less than one batch."""
+        lanes = max(1, lanes)
+        share = -(-self.left // max(1, len(self.on_worker)))  # ceil
+        return max(lanes, min(batches * lanes, share))
+
     def worker_lost(self, name: str) -> tuple[list[int], list[int]]:
         """Worker `name` died (or could not start): its unsettled prompts go back to the front of the queue.
         Returns (prompts to run again, prompts given up now)."""
@@ -136,8 +144,13 @@ class Ledger:
         return index in self.finished or index in self.given_up
 
     @property
+    def left(self) -> int:
+        """Prompts not settled yet."""
+        return self.n_prompts - len(self.finished) - len(self.given_up)
+
+    @property
     def done(self) -> bool:
-        return len(self.finished) + len(self.given_up) == self.n_prompts
+        return self.left == 0
 
     # --- internals ------------------------------------------------------------------------------
 
