@@ -234,7 +234,8 @@ class Dispatcher:
         self.start_errors.append(info)
         actor = self.actors.pop(name, None)
         if actor is not None:
-            self.ray.kill(actor, no_restart=True)
+            with contextlib.suppress(Exception):  # already gone
+                self.ray.kill(actor, no_restart=True)
         for index in self.ledger.worker_lost(name)[1]:
             self._give_up(index)
 
