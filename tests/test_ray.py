@@ -100,10 +100,12 @@ class RayJob:
                                                self.stderr())]
 
     def read_until(self, lines: list[str], count: int) -> None:
-        """Read result lines until `count` are in and both workers are ready."""
+        """Read result lines until `count` are in (the other worker may still be opening its engine: the
+        first one alone can finish a job this small before it is ready)."""
         for line in self.process.stdout:
             lines.append(line)
-            if len(lines) >= count and len(self.worker_pids()) == 2:
+            if len(lines) >= count:
+                assert self.worker_pids(), self.stderr()
                 return
             assert time.time() - self.started < JOB_TIMEOUT_S
         raise AssertionError("the job ended early:\n" + self.stderr())
@@ -154,8 +156,7 @@ def test_a_worker_killed_mid_job_loses_and_repeats_nothing(job: Path, long_refer
     run = RayJob(ray_command(job, "long.jsonl", 24, "--json", "--unordered"), tmp_path / "stderr")
     lines: list[str] = []
     run.read_until(lines, 10)
-    victim = run.worker_pids()[0]
-    os.kill(victim, signal.SIGKILL)
+    os.kill(run.worker_pids()[0], signal.SIGKILL)  # a worker with results out and prompts in hand
     assert run.finish(lines) == 0, run.stderr()
     got = by_id(lines)  # no id twice
     assert set(got) == set(long_reference)  # none lost
