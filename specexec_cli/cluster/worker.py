@@ -41,6 +41,7 @@ class Job:
 
 
 def error_text(exc: BaseException) -> str:
+    """An exception as the CLI would print it: one line (a bug says so)."""
     return one_line(exc) if isinstance(exc, SpecexecError) else unexpected(exc)
 
 
