@@ -85,6 +85,12 @@ def ray_processes_since(start: float) -> list[psutil.Process]:
     return found
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT as a terminal's program has it. A test run started in the background of a
+    non-interactive shell (`pytest &`, as CI may do) ignores SIGINT, and the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class RayJob:
     """A `generate --ray local` job in a subprocess of its own session. Its stdout is a pipe of one page,
     read unbuffered line by line: while the test does not read, the driver blocks writing a result, sends
@@ -95,7 +101,7 @@ class RayJob:
         self.started = time.time()
         self.stderr_path = stderr
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=open(stderr, "w"), bufsize=0,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=default_sigint)
         fcntl.fcntl(self.process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
     def stderr(self) -> str:
