@@ -22,8 +22,11 @@ Tests that set max_examples themselves keep their own counts.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -150,3 +153,12 @@ def save_tiny_cli_pair(root, positions: int = 64, chat_template: str | None = No
         model.config.eos_token_id = 1
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py imported as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

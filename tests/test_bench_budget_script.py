@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from specexec_cli.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_budget.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_budget", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def row(dataset, method, budget, temperature, tokens_per_pass):
@@ -35,14 +28,14 @@ ROWS = [row("mtbench", "specexec", 16, 0.0, 3.0), row("mtbench", "specinfer", 16
 
 
 def test_table_pairs_the_methods_of_each_budget():
-    table = load_script().format_table(ROWS)
+    table = load_script("bench_budget").format_table(ROWS)
     assert "| mtbench | 0 | 16 | 3.00 | 2.00 | 1.50 | 5.0 |" in table
     assert "| mtbench | 0 | 64 | 4.50 | - | - | 5.0 |" in table
     assert "| prose | 0.6 | 64 | 5.00 | - | - | 5.0 |" in table
 
 
 def test_rows_are_appended_and_read_back(tmp_path):
-    script = load_script()
+    script = load_script("bench_budget")
     out = tmp_path / "rows.jsonl"
     assert script.read_rows(out) == []
     for r in ROWS[:2]:
@@ -64,7 +57,7 @@ def test_plot_only_draws_a_png_from_the_rows(tmp_path):
 
 
 def test_usage_errors_are_one_line(tmp_path):
-    script = load_script()
+    script = load_script("bench_budget")
     with pytest.raises(UsageError, match="--draft-cost"):
         script.parse_draft_cost("cheap")
     assert script.parse_draft_cost("measured") is None and script.parse_draft_cost("0.5") == 0.5

@@ -3,33 +3,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_cli_pair
+from conftest import load_script, save_tiny_cli_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_ray.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_ray", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_summary_line_of_the_driver_is_read() -> None:
     stderr = ("ray: worker w1 ready ...\nray: 16 of 16 prompts on 2 worker(s), 493 new tokens in 87.56 s "
               "from the first worker ready (5.63 tok/s)\n")
-    assert load_script().parse_summary(stderr) == {"finished": 16, "prompts": 16, "workers_ready": 2,
-                                                   "new_tokens": 493, "seconds": 87.56}
+    script = load_script("bench_ray")
+    assert script.parse_summary(stderr) == {"finished": 16, "prompts": 16, "workers_ready": 2,
+                                            "new_tokens": 493, "seconds": 87.56}
     with pytest.raises(RuntimeError, match="no summary line"):
-        load_script().parse_summary("ray: starting 2 worker(s)\n")
+        script.parse_summary("ray: starting 2 worker(s)\n")
 
 
 def test_the_table_gives_ratios_against_the_first_count() -> None:
@@ -37,7 +30,7 @@ def test_the_table_gives_ratios_against_the_first_count() -> None:
              "tokens_per_s": 4.0, "wall_s": 30.0},
             {"workers": 2, "prompts": 4, "prompts_per_worker": [2, 2], "new_tokens": 40, "seconds": 5.0,
              "tokens_per_s": 8.0, "wall_s": 20.0}]
-    table = load_script().table(rows)
+    table = load_script("bench_ray").table(rows)
     assert "| 2 | 4 | 2/2 | 40 | 5.0 | 8.00 | 2.00 | 20.0 | 1.50 |" in table
 
 
