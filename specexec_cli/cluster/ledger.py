@@ -158,8 +158,12 @@ class Ledger:
         return self.history.setdefault(index, History())
 
     def _release(self, index: int) -> None:
+        """Take prompt `index` off the worker holding it, else out of the queue. A prompt is in one place
+        at a time, so the queue (a scan) is searched only for a prompt no worker holds."""
         for held in self.on_worker.values():
-            held.discard(index)
+            if index in held:
+                held.remove(index)
+                return
         if index in self.waiting:
             self.waiting.remove(index)
 
