@@ -79,12 +79,12 @@ def test_a_failure_in_a_shared_pass_runs_alone_and_a_lone_failure_moves_on() -> 
     ledger.add_worker("b")
     ledger.take("a", 3)
     for index in range(3):  # a pass over all three failed
-        assert not ledger.fail("a", index, "boom", shared=True)
+        assert ledger.fail("a", index, "boom", shared=True) == "alone"
     assert [item.solo for item in ledger.take("a", 3)] == [True, True, True]
-    assert not ledger.fail("a", 0, "bad prompt", shared=False)  # alone: not on "a" again
+    assert ledger.fail("a", 0, "bad prompt", shared=False) == "elsewhere"  # alone: not on "a" again
     assert ledger.take("a", 1) == []
     assert ledger.take("b", 1) == [Item(0, solo=True)]
-    assert ledger.fail("b", 0, "bad prompt", shared=False)  # failed on every live worker: given up
+    assert ledger.fail("b", 0, "bad prompt", shared=False) == "given up"  # failed on every live worker
     assert ledger.given_up == {0: "bad prompt"}
     assert ledger.finish(1) and ledger.finish(2) and ledger.done
 
@@ -94,7 +94,7 @@ def test_waiting_prompts_that_failed_on_every_survivor_are_given_up_when_a_worke
     ledger.add_worker("a")
     ledger.add_worker("b")
     ledger.take("a", 1)
-    assert not ledger.fail("a", 0, "bad", shared=False)  # waits for b
+    assert ledger.fail("a", 0, "bad", shared=False) == "elsewhere"  # waits for b
     assert ledger.worker_lost("b") == ([], [0])  # only "a" is left, and it failed it
     assert ledger.given_up == {0: "bad"} and ledger.done
 

@@ -40,8 +40,8 @@ QUEUE_BATCHES = 2  # a worker holds up to this many batches of prompts: one deco
 class Summary:
     """What a cluster job did."""
 
-    finished: int = 0
-    failed: list[str] = field(default_factory=list)  # ids of prompts given up
+    finished: int = 0  # set from the ledger when the job ends, as is `failed`
+    failed: list[str] = field(default_factory=list)  # ids of prompts given up, in input order
     new_tokens: int = 0
     seconds: float = 0.0  # from the first worker ready to the last result
     workers: int = 0  # workers that opened the engine
@@ -164,6 +164,8 @@ class Dispatcher:
                 self._report()
                 last_report = time.monotonic()
         self.summary.seconds = (self.last_result - self.first_ready) if self.first_ready else 0.0
+        self.summary.finished = len(self.ledger.finished)
+        self.summary.failed = [self.prompts[index].id for index in sorted(self.ledger.given_up)]
         return self.summary
 
     def drain(self) -> None:
@@ -242,21 +244,19 @@ class Dispatcher:
     def _outcome(self, name: str, outcome: dict[str, Any]) -> None:
         index = outcome["index"]
         if "error" in outcome:
-            history_before = self.ledger.history.get(index)
-            solo_before = history_before.solo if history_before else False
-            if self.ledger.fail(name, index, outcome["error"], outcome["shared"]):
+            verdict = self.ledger.fail(name, index, outcome["error"], outcome["shared"])
+            if verdict == "given up":
                 self._give_up(index)
-            elif outcome["shared"] and not solo_before:
+            elif verdict == "alone":
                 log(f"ray: prompt {self.prompts[index].id} was in a pass that failed on {name}; it runs "
                     f"again alone ({outcome['error']})")
-            else:
+            elif verdict == "elsewhere":
                 log(f"ray: prompt {self.prompts[index].id} failed on {name}; trying another worker "
                     f"({outcome['error']})")
             return
         if not self.ledger.finish(index):
             return  # a copy of a result already written
         record = outcome["record"]
-        self.summary.finished += 1
         self.summary.new_tokens += record["new_tokens"]
         self.last_result = time.monotonic()
         line = json.dumps(record, ensure_ascii=False) if self.as_json else outcome["text"]
@@ -269,7 +269,6 @@ class Dispatcher:
         tries = len(history.failed_on) if history else 0
         on = f" on {tries} worker(s)" if tries else ""
         log(f"error: prompt {self.prompts[index].id} failed{on}: {self.ledger.given_up[index]}")
-        self.summary.failed.append(self.prompts[index].id)
         self.writer.put(index, None)
 
     # --- dispatch ---------------------------------------------------------------------------------
@@ -304,8 +303,8 @@ class Dispatcher:
         rate = ""
         if self.first_ready and self.summary.new_tokens:
             rate = f", {self.summary.new_tokens / (time.monotonic() - self.first_ready):.2f} tok/s"
-        log(f"ray: {self.summary.finished}/{self.ledger.n_prompts} prompts done, "
-            f"{len(self.summary.failed)} failed, {ready} worker(s) running, "
+        log(f"ray: {len(self.ledger.finished)}/{self.ledger.n_prompts} prompts done, "
+            f"{len(self.ledger.given_up)} failed, {ready} worker(s) running, "
             f"{len(self.actors) - ready} starting{rate}")
 
 

@@ -122,23 +122,26 @@ class Ledger:
         self.finished.add(index)
         return True
 
-    def fail(self, name: str, index: int, error: str, shared: bool) -> bool:
-        """Prompt `index` failed on worker `name` (`shared`: in a pass with other prompts). It runs again
-        (alone, or elsewhere); returns True when it is given up now."""
+    def fail(self, name: str, index: int, error: str, shared: bool) -> str | None:
+        """Prompt `index` failed on worker `name` (`shared`: in a pass with other prompts). Returns what
+        happens to it: "alone" (it runs again in a pass of its own), "elsewhere" (on another worker) or
+        "given up"; None when it was already settled."""
         if self.settled(index):
-            return False
+            return None
         self._release(index)
         history = self._history(index)
         history.last_error = error
         if shared and not history.solo:
             history.solo = True
+            verdict = "alone"
         else:
             history.failed_on.add(name)
             if set(self.on_worker) <= history.failed_on:
                 self._give_up(index, error)
-                return True
+                return "given up"
+            verdict = "elsewhere"
         self.waiting.appendleft(index)
-        return False
+        return verdict
 
     def settled(self, index: int) -> bool:
         return index in self.finished or index in self.given_up
