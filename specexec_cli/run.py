@@ -59,14 +59,11 @@ class OrderedWriter:
     def put(self, index: int, text: str | None) -> None:
         """Prompt `index`'s output; None: it has none (it failed), so later ones need not wait for it."""
         if self.unordered:
-            if text is not None:
-                self._write(text)
+            self._write(text)
             return
         self.held[index] = text
         while self.next_index in self.held:
-            held = self.held.pop(self.next_index)
-            if held is not None:
-                self._write(held)
+            self._write(self.held.pop(self.next_index))
             self.next_index += 1
 
     def close(self, prompts: list[Prompt]) -> None:
@@ -76,11 +73,11 @@ class OrderedWriter:
             log(f"warning: the run stopped before prompt(s) {named} finished; the "
                 f"{len(self.held)} later result(s) that did finish follow without them")
             for index in sorted(self.held):
-                held = self.held.pop(index)
-                if held is not None:
-                    self._write(held)
+                self._write(self.held.pop(index))
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str | None) -> None:
+        if text is None:  # a prompt with no output
+            return
         self.out.write(text)
         self.out.flush()
         self.written += 1
