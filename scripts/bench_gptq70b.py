@@ -8,7 +8,9 @@ pinned RAM each pass), and reports:
 - pass time at each token count, scaled to 80 layers: T80 = T(N) + (80 - N) x t_layer, where t_layer is
   the steady-state time per layer measured inside the same passes (from the pre-hook of the first layer
   that was not prefetched during the previous pass to the end of the last layer);
-- streamed bytes per pass (80 layers), the floor = streamed bytes / pinned H2D bandwidth (measured here),
+- streamed bytes per pass (80 layers), the floor = streamed bytes / pinned H2D bandwidth (measured here
+  from host memory registered with cudaHostRegister, as the engine pins its layers; the pin_memory rate
+  is reported beside it),
   and efficiency = floor / T80 (goal on an H100: >= 0.85 at 1 token);
 - dequantization time per layer: the torch reference vs the fused Triton kernel (CUDA only), and
   whether both give the same bits;
@@ -40,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_offload import copy_bandwidth, log, sync, table  # noqa: E402
+from bench_offload import copy_bandwidths, floor_bandwidth, log, sync, table  # noqa: E402
 from random_gptq import LLAMA_70B, SMOKE, streamed_layer_bytes, write_checkpoint  # noqa: E402
 
 from specexec_cli.runtime import gptq_dispatch, quant  # noqa: E402
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_checkpoint(ckpt, shape, n_layers)
     log(f"checkpoint: {n_layers} layers ({why}) in {time.perf_counter() - start:.1f} s")
 
-    bandwidth = copy_bandwidth(device, nbytes=(64 << 20) if args.smoke else (1 << 30))
+    rates = copy_bandwidths(device, nbytes=(64 << 20) if args.smoke else (1 << 30))
+    bandwidth_kind, bandwidth = floor_bandwidth(rates)
     start = time.perf_counter()
     model = load_offloaded_target(ckpt, device=device, dtype=dtype, offload="ram", quant="gptq",
                                   resident_layers=0, buffers=args.buffers)
@@ -310,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shape": {**shape, "bits": 4, "group_size": 128},
         "layers_measured": n_layers, "layers_scaled_to": FULL_LAYERS, "layer_bytes": layer_bytes,
         "h2d_bandwidth": bandwidth,
-        "bandwidth_kind": "pinned H2D" if device.type == "cuda" else "host memcpy",
+        "bandwidth_kind": bandwidth_kind, "copy_bandwidths": rates,
         "buffers": args.buffers, "dequant_in_passes": "triton" if triton_in_passes else "torch",
         "passes": passes, "dequant_per_layer": dequant,
         "goal": {"efficiency_at_1_token": passes[0]["efficiency"] if args.tokens[0] == 1 else None,
