@@ -33,8 +33,11 @@ def write_gptq_checkpoint(
     desc_act: bool = False,
     checkpoint_format: str = "gptq",
     seed: int = 0,
+    round_weights: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Replace every decoder-layer matrix (not MoE routers) by known GPTQ integers.
+    """Replace every decoder-layer matrix (not MoE routers) by known GPTQ integers: random ones, or with
+    `round_weights` the model's own weights rounded to the nearest level of their group (symmetric, zero
+    point at the middle level), so a trained model stays trained.
 
     Writes the GPTQ checkpoint to gptq_dir and the same weights, dequantized exactly, as float32 to
     dense_dir. Returns {checkpoint weight name: expected dense weight (float64)}.
@@ -50,12 +53,15 @@ def write_gptq_checkpoint(
             continue
         n_out, n_in = w.shape
         groups = n_in // group_size
-        q = torch.randint(0, top, (n_out, n_in), generator=gen)
-        lo = 1 if checkpoint_format == "gptq" else 0  # v1 cannot store a zero point of 0
-        zeros = torch.randint(lo, top, (groups, n_out), generator=gen)
-        scales = (torch.rand(groups, n_out, generator=gen) * 0.02 + 0.005).to(torch.float16)
         rows = torch.randperm(n_in, generator=gen) if desc_act else torch.arange(n_in)
         g_idx = rows // group_size  # row i belongs to group g_idx[i]
+        if round_weights:
+            q, zeros, scales = round_to_groups(w.double(), g_idx, groups, bits)
+        else:
+            q = torch.randint(0, top, (n_out, n_in), generator=gen)
+            lo = 1 if checkpoint_format == "gptq" else 0  # v1 cannot store a zero point of 0
+            zeros = torch.randint(lo, top, (groups, n_out), generator=gen)
+            scales = (torch.rand(groups, n_out, generator=gen) * 0.02 + 0.005).to(torch.float16)
         w64 = (q - zeros[g_idx].t()).double() * scales[g_idx].t().double()  # [out, in]
         expected[key] = w64
         prefix = key[: -len(".weight")]
@@ -77,6 +83,20 @@ def write_gptq_checkpoint(
     }
     (gptq_dir / "config.json").write_text(json.dumps(config))
     return expected
+
+
+def round_to_groups(w: torch.Tensor, g_idx: torch.Tensor, groups: int,
+                    bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest of w [out, in] per (group, output): the zero point is the middle level
+    2**(bits-1) and the fp16 scale maps the group's largest |w| to the top level. Returns q [out, in],
+    zeros [groups, out], scales [groups, out] (fp16)."""
+    half = 1 << (bits - 1)
+    absmax = torch.zeros(groups, w.shape[0], dtype=w.dtype).scatter_reduce(
+        0, g_idx[:, None].expand(-1, w.shape[0]), w.abs().t(), "amax")  # [groups, out]
+    scales = (absmax / (half - 1)).clamp(min=1e-6).to(torch.float16)
+    q = (w / scales[g_idx].t().double()).round() + half  # [out, in]
+    zeros = torch.full((groups, w.shape[0]), half, dtype=torch.long)
+    return q.clamp(0, 2 * half - 1).long(), zeros, scales
 
 
 # --- packing -----------------------------------------------------------------------------------------
