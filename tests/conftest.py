@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -158,7 +159,10 @@ def save_tiny_cli_pair(root, positions: int = 64, chat_template: str | None = No
 def load_script(name: str) -> ModuleType:
     """scripts/NAME.py imported as a module (the scripts are not a package)."""
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module

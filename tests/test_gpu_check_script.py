@@ -1,6 +1,7 @@
-"""scripts/gpu_check.py on a CPU: its steps at toy sizes, the deadline (a step that would overrun is
-skipped, a running one is stopped), a report rewritten on SIGTERM, at most 8 output files, a clean exit 3
-without CUDA, and a test collection that survives the optional packages the GPU machine lacks."""
+"""scripts/gpu_check.py on a CPU: every step at toy sizes without the optional packages the GPU machine
+lacks, the deadline (a step that would overrun is skipped, a running one is stopped, the full run's
+estimates fit it), a report rewritten on SIGTERM, at most 8 output files, a clean exit 3 without CUDA;
+and the accelerate baseline's device_map for a CUDA device, built without one."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -34,21 +36,89 @@ def statuses(out: Path) -> dict[str, str]:
     return {s["step"]: s["status"] for s in summary(out)["steps"]}
 
 
-def test_smoke_steps_write_results_a_summary_and_at_most_8_files(tmp_path):
-    result = gpu_check(tmp_path, "--device", "cpu", "--smoke", "--steps", "probe,gptq70b,ram-tier")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert statuses(tmp_path) == {"probe": "ok", "gptq70b": "ok", "ram-tier": "ok"}
-    files = sorted(p.name for p in tmp_path.iterdir())
+def absent_packages_env(folder: Path) -> dict[str, str]:
+    """An environment in which optuna, platformdirs, gguf and bitsandbytes are unimportable, as on the
+    lent GPU machine: a sitecustomize in `folder` puts a meta-path finder first that refuses them."""
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"ABSENT = {set(ABSENT_ON_GPU)!r}\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ABSENT:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Absent())\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)])}
+
+
+def test_every_smoke_step_passes_without_the_packages_the_gpu_machine_lacks(tmp_path):
+    """The whole check at toy sizes, as the GPU machine would run it (no optuna, platformdirs, gguf or
+    bitsandbytes): every step ok, a summary, every goal measured, at most 8 files. Its cuda-tests step
+    collects the whole tests folder, so a test module that imports one of those packages without
+    skipping fails here."""
+    site, out = tmp_path / "site", tmp_path / "out"
+    site.mkdir()
+    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--device", "cpu", "--smoke",
+                             "--workdir", str(tmp_path / "work")], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT, env=absent_packages_env(site))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    names = [s.name for s in gpu_check_module().build_steps(gpu_check_module().parse_args([]), out)]
+    assert statuses(out) == dict.fromkeys(names, "ok")
+    files = sorted(p.name for p in out.iterdir())
     assert len(files) <= MAX_FILES and {"summary.md", "summary.json", "log.txt"} <= set(files)
-    data = summary(tmp_path)
+    data = summary(out)
     assert data["finished"] and data["probe"]["torch"] == torch.__version__
-    goals = {g["goal"]: g for g in data["goals"]}
+    for name in ABSENT_ON_GPU:  # really absent in the children (the finder makes find_spec raise)
+        assert data["probe"][name] is None or "No module named" in data["probe"][name]
     # the toy run measures every goal the GPU run judges (their verdicts mean nothing at toy sizes)
-    assert all(g["measured"] != "not measured" for name, g in goals.items() if "near-ties" not in name)
-    md = (tmp_path / "summary.md").read_text()
-    assert "SMOKE" in md and "## GPTQ 70B-shaped" in md and "## RAM tier" in md
-    log = (tmp_path / "log.txt").read_text()
+    assert all(g["measured"] != "not measured" for g in data["goals"])
+    md = (out / "summary.md").read_text()
+    assert "SMOKE" in md and "## GPTQ 70B-shaped" in md and "## RAM tier" in md and "measured: host" in md
+    log = (out / "log.txt").read_text()
     assert "== gptq70b: ok" in log and "== ram-tier: ok" in log  # each step's output lands in one log
+    # the benchmarks' checkpoints stay in the work folder for a rerun
+    assert any((tmp_path / "work" / "ram_tier").iterdir()) and any((tmp_path / "work" / "gptq70b").iterdir())
+
+
+def gpu_check_module():
+    return load_script("gpu_check")
+
+
+def test_the_full_run_fits_the_deadline_with_the_cuda_only_tests_before_the_benchmarks():
+    script = gpu_check_module()
+    args = script.parse_args(["--out", "unused"])
+    steps = script.build_steps(args, Path("unused"))
+    names = [s.name for s in steps]
+    assert args.deadline == 420
+    assert sum(s.estimate_s for s in steps) <= args.deadline - 30  # margin for estimates that run long
+    assert names.index("cuda-tests") < names.index("gptq70b") and names.index("cuda-tests") < names.index(
+        "ram-tier")
+    assert names[-2:] == ["gptq70b", "ram-tier"]  # the longest steps last
+    for step in steps:  # both benchmarks write into the shared work folder, and keep what they wrote
+        if step.name in ("gptq70b", "ram-tier"):
+            assert "--workdir" in step.command and args.workdir in " ".join(step.command)
+
+
+@pytest.mark.parametrize("shape", ["tinyllama", "qwen2-1.5b", "smoke"])
+@pytest.mark.parametrize("device,home,execute", [("cuda", "cpu", 0), ("cuda:1", "cpu", 1),
+                                                  ("cpu", "disk", "cpu")])
+def test_accelerate_device_map_puts_every_module_on_a_real_device(shape, device, home, execute):
+    """The baseline's device_map for `cuda` with no index (what --device cuda passes) names GPU 0, not
+    None: built here without a GPU, then checked by accelerate against the model's own modules."""
+    import transformers
+    from accelerate import init_empty_weights
+    from accelerate.utils import check_device_map
+
+    bench = load_script("bench_offload")
+    cls_name, kw = bench.SHAPES[shape]
+    config = getattr(transformers, cls_name)(**{**kw, "num_hidden_layers": 3})
+    device_map = bench.accelerate_device_map(config, torch.device(device))
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    check_device_map(model, device_map)  # every parameter is placed
+    assert {k for k, v in device_map.items() if v == home} == {f"model.layers.{i}" for i in range(3)}
+    others = {k: v for k, v in device_map.items() if not k.startswith("model.layers.")}
+    assert {"model.embed_tokens", "model.norm", "lm_head"} <= set(others)
+    assert set(others.values()) == {execute}
 
 
 def test_a_step_that_would_overrun_the_deadline_is_skipped(tmp_path):
@@ -96,30 +166,3 @@ def test_without_cuda_it_stops_after_the_probe_with_exit_3(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("gpu_check: no CUDA device")
     steps = {s["step"]: s for s in summary(tmp_path)["steps"]}
     assert steps["probe"]["detail"] == "no CUDA device" and steps["gptq-kernel"]["status"] == "not run"
-
-
-def test_the_tests_collect_without_the_packages_the_gpu_machine_lacks(tmp_path):
-    """A meta-path finder makes optuna, platformdirs, gguf and bitsandbytes unimportable, as they are
-    on the lent GPU machine: collection must skip what needs them, never error."""
-    (tmp_path / "sitecustomize.py").write_text(
-        "import sys\n"
-        f"ABSENT = {set(ABSENT_ON_GPU)!r}\n"
-        "class Absent:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ABSENT:\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, Absent())\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    # platformdirs' own pytest plugin is absent there too
-    def collect(marks: str) -> subprocess.CompletedProcess:
-        args = ["--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:platformdirs", "-m", marks,
-                "tests"]
-        return subprocess.run([sys.executable, "-m", "pytest", *args], capture_output=True, text=True,
-                              timeout=300, cwd=ROOT, env=env)
-
-    result = collect("not slow")
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "error" not in result.stdout.splitlines()[-1].lower()
-    cuda = collect("cuda")
-    assert cuda.returncode == 0
-    assert "test_exactness_16bit.py" in cuda.stdout and "test_host_syncs.py" in cuda.stdout
