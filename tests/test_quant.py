@@ -273,3 +273,29 @@ def test_gptq_checkpoint_unpacks_to_the_known_weights(tmp_path, family, desc_act
                 checked += 3
     assert checked >= 2 * 7 if family != "mixtral" else checked >= 2 * (4 + 12)
     index.close()
+
+
+def test_the_hub_kernel_warnings_become_one_line_once(capsys, caplog):
+    """bitsandbytes (on AVX512-bf16 CPUs) and `kernels` warn at import that the fused CPU NF4 kernel
+    could not be fetched from the hub (two lines offline); specexec says it once, in one line, however
+    many NF4 loads follow."""
+    import logging
+
+    quant.install_hub_kernel_note()
+    quant.install_hub_kernel_note()  # idempotent: one filter per logger
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    kernels = logging.getLogger("kernels._internals.hf_hub")
+    assert sum(isinstance(f, quant._HubKernelNote) for f in bnb.filters) == 1
+    quant._HubKernelNote.said = False
+    for _ in range(3):  # as many imports / loads as a tune makes
+        kernels.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+                        "because Hugging Face Hub is in offline mode.")
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "not in the cache")
+    bnb.warning("an unrelated bitsandbytes warning")
+    err = capsys.readouterr().err.splitlines()
+    assert err.count(f"specexec: {quant.HUB_KERNEL_NOTE}") == 1
+    assert not any("kernels-community" in line and "specexec:" not in line for line in err)
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["an unrelated bitsandbytes warning"]  # the others pass through, these do not
+    quant.quantize_nf4(torch.randn(64, 64))  # a real NF4 quantization prints no hub line after the note
+    assert "kernels-community" not in capsys.readouterr().err

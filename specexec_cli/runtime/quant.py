@@ -20,6 +20,7 @@ case when dequantizing.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -256,7 +257,39 @@ def quantize_gptq_reference(
 # --- bitsandbytes NF4 / int8 -------------------------------------------------------------------------
 
 
+# Where bitsandbytes (on AVX512-bf16 CPUs) and the `kernels` package it asks say that the fused CPU NF4
+# kernel could not be fetched from the hub: two warnings per import, several lines when offline.
+HUB_KERNEL_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+HUB_KERNEL_NOTE = ("note: bitsandbytes' fused CPU NF4 kernel (a download from the kernels-community hub) is "
+                   "unavailable; NF4 runs on bitsandbytes' built-in kernels")
+
+
+class _HubKernelNote(logging.Filter):
+    """Replaces those warnings by one line of ours (HUB_KERNEL_NOTE), said once per process."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "kernels-community" not in message and "publisher trust" not in message:
+            return True
+        if not _HubKernelNote.said:
+            _HubKernelNote.said = True
+            print(f"specexec: {HUB_KERNEL_NOTE}", file=sys.stderr, flush=True)
+        return False
+
+
+def install_hub_kernel_note() -> None:
+    """Put the _HubKernelNote filter on the loggers that warn about the hub kernel (idempotent); done
+    before bitsandbytes is first imported, by the CLI at start and by every NF4 / int8 path."""
+    for name in HUB_KERNEL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HubKernelNote) for f in logger.filters):
+            logger.addFilter(_HubKernelNote())
+
+
 def _bnb_functional():
+    install_hub_kernel_note()
     try:
         import bitsandbytes.functional as bnbf
     except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
