@@ -60,12 +60,12 @@ def dequantize_gptq(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`quant.dequantize_gptq` with the same arguments and result ([out, in] in `dtype`), fused into one
-    kernel where it can be (the kernel allocates its own output; `out` serves the torch path)."""
+    kernel where it can be; both write into `out` (a contiguous [in, out] scratch) when given."""
     if qweight.is_cuda:
         kernels = triton_kernels()
         if kernels is not None and kernels.supports(bits, scales.dtype, dtype):
             try:
-                return kernels.dequantize(qweight, qzeros, scales, bits, zero_offset, dtype, g_idx)
+                return kernels.dequantize(qweight, qzeros, scales, bits, zero_offset, dtype, g_idx, out)
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as exc:  # compile or launch failure: fall back for good

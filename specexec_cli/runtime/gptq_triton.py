@@ -115,9 +115,12 @@ def dequantize(
     zero_offset: int,
     dtype: torch.dtype,
     g_idx: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GPTQ tensors -> dense weight [out, in] in `dtype` (a transposed view, like
-    `quant.dequantize_gptq`); one kernel launch on the current stream.
+    `quant.dequantize_gptq`); one kernel launch on the current stream. `out`: a contiguous [in, out]
+    buffer of `dtype` on the same device to write into (the offload engine's reused scratch, which its
+    memory plan counts); None allocates one.
 
     qweight int32 [in / p, out], qzeros int32 [groups, out / p], scales [groups, out], p = 32 / bits;
     g_idx int [in] for act-order checkpoints (None: row i is in group i // (in / groups)).
@@ -136,7 +139,11 @@ def dequantize(
     if g_idx is not None and tuple(g_idx.shape) != (n_in,):
         raise ValueError(f"GPTQ g_idx has shape {tuple(g_idx.shape)}, the weight has {n_in} input rows")
     group_size = n_in // groups
-    out = torch.empty(n_in, n_out, dtype=dtype, device=qweight.device)  # [in, out]
+    if out is None:
+        out = torch.empty(n_in, n_out, dtype=dtype, device=qweight.device)  # [in, out]
+    elif out.shape != (n_in, n_out) or out.dtype != dtype or not out.is_contiguous() or (
+            out.device != qweight.device):
+        raise ValueError(f"out must be a contiguous [{n_in}, {n_out}] {dtype} tensor on {qweight.device}")
     block_w = BLOCK_ROWS // p
     grid = (triton.cdiv(n_words, block_w), triton.cdiv(n_out, BLOCK_N))
     _dequant_kernel[grid](
