@@ -72,10 +72,11 @@ def test_cpu_passes_are_timed_with_the_host_clock():
 
 def pool(register_codes: list[int], pin_fails: bool = False):
     """A CUDA PinnedPool whose cudaHostRegister returns `register_codes` in turn."""
-    calls = {"register": 0, "clear": 0, "pin": 0, "unregister": []}
+    calls = {"register": 0, "clear": 0, "pin": 0, "unregister": [], "spans": []}
 
     def register(ptr, nbytes):
         calls["register"] += 1
+        calls["spans"].append((ptr, nbytes))
         return register_codes[calls["register"] - 1]
 
     def pinned_empty(nbytes):
@@ -89,14 +90,18 @@ def pool(register_codes: list[int], pin_fails: bool = False):
     return p, calls
 
 
-def test_pinned_pool_registers_exact_sizes():
-    p, calls = pool([0, 0])
-    a, b = p.empty(1000), p.empty(3000)
-    assert (a.numel(), b.numel()) == (1000, 3000)
-    assert p.registered_bytes == 4000 and p.allocator_bytes == 0 and calls["clear"] == 0
+def test_pinned_pool_registers_whole_pages_no_two_buffers_share():
+    p, calls = pool([0, 0, 0])
+    a, b, c = p.empty(1000), p.empty(3000), p.empty(8192)
+    assert (a.numel(), b.numel(), c.numel()) == (1000, 3000, 8192)
+    assert calls["spans"] == [(a.data_ptr(), 4096), (b.data_ptr(), 4096), (c.data_ptr(), 8192)]
+    pages = [range(ptr // 4096, (ptr + n) // 4096) for ptr, n in calls["spans"]]
+    assert all(ptr % 4096 == 0 for ptr, _ in calls["spans"])
+    assert not set(pages[0]) & set(pages[1]) and not set(pages[1]) & set(pages[2])
+    assert p.registered_bytes == 4096 + 4096 + 8192 and p.allocator_bytes == 0 and calls["clear"] == 0
     assert "registered" in p.summary() and "NOT" not in p.summary()
     p.close()
-    assert calls["unregister"] == [a.data_ptr(), b.data_ptr()]
+    assert calls["unregister"] == [a.data_ptr(), b.data_ptr(), c.data_ptr()]
 
 
 def test_a_failed_register_clears_the_error_once_and_falls_back_to_pin_memory():
@@ -105,10 +110,11 @@ def test_a_failed_register_clears_the_error_once_and_falls_back_to_pin_memory():
     buf = p.empty(3000)
     p.empty(5000)  # no second registration attempt after a failure
     assert buf.numel() == 3000
-    assert calls == {"register": 2, "clear": 1, "pin": 2, "unregister": []}
-    assert p.registered_bytes == 100 and p.allocator_bytes == 8000
+    assert {k: v for k, v in calls.items() if k != "spans"} == {"register": 2, "clear": 1, "pin": 2,
+                                                               "unregister": []}
+    assert p.registered_bytes == 4096 and p.allocator_bytes == 8000  # one whole page registered
     assert p.allocator_reserved == 4096 + 8192  # the caching host allocator's power-of-two blocks
-    assert p.pinned_bytes == 8100 and "error 2" in p.errors[0]
+    assert p.pinned_bytes == 4096 + 8000 and "error 2" in p.errors[0]
     assert "via pin_memory" in p.summary()
 
 

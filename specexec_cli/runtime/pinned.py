@@ -15,7 +15,9 @@ class PinnedPool:
 
     `pin_memory=True` goes through PyTorch's caching host allocator, which rounds every block up to a
     power of two (a 1.7 GB layer would pin 2 GB). So an ordinary tensor is registered with
-    cudaHostRegister first (exact size; unregistered on close). A failed cudaHostRegister leaves its
+    cudaHostRegister first (whole pages: the buffer starts on a page of its own and the registration
+    covers its last page, so two small buffers never share a page, which CUDA would refuse to register
+    twice; unregistered on close). A failed cudaHostRegister leaves its
     error pending on the calling thread, and PyTorch's next kernel-launch check (cudaGetLastError)
     would report it against an unrelated kernel; `clear_error` consumes it at once. After one failure
     registration is not tried again: buffers come from `pin_memory=True` (rounding accepted, and
@@ -45,9 +47,9 @@ class PinnedPool:
         if not self.cuda:
             return torch.empty(nbytes, dtype=torch.uint8)
         if self._try_register:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+            buf, span = _page_aligned(nbytes)
             try:
-                err = int(self._register(buf.data_ptr(), nbytes))
+                err = int(self._register(buf.data_ptr(), span))
             except (AssertionError, AttributeError, RuntimeError, TypeError) as exc:
                 err, reason = -1, f"cudaHostRegister unavailable: {exc}"
             else:
@@ -56,7 +58,7 @@ class PinnedPool:
                     self._clear_error()
             if err == 0:
                 self._registered.append(buf)
-                self.registered_bytes += nbytes
+                self.registered_bytes += span
                 return buf
             self._try_register = False
             self.errors.append(reason)
@@ -93,6 +95,18 @@ class PinnedPool:
         for buf in self._registered:
             self._unregister(buf.data_ptr())
         self._registered.clear()
+
+
+PAGE = 4096
+
+
+def _page_aligned(nbytes: int) -> tuple[torch.Tensor, int]:
+    """An uninitialised uint8 [nbytes] host buffer that starts on a page boundary and owns every page it
+    touches, and the whole-page length to register."""
+    span = -(-nbytes // PAGE) * PAGE
+    base = torch.empty(span + PAGE, dtype=torch.uint8)
+    start = -base.data_ptr() % PAGE
+    return base[start:start + nbytes], span  # the view keeps `base` (and its slack) alive
 
 
 def _cuda_host_register(ptr: int, nbytes: int) -> int:
