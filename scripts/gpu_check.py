@@ -67,8 +67,8 @@ import torch
 import specexec_cli.cli, specexec_cli.runtime.target, specexec_cli.decoding.generate  # the package imports
 info = {"python": platform.python_version(), "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(), "cuda_version": torch.version.cuda}
-for name in ("transformers", "accelerate", "triton", "safetensors", "optuna", "platformdirs", "gguf",
-             "bitsandbytes"):
+for name in ("transformers", "accelerate", "triton", "safetensors", "hypothesis", "scipy", "click",
+             "optuna", "platformdirs", "gguf", "bitsandbytes"):
     try:
         module = __import__(name) if importlib.util.find_spec(name) else None
     except Exception as exc:
@@ -82,6 +82,8 @@ if torch.cuda.is_available():
     info.update(device=props.name, capability=f"{props.major}.{props.minor}",
                 multiprocessors=props.multi_processor_count, memory_total=total, memory_free=free,
                 bf16=torch.cuda.is_bf16_supported())
+import shutil
+info["c_compiler"] = shutil.which("cc") or shutil.which("gcc")  # Triton builds its launcher with it
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info, indent=2))
 sys.exit(0 if info["cuda_available"] or sys.argv[2] == "cpu" else 3)
@@ -328,6 +330,9 @@ def run(args: argparse.Namespace) -> int:
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
     if args.device == "cuda":
         env["SPECEXEC_TEST_DEVICE"] = "cuda"
+    # Triton's compiled kernels go into the work folder: writable whatever the home folder is, and
+    # kept for a rerun on the same machine
+    env.setdefault("TRITON_CACHE_DIR", str(Path(args.workdir) / "triton-cache"))
     child: list[subprocess.Popen] = []
 
     def stop(signum, _frame):
