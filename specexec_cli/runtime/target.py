@@ -137,6 +137,7 @@ class _Prepared:
     plan: planner.Plan
     narrow: dict[str, torch.dtype]  # resident tensors kept in the checkpoint's narrower dtype
     qfmt: QuantFormat | None = None  # the checkpoint's quantized format
+    facts: planner.ModelFacts | None = None  # what the plan was made from, for the chosen tier
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -232,6 +233,7 @@ def _prepare(
             facts = _model_facts(model, sources, dtype, prefix, direct, narrow)
             try:
                 the_plan = planner.plan(hw, facts, replace(request, offload=tier))
+                the_facts = facts
                 break
             except SpecexecError as exc:
                 error = exc
@@ -241,7 +243,8 @@ def _prepare(
         if index is not None:
             index.close()
         raise
-    return _Prepared(model, index, prefix, layer_list, sources, device, dtype, quant, the_plan, narrow, qfmt)
+    return _Prepared(model, index, prefix, layer_list, sources, device, dtype, quant, the_plan, narrow, qfmt,
+                     the_facts)
 
 
 def plan_target(source: str | os.PathLike | nn.Module, **options: Any) -> planner.Plan:
@@ -254,6 +257,24 @@ def plan_target(source: str | os.PathLike | nn.Module, **options: Any) -> planne
     if prep.index is not None:
         prep.index.close()
     return prep.plan
+
+
+# Room for any plan: target_facts plans against it only to reach the facts the planner would use.
+_UNBOUNDED = planner.HardwareFacts(device_mem_free=1 << 60, host_ram_available=1 << 60, disk_free=1 << 60)
+
+
+def target_facts(source: str | os.PathLike, offload: str, device: str | torch.device | None = None,
+                 dtype: torch.dtype | str | None = None, quant: str | None = None) -> planner.ModelFacts:
+    """The ModelFacts `load_offloaded_target(source, offload=..., quant=...)` plans from in that tier
+    (layer bytes as that tier stores them, resident parts, KV per token, what the disk tier converts),
+    read from the checkpoint's config and headers without loading weights. With them a caller plans
+    every budget, draft and cap itself (runtime.plan.plan) exactly as the loader would."""
+    if offload not in planner.OFFLOADS:
+        raise UsageError(f"target_facts takes one tier ({', '.join(planner.OFFLOADS)}), not {offload!r}")
+    prep = _prepare(source, device, dtype, offload, quant, 2, 0, None, 0, 2048, None, _UNBOUNDED, None)
+    if prep.index is not None:
+        prep.index.close()
+    return prep.facts
 
 
 def load_offloaded_target(
