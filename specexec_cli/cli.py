@@ -373,7 +373,9 @@ def probe(as_json: bool, refresh: bool) -> None:
               help="Target formats to try (fp32, fp16, bf16, gptq, awq, w4a16, nf4, int8).")
 @click.option("--early-exit", default=None, help="Comma-separated layer counts for early-exit drafts.")
 @click.option("--budgets", default=None, help="Comma-separated budgets to search [default: 1,2,4,...,4096].")
-@click.option("--trials", type=int, default=24, show_default=True)
+@click.option("--trials", type=int, default=24, show_default=True, help="Most trials to measure.")
+@click.option("--patience", type=int, default=8, show_default=True,
+              help="Stop once this many trials in a row measured nothing faster (0: measure --trials).")
 @click.option("--timeout", type=float, default=None, help="Seconds for the whole search.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
               help="Calibration prompts: JSON list, JSON Lines or text "
@@ -386,8 +388,12 @@ def probe(as_json: bool, refresh: bool) -> None:
 @click.option("--offload", type=click.Choice(["auto", "none", "ram", "disk"]), default=None,
               help="Offload tiers the target is placed in (auto: every tier the planner allows under "
               "--max-memory) [default: auto with --max-memory, else the loader's own placement].")
-@click.option("--calibration-iterations", type=int, default=8, show_default=True,
-              help="SpecExec iterations per prompt for the acceptance curve.")
+@click.option("--calibration-iterations", type=int, default=4, show_default=True,
+              help="SpecExec iterations (trees) per prompt for the acceptance curve.")
+@click.option("--step-seconds", type=float, default=30.0, show_default=True,
+              help="Each calibration measurement stops after this long with what it measured.")
+@click.option("--trial-seconds", type=float, default=20.0, show_default=True,
+              help="Each trial's measurement stops after this long (tokens/s over what it generated).")
 @click.option("--batch-prompts", type=click.Path(dir_okay=False), default=None,
               help="A batch workload, read like generate's -f (plain text or JSON Lines): after the search, "
               "the best configuration is measured at each --batch-sizes on these prompts and the fastest "
@@ -398,8 +404,9 @@ def probe(as_json: bool, refresh: bool) -> None:
               help="New tokens per prompt in the batch measurement [default: --max-new-tokens].")
 @click.option("--no-save", is_flag=True, help="Do not write a profile.")
 @friendly_errors
-def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_file, n_prompts,
-         max_new_tokens, study, device, max_memory, offload, calibration_iterations, batch_prompts,
+def tune(target, drafts, quants, early_exit, budgets, trials, patience, timeout, prompts_file, n_prompts,
+         max_new_tokens, study, device, max_memory, offload, calibration_iterations, step_seconds,
+         trial_seconds, batch_prompts,
          batch_sizes, batch_new_tokens, no_save) -> None:
     """Search draft, quantization and tree budget for the most tokens/s here; save a profile.
 
@@ -414,10 +421,12 @@ def tune(target, drafts, quants, early_exit, budgets, trials, timeout, prompts_f
 
     options = TuneOptions(target=target, drafts=tuple(drafts) or None, quantizations=tuple(quants) or None,
                           early_exit_layers=csv_ints(early_exit, "--early-exit"), n_trials=trials,
+                          patience=patience or None,
                           timeout=timeout, prompts_file=Path(prompts_file) if prompts_file else None,
                           n_prompts=n_prompts, max_new_tokens=max_new_tokens, study=study,
                           device=check_device(device), save=not no_save, max_memory=tuple(max_memory),
                           offload=offload, calibration_iterations=calibration_iterations,
+                          calibration_step_s=step_seconds, trial_time_limit_s=trial_seconds,
                           batch_prompts_file=Path(batch_prompts) if batch_prompts else None,
                           batch_sizes=csv_ints(batch_sizes, "--batch-sizes") or (),
                           batch_new_tokens=batch_new_tokens)

@@ -24,6 +24,7 @@ from specexec_cli.decoding.sampling import TokenDraws
 from specexec_cli.decoding.specexec import SpecExecDecoder, acceptance_curve
 from specexec_cli.decoding.tree import Tree
 from specexec_cli.tuning.cost_model import AcceptanceCurve, LatencyCurve, streamed_curve
+from specexec_cli.tuning.progress import StepProgress
 
 # --- latency ----------------------------------------------------------------------------------
 
@@ -40,13 +41,15 @@ def timed_forwards(
     context: int = 64,
     repeats: int = 2,
     time_limit_s: float = 20.0,
+    progress: StepProgress | None = None,
 ) -> dict[int, tuple[float, float]]:
     """{batch: (seconds, seconds blocked on layer loads)} of the best of `repeats` forwards of `batch`
     new tokens behind `context` cached ones (the wait is 0 for a model that does not stream).
 
-    Batch sizes are measured in increasing order until `time_limit_s` is spent; then the largest one
-    is still measured once, so that the curve interpolates over the whole range instead of
-    extrapolating from its first points.
+    Batch sizes are measured in increasing order while they fit in `time_limit_s`: a batch whose time
+    could overrun what is left (the last measured pass scaled by the token counts) is not run, nor any
+    larger one. The latency curve extrapolates linearly past the last measured batch,
+    which is where a pass is compute-bound: the reason the large ones were too slow to time.
     """
     device = model.device
     engine = getattr(model, "offload_engine", None)
@@ -58,16 +61,21 @@ def timed_forwards(
     points: dict[int, tuple[float, float]] = {}
     kept_none = torch.zeros(0, dtype=torch.long, device=device)
     start = time.perf_counter()
-    ordered = sorted(set(batches))
-    for batch in ordered:
-        out_of_time = time.perf_counter() - start > time_limit_s
-        if out_of_time and batch != ordered[-1]:
-            continue
+    for batch in sorted(set(batches)):
+        left = time_limit_s - (time.perf_counter() - start)
+        if points:
+            # a pass grows at most in proportion to its tokens (a flat, read-bound start included), so
+            # the last pass scaled up bounds the next one from above
+            b1, (s1, _) = max(points.items())
+            if s1 * batch / b1 > left:
+                break
         ids = torch.randint(vocab, (batch,), generator=generator).to(device)
         positions = torch.arange(context, context + batch, device=device)
         attend = causal_pattern(context, batch, device)
         best = (float("inf"), 0.0)
-        for _ in range(1 if out_of_time else repeats):
+        for i in range(repeats):
+            if i and time.perf_counter() - start > time_limit_s:
+                break  # one pass of this batch is enough when the time is up
             _sync(device)
             wait0 = engine.stats.load_wait_s if engine is not None else 0.0
             t0 = time.perf_counter()
@@ -78,6 +86,8 @@ def timed_forwards(
             best = min(best, (elapsed, wait))
             keep_tail(cache, context, kept_none)
         points[batch] = best
+        if progress is not None:
+            progress.advance()
     return points
 
 
@@ -87,9 +97,10 @@ def measure_forward_curve(
     context: int = 64,
     repeats: int = 2,
     time_limit_s: float = 20.0,
+    progress: StepProgress | None = None,
 ) -> LatencyCurve:
     """Best-of-`repeats` forward time for each batch size (see `timed_forwards`)."""
-    points = timed_forwards(model, batches, context, repeats, time_limit_s)
+    points = timed_forwards(model, batches, context, repeats, time_limit_s, progress)
     return LatencyCurve.from_points({b: seconds for b, (seconds, _) in points.items()})
 
 
@@ -115,11 +126,12 @@ class StreamedMeasurement:
     layer_bytes: float  # bytes read per streamed layer
     read_bandwidth: float  # streamed bytes of a one-token pass over its time: the tier's effective rate
 
-    def curve(self, batches: list[int]) -> LatencyCurve:
-        """Predicted forward times at `batches` (cost_model.streamed_forward_s)."""
-        return streamed_curve(
-            self.compute, self.layer_bytes, self.n_layers, self.resident_layers, self.read_bandwidth, batches
-        )
+    def curve(self, batches: list[int], resident_layers: int | None = None) -> LatencyCurve:
+        """Predicted forward times at `batches` (cost_model.streamed_forward_s), with the resident layers
+        it was measured with, or another placement's `resident_layers`."""
+        resident = self.resident_layers if resident_layers is None else resident_layers
+        return streamed_curve(self.compute, self.layer_bytes, self.n_layers, resident, self.read_bandwidth,
+                              batches)
 
     def to_dict(self) -> dict:
         return {
@@ -144,7 +156,8 @@ class StreamedMeasurement:
 
 
 def measure_streamed(
-    model: torch.nn.Module, batches: list[int], time_limit_s: float = 60.0
+    model: torch.nn.Module, batches: list[int], time_limit_s: float = 60.0,
+    progress: StepProgress | None = None,
 ) -> StreamedMeasurement:
     """Time a streamed model at a few batch sizes (1 among them) and split each pass into compute and
     waiting for reads. A one-token pass reads every streamed layer once: its time bounds the read time
@@ -153,7 +166,7 @@ def measure_streamed(
     if layers is None:
         raise ValueError("measure_streamed needs a model whose layers stream")
     n_layers, resident, layer_bytes = layers
-    points = timed_forwards(model, sorted({1, *batches}), time_limit_s=time_limit_s)
+    points = timed_forwards(model, sorted({1, *batches}), time_limit_s=time_limit_s, progress=progress)
     measured = LatencyCurve.from_points({b: s for b, (s, _) in points.items()})
     compute = LatencyCurve.from_points({b: max(s - w, 0.05 * s) for b, (s, w) in points.items()})
     read_bandwidth = (n_layers - resident) * layer_bytes / measured.at(1)
@@ -217,11 +230,15 @@ def measure_acceptance(
     prompts: list[torch.Tensor],
     config: GenerationConfig,
     iterations_per_prompt: int = 4,
+    time_limit_s: float | None = None,
+    progress: StepProgress | None = None,
 ) -> AcceptanceMeasurement:
     """G(K) for K = 0..config.tree.budget, averaged over iterations of SpecExec on `prompts` [1, L].
 
     Greedy configs score a node 1 where the target's argmax at its parent is its token; sampling
     configs use the target probability of the node's token (the brief's expected-tokens formula).
+    With `time_limit_s`, trees stop being grown once it is spent (the first tree of every prompt is
+    always measured, so each prompt counts): the curve is the mean of the trees measured.
     """
     curves, depths = [], []
     iterations = 0
@@ -232,9 +249,13 @@ def measure_acceptance(
         device = target.device
         lane = Lane(key=0, sequence=ids.reshape(-1).to(device), draws=TokenDraws(config.seed, device))
         t0 = time.perf_counter()
-        for _ in range(iterations_per_prompt):
+        for i in range(iterations_per_prompt):
+            if i and time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+                break
             (emitted,) = decoder.step([lane])
             lane.extend(emitted)
+            if progress is not None:
+                progress.advance()
         elapsed = time.perf_counter() - t0
         stats = decoder.stats
         host += max(0.0, elapsed - stats.target_s - stats.draft_s)

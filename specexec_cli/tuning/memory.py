@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +21,7 @@ from specexec_cli.errors import SpecexecError
 from specexec_cli.runtime import plan as planner
 from specexec_cli.runtime.caps import apply_caps
 from specexec_cli.tuning.shape import ModelShape
-from specexec_cli.tuning.space import Candidate, parse_early_exit, split_draft_quant
+from specexec_cli.tuning.space import NO_DRAFT, Candidate, parse_early_exit, split_draft_quant
 
 
 def tree_activation_bytes(
@@ -172,6 +174,114 @@ def hardware_facts(
     return apply_caps(facts, caps, device.type, device.index)
 
 
+def variant_source(name: str, quant: str) -> tuple[Any, Any]:
+    """(registry spec, what to load) of target `name` in format `quant`: the registry's quantized
+    variant (gptq, awq, ...) when it has one, else the model itself; the source is its local folder
+    (bundled and GGUF models converted first) or its hub id."""
+    from specexec_cli.models.load import local_source
+    from specexec_cli.models.registry import QUANT_VARIANTS, resolve
+
+    spec = resolve(name)
+    if quant in QUANT_VARIANTS and spec.quantization != quant and spec.kind != "local":
+        spec = spec.quantized_variant(quant)  # a quantized folder or hub id is its own variant
+    return spec, local_source(spec) or spec.source
+
+
+def _local_folder(name: str, quant: str) -> Path | None:
+    """The local checkpoint folder of `name` in `quant` (None for a hub id not in the local cache, or an
+    unknown name): where the runtime's own facts can be read without a download."""
+    try:
+        _, source = variant_source(name, quant)
+    except SpecexecError:
+        return None
+    if isinstance(source, Path):
+        return source
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), local_files_only=True,
+                                      allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # not cached: plan from the registry's shape instead
+        return None
+
+
+class PlacementPlanner:
+    """The runtime's memory plan of a placed target before anything loads: format `quant` in tier
+    `offload` under the caps, with a draft and a tree budget, on the probed machine.
+
+    The facts are the runtime's own (runtime.target.target_facts on the local checkpoint: layer bytes
+    as that tier stores them, what resident parts take), so the tuner refuses exactly what
+    load_offloaded_target would refuse; a model only on the hub is planned from its registry shape.
+    Drafts count as the runtime counts them: a separate draft's weights and KV cache on the device, an
+    early exit of the target nothing (its layers are the target's own, kept resident)."""
+
+    def __init__(self, target: str, probe: hardware.HardwareProbe, device: torch.device,
+                 caps: dict[str, int] | None, context: int) -> None:
+        self.target, self.device, self.context = target, device, context
+        self.hardware = hardware_facts(probe, device, caps or {})
+        gpu_total = max((g.memory_total for g in probe.gpus), default=0) if device.type == "cuda" else 0
+        self.reserve = (256 << 20) + int(0.05 * gpu_total)  # as the runtime keeps free
+        self.float_quant = "fp16" if device.type == "cuda" else "fp32"
+        self.float_bytes = 2 if device.type == "cuda" else 4
+        self.shape = model_shape(target)
+        self._facts: dict[tuple[str, str], planner.ModelFacts | None] = {}
+        self._drafts: dict[str, tuple[int, int]] = {}  # measured on the loaded draft (`count_draft`)
+
+    def count_draft(self, key: str, model: torch.nn.Module) -> None:
+        """Plan draft `key` with the bytes the loaded `model` really holds (as the runtime counts them:
+        runtime.target.model_bytes) instead of its registry shape's estimate."""
+        from specexec_cli.runtime.target import kv_bytes_per_token, model_bytes
+
+        self._drafts[key] = (model_bytes(model), kv_bytes_per_token(model.config, model.dtype))
+
+    def facts(self, quant: str, offload: str) -> planner.ModelFacts | None:
+        """What the planner plans from for `quant` in tier `offload`; None when nothing is known."""
+        key = (quant, offload)
+        if key not in self._facts:
+            folder = _local_folder(self.target, quant)
+            if folder is not None:
+                from specexec_cli.runtime.target import target_facts
+
+                self._facts[key] = target_facts(folder, offload, self.device, quant=quant)
+            elif self.shape is not None:
+                stored = stored_float_bytes(self.target) if offload != "none" else None
+                self._facts[key] = model_facts(self.shape, quant, self.float_bytes, stored)
+            else:
+                self._facts[key] = None
+        return self._facts[key]
+
+    def draft_facts(self, draft: str) -> tuple[int, int]:
+        """(device bytes, KV bytes per token) of a draft key, as the runtime's plan counts them: measured
+        when the draft was loaded (`count_draft`), else estimated from its registry shape (a lower
+        bound: the real model also keeps e.g. a narrow copy of a tied embedding table)."""
+        if draft in self._drafts:
+            return self._drafts[draft]
+        early = parse_early_exit(draft)
+        if draft == NO_DRAFT or (early and early[0] == self.target):
+            return 0, 0
+        name, draft_quant = split_draft_quant(draft)
+        shape = model_shape(early[0] if early else name)
+        if shape is None:
+            return 0, 0
+        if early:
+            shape = shape.truncated(early[1])
+        return int(draft_weight_bytes(shape, self.float_quant, draft_quant)), shape.kv_bytes_per_token(
+            self.float_bytes)
+
+    def plan(self, draft: str, quant: str, offload: str, budget: int,
+             resident_layers: int | None = None) -> planner.Plan | None:
+        """The plan of this placement (budget 0: plain decoding's 1-token pass); raises SpecexecError
+        (the runtime's one line) when it cannot fit; None when the target's facts are unknown."""
+        facts = self.facts(quant, offload)
+        if facts is None:
+            return None
+        draft_bytes, draft_kv = self.draft_facts(draft)
+        request = planner.PlanRequest(offload=offload, resident_layers=resident_layers, budget=budget,
+                                      context_len=self.context, draft_bytes=draft_bytes,
+                                      draft_kv_bytes_per_token=draft_kv, reserve_bytes=self.reserve)
+        return planner.plan(self.hardware, facts, request)
+
+
 def memory_checker(
     target: str,
     probe: hardware.HardwareProbe,
@@ -180,23 +290,20 @@ def memory_checker(
     caps: dict[str, int] | None = None,
     plan_context: int | None = None,
     lanes: int = 1,
+    placements: PlacementPlanner | None = None,
 ) -> Callable[[Candidate], str | None]:
     """The feasibility test the search runs before loading anything.
 
-    A candidate placed in an offload tier (under --max-memory) is checked by the runtime's planner on the
-    probed facts with the caps applied, at its budget, with its draft: the question the runtime asks
-    before it loads (`plan_context`: the context the runtime plans for). Otherwise the resident estimate
-    of `memory_problem`. For a batch workload, `context` (and `plan_context`) hold the packed caches of
-    `lanes` prompts, whose trees share the budget."""
+    A candidate placed in an offload tier (under --max-memory) is checked by the runtime's planner
+    (`PlacementPlanner`, or `placements` when given) at its budget, with its draft: the question the
+    runtime asks before it loads (`plan_context`: the context the runtime plans for). Otherwise the
+    resident estimate of `memory_problem`. For a batch workload, `context` (and `plan_context`) hold the
+    packed caches of `lanes` prompts, whose trees share the budget."""
     target_shape = model_shape(target)
     gpu_free = max((g.memory_free for g in probe.gpus), default=None) if device.type == "cuda" else None
     budget_mem = MemoryBudget(device_free=gpu_free, host_available=probe.host.ram_available)
     float_quant = "fp16" if device.type == "cuda" else "fp32"
-    float_bytes = 2 if device.type == "cuda" else 4
-    hw = hardware_facts(probe, device, caps or {})
-    stored = stored_float_bytes(target) if target_shape is not None else None
-    gpu_total = max((g.memory_total for g in probe.gpus), default=0) if gpu_free is not None else 0
-    reserve = (256 << 20) + int(0.05 * gpu_total)  # as the runtime keeps free
+    placed = placements or PlacementPlanner(target, probe, device, caps, plan_context or context)
 
     def draft_bytes(candidate: Candidate) -> float:
         early = parse_early_exit(candidate.draft)
@@ -209,22 +316,14 @@ def memory_checker(
         return draft_weight_bytes(draft_shape, float_quant, draft_quant)
 
     def check(candidate: Candidate) -> str | None:
-        if target_shape is None:
-            return None
         if candidate.offload:
-            request = planner.PlanRequest(
-                offload=candidate.offload,
-                resident_layers=None,
-                budget=0 if candidate.autoregressive else max(1, candidate.budget),
-                context_len=plan_context or context,
-                draft_bytes=int(draft_bytes(candidate)),
-                reserve_bytes=reserve,
-            )
-            facts = model_facts(target_shape, candidate.quantization, float_bytes, stored)
+            budget = 0 if candidate.autoregressive else max(1, candidate.budget)
             try:
-                planner.plan(hw, facts, request)
+                placed.plan(candidate.draft, candidate.quantization, candidate.offload, budget)
             except SpecexecError as exc:
                 return str(exc)
+            return None
+        if target_shape is None:
             return None
         target_bytes = target_shape.weight_bytes(candidate.quantization)
         activations = tree_activation_bytes(target_shape, candidate.budget, context, lanes=lanes)

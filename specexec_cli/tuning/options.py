@@ -27,6 +27,7 @@ class TuneOptions:
     beam_lens: tuple[int, ...] = (8, 16, UNCAPPED)  # caps on draft passes; UNCAPPED: none
     max_branch_width: int = 8
     n_trials: int = 24
+    patience: int | None = 8  # stop after this many trials in a row found nothing faster (None: never)
     timeout: float | None = None  # seconds for the whole run; at least one trial runs after calibration
     prompts_file: Path | None = None
     n_prompts: int = 2
@@ -38,8 +39,9 @@ class TuneOptions:
     device: str | None = None
     profiles_dir: Path | None = None
     save: bool = True
-    trial_time_limit_s: float | None = None  # stop a slow measurement early (rate over what was made)
-    calibration_iterations: int = 8  # SpecExec iterations per prompt for the acceptance curve
+    trial_time_limit_s: float | None = 20.0  # stop a slow measurement early (rate over what was made)
+    calibration_iterations: int = 4  # SpecExec iterations per prompt for the acceptance curve
+    calibration_step_s: float = 30.0  # each calibration measurement stops here with what it has
     max_memory: tuple[str, ...] = ()  # --max-memory caps (runtime/caps.py): targets load streamed
     offload: str | None = None  # auto | none | ram | disk; None: auto with --max-memory, else no tiers
     hopeless_ratio: float = 0.5  # rule out trials predicted below this x the best measured (0: never)
@@ -51,6 +53,8 @@ class TuneOptions:
     def validate(self) -> None:
         if self.n_trials < 1:
             raise UsageError(f"--trials must be >= 1, got {self.n_trials}")
+        if self.patience is not None and self.patience < 1:
+            raise UsageError(f"--patience must be >= 1, got {self.patience}")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout must be > 0, got {self.timeout}")
         if self.max_new_tokens < 2:
@@ -65,6 +69,10 @@ class TuneOptions:
         if self.offload not in (None, "auto", *OFFLOADS):
             raise UsageError(f"--offload must be one of auto, {', '.join(OFFLOADS)}; got {self.offload!r}")
         batch_sizes_to_try(self.batch_sizes, MAX_BATCH_SIZE)  # a bad --batch-sizes fails at once
+        if self.calibration_step_s <= 0:
+            raise UsageError(f"--step-seconds must be > 0, got {self.calibration_step_s}")
+        if self.trial_time_limit_s is not None and self.trial_time_limit_s <= 0:
+            raise UsageError(f"--trial-seconds must be > 0, got {self.trial_time_limit_s}")
         if self.calibration_iterations < 1:
             raise UsageError(f"--calibration-iterations must be >= 1, got {self.calibration_iterations}")
         for quant in self.quantizations or ():

@@ -14,6 +14,7 @@ import torch
 
 from specexec_cli.errors import SpecexecError
 from specexec_cli.tuning import log
+from specexec_cli.tuning.memory import variant_source
 from specexec_cli.tuning.space import NO_DRAFT, Candidate, parse_early_exit, split_draft_quant
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -26,19 +27,37 @@ LoadFn = Callable[[str, str, torch.device], tuple[Any, Any]]
 @dataclass(frozen=True)
 class Placement:
     """How a target variant is placed under --max-memory: the tier, the caps, and what else the memory
-    plan must fit (the largest budget searched, the context, the draft)."""
+    plan must fit (the budget the placement is planned for, the context, the draft), and a floor of
+    resident layers (an early-exit draft needs its layers on the device; None: as many as fit)."""
 
     offload: str  # none | ram | disk
     max_memory: dict[str, int] = field(default_factory=dict)
     budget: int | None = None
     context_len: int | Callable[[Any], int] = 2048  # or a function of the tokenizer (a batch workload)
     draft: Any = None
+    resident_layers: int | None = None
 
     def for_tokenizer(self, tokenizer: Any) -> Placement:
         """This placement with its context worked out for `tokenizer` (a no-op when it is a number)."""
         if callable(self.context_len):
             return replace(self, context_len=int(self.context_len(tokenizer)))
         return self
+
+
+@dataclass(frozen=True)
+class PlacementKey:
+    """What a placed target is planned for: `plan_for` (a separate draft's key, whose memory the plan
+    counts, or ALONE), the tree budget, and a floor of resident layers. Trials whose keys are equal
+    share one load."""
+
+    plan_for: str
+    budget: int | None = None
+    resident_layers: int | None = None
+
+    def __str__(self) -> str:
+        floor = f", >= {self.resident_layers} resident" if self.resident_layers else ""
+        budget = f" at budget {self.budget}" if self.budget else ""
+        return f"planned for {self.plan_for}{budget}{floor}"
 
 
 # Loads a target variant placed under the caps; the placement's context may be a function of the
@@ -63,16 +82,6 @@ def compute_dtype(quant: str, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _registry_source(name: str, quant: str):
-    from specexec_cli.models.load import local_source
-    from specexec_cli.models.registry import QUANT_VARIANTS, resolve
-
-    spec = resolve(name)
-    if quant in QUANT_VARIANTS and spec.quantization != quant and spec.kind != "local":
-        spec = spec.quantized_variant(quant)  # a quantized folder or hub id is its own variant
-    return spec, str(local_source(spec) or spec.source)
-
-
 def load_variant(name: str, quant: str, device: torch.device) -> tuple[Any, Any]:
     """(model, tokenizer) of `name` in quantization `quant` on `device`.
 
@@ -85,7 +94,7 @@ def load_variant(name: str, quant: str, device: torch.device) -> tuple[Any, Any]
         return load_model(name, device=device, dtype=FLOAT_DTYPES[quant])
     from specexec_cli.runtime.target import load_offloaded_target
 
-    spec, source = _registry_source(name, quant)
+    spec, source = variant_source(name, quant)
     offload = "none" if device.type == "cpu" else "auto"
     model = load_offloaded_target(
         source, device=device, quant=quant, offload=offload, resident_layers=None, buffers=2
@@ -98,7 +107,7 @@ def load_placed_variant(name: str, quant: str, device: torch.device, placement: 
     caps: the planner keeps as many layers resident as the largest budget leaves room for."""
     from specexec_cli.models.load import load_tokenizer
 
-    spec, source = _registry_source(name, quant)
+    spec, source = variant_source(name, quant)
     tokenizer = load_tokenizer(spec)
     return load_planned(source, quant, device, placement.for_tokenizer(tokenizer)), tokenizer
 
@@ -106,18 +115,22 @@ def load_placed_variant(name: str, quant: str, device: torch.device, placement: 
 def load_planned(source: Any, quant: str, device: torch.device, placement: Placement) -> Any:
     """load_offloaded_target at the placement's budget, or at the largest budget the plan allows when
     that one does not fit (the trials above it are then ruled out by the memory check or fail)."""
-    from specexec_cli.runtime.target import load_offloaded_target
+    from specexec_cli.runtime.target import load_offloaded_target, plan_target
 
     kwargs = dict(
-        device=device, quant=quant, offload=placement.offload, resident_layers=None, buffers=2,
-        context_len=placement.context_len, draft=placement.draft, max_memory=placement.max_memory,
+        device=device, quant=quant, offload=placement.offload, buffers=2, context_len=placement.context_len,
+        draft=placement.draft, max_memory=placement.max_memory,
     )
+    resident = None
+    if placement.resident_layers:  # a floor: as many as fit when that is enough, else exactly the floor
+        auto = plan_target(source, budget=placement.budget, resident_layers=None, **kwargs)
+        resident = None if auto.resident_layers >= placement.resident_layers else placement.resident_layers
     try:
-        model = load_offloaded_target(source, budget=placement.budget, **kwargs)
+        model = load_offloaded_target(source, budget=placement.budget, resident_layers=resident, **kwargs)
     except SpecexecError:
         if placement.budget is None:
             raise
-        model = load_offloaded_target(source, budget=None, **kwargs)
+        model = load_offloaded_target(source, budget=None, resident_layers=resident, **kwargs)
     log(f"offload plan ({quant}): {model.offload_engine.plan.summary()}")
     return model
 
@@ -135,14 +148,19 @@ def placement_key(candidate: Candidate, target: str) -> str:
     return candidate.draft
 
 
+PairKeys = Callable[[str, str], PlacementKey]  # (draft key, variant) -> the placement it runs on
+
+
 class ModelPool:
     """Loads the target per variant and drafts per key on first use, and keeps them.
 
     A variant is a quantization ("fp32"), or a quantization placed in an offload tier ("fp32@disk",
     see space.variant_name) loaded by `stream_fn` under `placement`'s caps and planned for what runs on
-    it (`placement_key`: a draft, or ALONE). Early-exit drafts ("name[:n]") share the weights of the
-    model they are cut from: from the target variant of the trial when cut from the target, else from
-    the full model in float. Drafts keyed "name@int8" are the float draft quantized to int8
+    it: `pair_keys(draft, variant)` gives the PlacementKey (the planned space's placements,
+    tuning/space_plan.py); without it a draft's placement is planned at `placement.budget` and plain
+    decoding's alone (`placement_key`). Early-exit drafts ("name[:n]") share the weights of the model
+    they are cut from: from the target variant of the trial when cut from the target, else from the
+    full model in float. Drafts keyed "name@int8" are the float draft quantized to int8
     (runtime/int8_cpu.py). Before a load, models the current trial does not need are dropped if RAM runs
     short; under caps, a placed target replaces the others.
     """
@@ -154,39 +172,52 @@ class ModelPool:
         load_fn: LoadFn = load_variant,
         stream_fn: StreamFn = load_placed_variant,
         placement: Placement | None = None,
-        plan_draft: str | None = None,
         first_variant: str | None = None,
+        pair_keys: PairKeys | None = None,
     ) -> None:
         self.target_name, self.device, self.load_fn, self.stream_fn = target, device, load_fn, stream_fn
         self.placement = placement  # caps, budget, context of placed targets
-        self.plan_draft = plan_draft or ALONE  # what calibration's placed targets are planned for
         self.first_variant = first_variant
-        self.models: dict[tuple[str, str, str], Any] = {}  # (name, variant, placement) -> model
-        self.plans: dict[tuple[str, str], Any] = {}  # (variant, placement) -> the runtime's plan
+        self.pair_keys = pair_keys
+        self.models: dict[tuple[str, str, PlacementKey | None], Any] = {}  # (name, variant, key) -> model
+        self.plans: dict[tuple[str, PlacementKey], Any] = {}  # (variant, key) -> the runtime's plan
         self._tokenizer = None
         self._unchecked: list[Any] = []  # draft tokenizers loaded before the target's
         self.load_seconds = 0.0
+        self.on_draft_loaded: Callable[[str, Any], None] | None = None  # (key, model): the plan counts it
 
     @property
     def float_quant(self) -> str:
         return "fp16" if self.device.type == "cuda" else "fp32"
 
-    def _load(self, name: str, variant: str, keep: set[tuple[str, str, str]], plan_for: str = "") -> Any:
-        key = (name, variant, plan_for)
-        if key not in self.models:
+    def key_for(self, draft: str, variant: str) -> PlacementKey | None:
+        """The placement the target `variant` is loaded in to run with `draft` (None: not placed)."""
+        if not split_variant(variant)[1]:
+            return None
+        if self.pair_keys is not None:
+            return self.pair_keys(draft, variant)
+        if draft == NO_DRAFT:
+            return PlacementKey(ALONE, 0)
+        budget = self.placement.budget if self.placement else None
+        early = parse_early_exit(draft)
+        if early is not None and early[0] == self.target_name:  # its layers must stay resident
+            return PlacementKey(ALONE, budget, early[1])
+        return PlacementKey(draft, budget)
+
+    def _load(self, name: str, variant: str, keep: set, key: PlacementKey | None = None) -> Any:
+        slot = (name, variant, key)
+        if slot not in self.models:
             quant, offload = split_variant(variant)
             if offload:
                 self._drop_placed_targets()
             self._make_room(keep)
-            draft = self._plan_draft(plan_for, keep) if offload else None
-            what = f"{variant}, planned for {plan_for}" if offload else variant
-            log(f"loading {name} ({what})")
+            draft = self._plan_draft(key.plan_for, keep) if key is not None else None
+            log(f"loading {name} ({variant}, {key})" if key is not None else f"loading {name} ({variant})")
             start = time.perf_counter()
             base, draft_quant = split_draft_quant(name)
-            if offload:
-                budget = 0 if plan_for == ALONE else (self.placement.budget if self.placement else None)
+            if key is not None:
                 placement = replace(self.placement or Placement(offload), offload=offload, draft=draft,
-                                    budget=budget)
+                                    budget=key.budget, resident_layers=key.resident_layers)
                 model, tokenizer = self.stream_fn(name, quant, self.device, placement)
             else:
                 model, tokenizer = self.load_fn(base, quant, self.device)
@@ -205,59 +236,62 @@ class ModelPool:
                     if other is not self._tokenizer:
                         check_compatible(self._tokenizer, other)
                 self._unchecked.clear()
-            self.models[key] = model
+            self.models[slot] = model
+            if name != self.target_name and parse_early_exit(name) is None and self.on_draft_loaded:
+                self.on_draft_loaded(name, model)
         else:  # most recently used last
-            self.models[key] = self.models.pop(key)
-        return self.models[key]
+            self.models[slot] = self.models.pop(slot)
+        return self.models[slot]
 
-    def _plan_draft(self, plan_for: str, keep: set[tuple[str, str, str]]) -> Any:
+    def _plan_draft(self, plan_for: str, keep: set) -> Any:
         """The separate draft a placed target's memory plan counts (loaded first), if any."""
         if plan_for in (ALONE, NO_DRAFT, "") or parse_early_exit(plan_for):
             return None
-        return self._load(plan_for, self.float_quant, keep | {(plan_for, self.float_quant, "")})
+        return self.separate_draft(plan_for, keep)
+
+    def separate_draft(self, key: str, keep: set = frozenset()) -> Any:
+        """A separate (not early-exit) draft, in float or int8 ("name@int8")."""
+        return self._load(key, self.float_quant, set(keep) | {(key, self.float_quant, None)})
 
     def _drop_placed_targets(self) -> None:
         """Under caps one placed target fits at a time: drop the others and the drafts cut from them."""
-        for name, variant, plan_for in list(self.models):
+        for name, variant, key in list(self.models):
             if split_variant(variant)[1] and (name == self.target_name or parse_early_exit(name)):
-                del self.models[(name, variant, plan_for)]
+                del self.models[(name, variant, key)]
         gc.collect()
 
-    def _make_room(self, keep: set[tuple[str, str, str]], min_free_fraction: float = 0.25) -> None:
+    def _make_room(self, keep: set, min_free_fraction: float = 0.25) -> None:
         memory = psutil.virtual_memory()
-        for key in list(self.models):
+        for slot in list(self.models):
             if memory.available >= min_free_fraction * memory.total:
                 return
-            if key not in keep:
-                del self.models[key]
+            if slot not in keep:
+                del self.models[slot]
                 gc.collect()
                 memory = psutil.virtual_memory()
 
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """The target's tokenizer, loaded on its own: drafts are checked against it as they load."""
+        self._tokenizer = tokenizer
+
     def tokenizer(self):
         if self._tokenizer is None:
-            self.target(self.first_variant or self.float_quant)
+            variant = self.first_variant or self.float_quant
+            self.target(variant, NO_DRAFT)
         return self._tokenizer
 
-    def placement_for(self, variant: str, plan_for: str | None) -> str:
-        """The placement key of a target variant: "" when it is not placed in a tier."""
-        if not split_variant(variant)[1]:
-            return ""
-        return self.plan_draft if plan_for is None else plan_for
-
-    def target(self, variant: str, plan_for: str | None = None) -> Any:
-        """The target `variant`; a placed one planned for `plan_for` (a draft key or ALONE; None: the
-        pool's plan_draft, as calibration measures it)."""
-        placement = self.placement_for(variant, plan_for)
-        key = (self.target_name, variant, placement)
-        model = self._load(self.target_name, variant, {key}, placement)
+    def target(self, variant: str, draft: str = NO_DRAFT) -> Any:
+        """The target `variant`, placed (when it is a placed variant) to run with `draft`."""
+        key = self.key_for(draft, variant)
+        model = self._load(self.target_name, variant, {(self.target_name, variant, key)}, key)
         engine = getattr(model, "offload_engine", None)
-        if engine is not None and engine.plan is not None:
-            self.plans[(variant, placement)] = engine.plan
+        if key is not None and engine is not None and engine.plan is not None:
+            self.plans[(variant, key)] = engine.plan
         return model
 
     def models_for(self, candidate: Candidate) -> tuple[Any, Any | None]:
         """(target, draft) that `candidate` runs with: the target placed for the candidate's draft."""
-        target = self.target(candidate.variant, placement_key(candidate, self.target_name))
+        target = self.target(candidate.variant, candidate.draft)
         return target, self.draft(candidate.draft, candidate.variant)
 
     def draft_variant(self, key: str, variant: str) -> str:
@@ -275,25 +309,26 @@ class ModelPool:
             return None
         weights = self.draft_variant(key, variant)
         early = parse_early_exit(key)
-        placed = [k for k in self.models if k[0] == self.target_name and k[1] == variant]
-        target_key = placed[-1] if placed else (self.target_name, variant, self.placement_for(variant, None))
+        target_slot = (self.target_name, variant, self.key_for(key, variant))
         if early is None:
-            return self._load(key, weights, {target_key, (key, weights, "")})
+            return self.separate_draft(key, {target_slot})
         base, n_layers = early
-        if (key, weights, "") not in self.models:
+        cut_from_target = base == self.target_name and weights == variant
+        slot = (key, weights, target_slot[2] if cut_from_target else None)
+        if slot not in self.models:
             from specexec_cli.models.load import make_early_exit_draft
 
-            if base == self.target_name and weights == variant:
-                source = self.models[target_key] if target_key in self.models else self.target(variant)
+            if cut_from_target:
+                source = self.target(variant, key)
             else:
-                source = self._load(base, weights, {target_key, (base, weights, "")})
-            self.models[(key, weights, "")] = make_early_exit_draft(source, n_layers)
-        return self.models[(key, weights, "")]
+                source = self._load(base, weights, {target_slot, (base, weights, None)})
+            self.models[slot] = make_early_exit_draft(source, n_layers)
+        return self.models[slot]
 
     def plan_of(self, candidate: Candidate) -> Any | None:
         """The runtime's memory plan of the target `candidate` ran on (None: not placed, or not loaded)."""
-        placement = self.placement_for(candidate.variant, placement_key(candidate, self.target_name))
-        return self.plans.get((candidate.variant, placement))
+        key = self.key_for(candidate.draft, candidate.variant)
+        return self.plans.get((candidate.variant, key)) if key is not None else None
 
     def offload_settings(self, candidate: Candidate) -> dict:
         """Generate settings that place the target as it was for `candidate`: tier, buffers, resident

@@ -31,7 +31,7 @@ from optuna.trial import Trial, TrialState
 
 from specexec_cli.errors import SpecexecError
 from specexec_cli.tuning.results import SearchResult
-from specexec_cli.tuning.space import NO_DRAFT, Candidate, SearchSpace, variant_name
+from specexec_cli.tuning.space import Candidate, SearchSpace, variant_name
 from specexec_cli.tuning.study import (
     ATTR_CANDIDATE,
     ATTR_DUPLICATE,
@@ -95,12 +95,14 @@ class _Search:
     def default_seeds(self) -> list[Candidate]:
         """Plain decoding per quantization, then each pair's predicted-best budget, best first."""
         space = self.space
-        plain = [Candidate(NO_DRAFT, q, offload=o) for q, o in space.variants if NO_DRAFT in space.drafts]
+        plain = [c for c in space.candidates() if c.autoregressive]
         per_pair = []
         for draft in space.speculative_drafts:
             for quant, offload in space.variants:
                 key = (draft, variant_name(quant, offload))
                 options = [c for c in space.candidates() if c.load_key == key]
+                if not options:  # a pair the planned space left out
+                    continue
                 scored = [(self.prediction(c), c) for c in options]
                 known = [(p, c) for p, c in scored if p is not None]
                 if known:
@@ -257,18 +259,22 @@ def run_search(
     max_idle_asks: int = 50,
     seed: int = 0,
     progress: bool = True,
+    patience: int | None = None,
 ) -> SearchResult:
     """Search until the study holds `n_trials` measured trials (a resumed study counts the ones it has),
-    `timeout` seconds pass, or the sampler keeps proposing candidates that are measured or ruled out.
+    `timeout` seconds pass, `patience` trials in a row measured nothing at least 1 % faster than the
+    best before them, or the sampler keeps proposing candidates that are measured or ruled out.
 
     The objective returns measured tokens/s; `predict` (cost model) and `infeasible` (memory check)
     are optional. Returns every measurement in the study, including earlier runs'.
     """
     study = open_study(storage, study_name, seed)
     search = _Search(study, space, objective, predict, infeasible, hopeless_ratio, climb_ratio, seeds)
-    distinct = len(space.candidates())
+    grid = set(space.candidates())
+    distinct = len(grid)
     done = len(search.known)
     start, new, idle = time.perf_counter(), 0, 0
+    stale = 0  # trials measured since the best improved by 1 %
     stop_reason = "trials"
     bar = _progress_bar(n_trials, done) if progress else None
     try:
@@ -276,7 +282,7 @@ def run_search(
             if timeout is not None and time.perf_counter() - start >= timeout:
                 stop_reason = "timeout"
                 break
-            if len(search.known) + len(search.ruled_out) >= distinct:
+            if len(grid & (search.known.keys() | search.ruled_out)) >= distinct:
                 stop_reason = "space exhausted"
                 break
             if search.nothing_left_worth_trying():
@@ -284,6 +290,9 @@ def run_search(
                 break
             if not search.known and search.failures >= 4:
                 stop_reason = "every trial failed"
+                break
+            if patience and stale >= patience:
+                stop_reason = f"converged: {stale} trials in a row without a faster configuration"
                 break
             if idle >= max_idle_asks:
                 stop_reason = "converged: the sampler only proposes candidates already measured or ruled out"
@@ -305,8 +314,11 @@ def run_search(
                 continue
             if bar is not None:
                 bar.set_description_str(candidate.label()[:48])
+            before = search.best
             if search.measure(trial, candidate):
                 done, new, idle = done + 1, new + 1, 0
+                improved = before is None or search.known[candidate] >= 1.01 * before
+                stale = 0 if improved else stale + 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"best {search.best:.2f} tok/s")

@@ -127,6 +127,9 @@ class SearchSpace:
     n_beams: tuple[int, ...] = (32,)
     beam_lens: tuple[int, ...] = (UNCAPPED,)
     offloads: tuple[str, ...] = (DEFAULT_PLACEMENT,)  # target tiers (--max-memory), searched when > 1
+    # (draft, variant, largest budget) of each pair that can run here (tuning/space_plan.py, planned
+    # before anything loads); None: every pair of the product, at every budget
+    allowed: tuple[tuple[str, str, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.drafts or not self.quantizations or not self.budgets:
@@ -143,7 +146,26 @@ class SearchSpace:
 
     @property
     def speculative_drafts(self) -> tuple[str, ...]:
-        return tuple(d for d in self.drafts if d != NO_DRAFT)
+        """Drafts of the space (but plain decoding) with at least one pair that can run."""
+        return tuple(d for d in self.drafts if d != NO_DRAFT and any(
+            self.pair_budget(d, variant_name(q, o)) is not None for q, o in self.variants))
+
+    @property
+    def planned_variants(self) -> list[tuple[str, str]]:
+        """Target variants with at least one pair that can run."""
+        return [(q, o) for q, o in self.variants
+                if any(self.pair_budget(d, variant_name(q, o)) is not None for d in self.drafts)]
+
+    def pair_budget(self, draft: str, variant: str) -> int | None:
+        """The largest budget (draft, variant) can run at (0 for plain decoding); None: left out."""
+        if self.allowed is None:
+            return 0 if draft == NO_DRAFT else max(self.budgets)
+        return next((b for d, v, b in self.allowed if d == draft and v == variant), None)
+
+    def allows(self, candidate: Candidate) -> bool:
+        """Whether the planned space holds `candidate` (its pair can run, at its budget)."""
+        limit = self.pair_budget(candidate.draft, candidate.variant)
+        return limit is not None and (candidate.autoregressive or candidate.budget <= limit)
 
     def canonical(self, candidate: Candidate) -> Candidate:
         """The same behaviour with one spelling: beam shapes wider or longer than the budget act alike,
@@ -157,9 +179,16 @@ class SearchSpace:
         )
 
     def candidates(self) -> list[Candidate]:
-        """Every distinct candidate (the exhaustive grid), plain decoding first."""
+        """Every distinct candidate (the exhaustive grid), plain decoding first (a copy of a list made
+        once: the search asks for it often)."""
+        if "_candidates" not in self.__dict__:
+            object.__setattr__(self, "_candidates", self._grid())
+        return list(self.__dict__["_candidates"])
+
+    def _grid(self) -> list[Candidate]:
         variants = self.variants
         out = [Candidate(NO_DRAFT, q, offload=o) for q, o in variants if NO_DRAFT in self.drafts]
+        out = [c for c in out if self.allows(c)]
         seen = set(out)
         for draft in self.speculative_drafts:
             for quant, offload in variants:
@@ -167,7 +196,7 @@ class SearchSpace:
                     for beams in self.n_beams:
                         for length in self.beam_lens:
                             c = self.canonical(Candidate(draft, quant, budget, beams, length, offload))
-                            if c not in seen:
+                            if c not in seen and self.allows(c):
                                 seen.add(c)
                                 out.append(c)
         return out

@@ -23,8 +23,11 @@ batch size on those prompts (tuning.batch_stage); the fastest size goes into the
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from dataclasses import replace as dc_replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,10 +37,11 @@ from specexec_cli.tuning import log
 from specexec_cli.tuning.batch_stage import BatchChoice, run_batch_stage
 from specexec_cli.tuning.batch_workload import BatchWorkload, space_tree
 from specexec_cli.tuning.calibration import Calibration, calibrate
-from specexec_cli.tuning.memory import draft_weight_bytes, memory_checker, model_shape
+from specexec_cli.tuning.memory import PlacementPlanner, memory_checker
 from specexec_cli.tuning.objective import GenerationObjective, TrialRecord
 from specexec_cli.tuning.options import TuneOptions, caps_of, offload_tiers
 from specexec_cli.tuning.pool import (
+    ALONE,
     LoadFn,
     ModelPool,
     Placement,
@@ -45,7 +49,6 @@ from specexec_cli.tuning.pool import (
     default_device,
     load_placed_variant,
     load_variant,
-    placement_key,
 )
 from specexec_cli.tuning.profile_out import make_profile
 from specexec_cli.tuning.prompt_set import Prompt, encode_prompt, packaged_prompts, read_prompts
@@ -59,10 +62,9 @@ from specexec_cli.tuning.space import (
     SearchSpace,
     early_exit_key,
     normalize_draft,
-    parse_early_exit,
-    split_draft_quant,
     variant_name,
 )
+from specexec_cli.tuning.space_plan import SpacePlan, plan_space
 from specexec_cli.tuning.study import default_storage_path, open_study
 
 # The context a placed target's memory plan holds: generate's (its default --max-new-tokens + 2048), so
@@ -166,7 +168,8 @@ def check_same_setup(
     incomparable numbers (and Optuna refuses changed choices), so that is a clear error instead."""
     setup = {
         "space": {
-            k: list(v) for k, v in space.__dict__.items() if k != "offloads" or v != (DEFAULT_PLACEMENT,)
+            f.name: list(getattr(space, f.name)) for f in fields(space)
+            if f.name != "allowed" and (f.name != "offloads" or space.offloads != (DEFAULT_PLACEMENT,))
         },
         "prompts": str(options.prompts_file or "packaged"),
         "n_prompts": options.n_prompts,
@@ -190,16 +193,15 @@ def check_same_setup(
         )
 
 
-def stored_calibration(study, space: SearchSpace) -> Calibration | None:
-    """The calibration a resumed study saved, when it covers the space; None otherwise."""
+def stored_calibration(study) -> Calibration | None:
+    """What a resumed study measured of its calibration so far (None: nothing, or unreadable)."""
     data = study.user_attrs.get(ATTR_CALIBRATION)
     if not isinstance(data, dict):
         return None
     try:
-        calibration = Calibration.from_dict(data)
+        return Calibration.from_dict(data)
     except (KeyError, TypeError, ValueError):
         return None
-    return calibration if calibration.covers(space) else None
 
 
 def study_name_for(target: str, fingerprint: str, options: TuneOptions | None = None) -> str:
@@ -212,18 +214,6 @@ def study_name_for(target: str, fingerprint: str, options: TuneOptions | None = 
     if options is not None and options.batch_prompts_file and offload_tiers(options) != (DEFAULT_PLACEMENT,):
         name += f"@batch={max(options.batch_sizes)}"  # planned for the batch's caches: another study
     return name
-
-
-def plan_draft(space: SearchSpace) -> str | None:
-    """The largest separate draft of the space: the one a placed target's memory plan makes room for."""
-    drafts = [d for d in space.speculative_drafts if parse_early_exit(d) is None]
-
-    def size(key: str) -> float:
-        name, draft_quant = split_draft_quant(key)
-        shape = model_shape(name)
-        return draft_weight_bytes(shape, "fp32", draft_quant) if shape else 0.0
-
-    return max(drafts, key=size, default=None)
 
 
 def batch_workload(options: TuneOptions, space: SearchSpace, floor: int) -> BatchWorkload | None:
@@ -255,10 +245,80 @@ def compare_placements(pool: ModelPool, objective: GenerationObjective, result: 
         return
     candidate = spec.candidate
     log(f"equal streaming: plain decoding on the placement of {candidate.label()}")
-    target = pool.target(candidate.variant, placement_key(candidate, pool.target_name))
+    target = pool.target(candidate.variant, candidate.draft)
     plain = Candidate(NO_DRAFT, candidate.quantization, offload=candidate.offload)
     rate = objective.measure(plain, target, None, record=False)
     result.equal_streaming = EqualStreaming(candidate, rate, result.resident_layers.get(candidate))
+
+
+def target_tokenizer(target: str) -> Any | None:
+    """The target's tokenizer without loading its weights (None for a name the registry cannot
+    resolve: the pool then gets it from its first load)."""
+    from specexec_cli.models.load import load_tokenizer
+
+    try:
+        return load_tokenizer(target)
+    except SpecexecError:
+        return None
+
+
+def plan_the_space(space: SearchSpace, planner: PlacementPlanner, pool: ModelPool,
+                   device: torch.device) -> SpacePlan:
+    """Plan every pair before any target loads (tuning/space_plan.py). Placed pairs are planned twice:
+    with the drafts' registry estimates, then, once the separate drafts of the pairs kept are loaded
+    (small next to a target), with the bytes those drafts really hold; the second pass only adds lines."""
+    unified = device.type != "cuda"
+    first = plan_space(space, planner, unified, log)
+    if all(not offload for _, offload in space.variants):
+        return first
+    drafts = {p.plan_for for p in first.pairs.values() if p.plan_for not in (ALONE, NO_DRAFT)}
+    for key in sorted(drafts):
+        planner.count_draft(key, pool.separate_draft(key))
+    said = {line.partition(":")[0] for line in first.left_out}  # "draft on variant", or a variant
+
+    def new_lines_only(line: str) -> None:
+        if line.removeprefix("left out: ").partition(":")[0] not in said:
+            log(line)
+
+    return plan_space(space, planner, unified, new_lines_only)
+
+
+def timing_pair(space_plan: SpacePlan, space: SearchSpace) -> Callable[[str], str]:
+    """For each placed variant, the draft whose placement it is timed on: the one that keeps the fewest
+    layers resident, so the measurement streams as much as any trial will (the cost model predicts the
+    others from it)."""
+
+    def choose(variant: str) -> str:
+        pairs = [p for (d, v), p in space_plan.pairs.items() if v == variant]
+        # unknown facts (no plan): a separate draft's placement, which holds the least of the target
+        best = min(pairs, key=lambda p: (p.plan.resident_layers if p.plan else 0, p.plan_for == ALONE))
+        return best.draft
+
+    return choose
+
+
+def plan_for_search(space_plan: SpacePlan, space: SearchSpace, calibration: Calibration,
+                    planner: PlacementPlanner, hopeless_ratio: float) -> None:
+    """Each placed speculative pair's placement planned for the largest budget the search may still
+    measure on it (predicted >= hopeless_ratio x the best prediction), so its trials keep as many layers
+    resident as those budgets leave room for."""
+    predictions = {c: calibration.predict(c, space_plan.resident_layers(c.draft, c.variant))
+                   for c in space.candidates()}
+    best = max((p for p in predictions.values() if p is not None), default=None)
+    for (draft, variant), pair in list(space_plan.pairs.items()):
+        if draft == NO_DRAFT or pair.plan is None:
+            continue
+        scored = {c.budget: p for c, p in predictions.items()
+                  if c.load_key == (draft, variant) and p is not None}
+        if not scored or best is None:
+            continue
+        worth = [b for b, p in scored.items() if p >= hopeless_ratio * best]
+        budget = max(worth) if worth else max(scored, key=scored.get)
+        if budget == pair.plan_budget:
+            continue
+        quant, _, offload = variant.partition("@")
+        plan = planner.plan(draft, quant, offload, budget, resident_layers=pair.resident_floor)
+        space_plan.pairs[(draft, variant)] = dc_replace(pair, plan_budget=budget, plan=plan)
 
 
 def tune(
@@ -297,10 +357,20 @@ def tune(
     plan_context = workload.plan_context if workload else PLAN_CONTEXT  # N caches for a batch workload
     placement = Placement("auto", caps, max(space.budgets), plan_context)
     first_variant = variant_name(*space.variants[0])
-    pool = pool or ModelPool(
-        options.target, device, load_fn, stream_fn, placement, plan_draft(space), first_variant
-    )
-    tokenizer = pool.tokenizer()
+    pool = pool or ModelPool(options.target, device, load_fn, stream_fn, placement, first_variant)
+    tokenizer = target_tokenizer(options.target)
+    if tokenizer is not None:
+        pool.set_tokenizer(tokenizer)
+    else:
+        tokenizer = pool.tokenizer()
+    planned_context = plan_context(tokenizer) if callable(plan_context) else plan_context
+    planner = PlacementPlanner(options.target, probe, device, caps, planned_context)
+    space_plan = plan_the_space(space, planner, pool, device)
+    space = space_plan.restrict(space)
+    pool.pair_keys = space_plan.key
+    pairs = len(space.variants) * len(space.drafts)
+    log(f"planned: {len(space_plan.pairs)} of {pairs} (format, tier, draft) pairs can run here "
+        f"({len(space.candidates())} configurations)")
     prompts = [encode_prompt(tokenizer, p.text) for p in prompt_texts]
     objective = GenerationObjective(
         pool,
@@ -311,19 +381,46 @@ def tune(
         options.max_branch_width,
         options.trial_time_limit_s,
     )
-    calibration = stored_calibration(study, space)
-    if calibration is None:
-        calibration = calibrate(
-            pool, space, objective, options.calibration_iterations, options.hopeless_ratio
-        )
-        study.set_user_attr(ATTR_CALIBRATION, calibration.to_dict())
-    else:
+    stored = stored_calibration(study)
+    if stored is not None and stored.covers(space):
         log(f"reusing the calibration stored with study {study_name}")
+    elif stored is not None:
+        log(f"resuming the calibration stored with study {study_name}")
+
+    def save_calibration(cal: Calibration) -> None:
+        study.set_user_attr(ATTR_CALIBRATION, cal.to_dict())
+
+    calibration = calibrate(
+        pool, space, objective, options.calibration_iterations, options.hopeless_ratio, stored=stored,
+        save=save_calibration, timing_draft=timing_pair(space_plan, space),
+        step_limit_s=options.calibration_step_s, progress=options.progress,
+    )
+    for name in calibration.left_out:  # pairs that failed to load or run while calibrating
+        draft, _, variant = name.partition(" | ")
+        space_plan.pairs.pop((draft, variant), None)
+    if not space_plan.pairs:
+        first = next(iter(calibration.left_out.values()))
+        raise SpecexecError(f"nothing in the search space could run; {first}")
+    space = space_plan.restrict(space)
+    plan_for_search(space_plan, space, calibration, planner, options.hopeless_ratio)
     context = max(p.numel() for p in prompts) + options.max_new_tokens
     planned, lanes = PLAN_CONTEXT, 1
     if workload is not None:  # the largest batch's packed caches and its forest must fit too
         planned, lanes = workload.plan_context(tokenizer), workload.largest
         context = max(context, workload.caches_context(tokenizer))
+    memory = memory_checker(options.target, probe, device, context, caps, planned, lanes, placements=planner)
+
+    def infeasible(candidate: Candidate) -> str | None:
+        if not space.allows(candidate):
+            limit = space.pair_budget(candidate.draft, candidate.variant)
+            if limit is None:
+                return f"left out: {candidate.draft} on {candidate.variant} cannot run here"
+            return f"budget {candidate.budget} does not fit (at most {limit} for this pair)"
+        return memory(candidate)
+
+    def predict(candidate: Candidate) -> float | None:
+        return calibration.predict(candidate, space_plan.resident_layers(candidate.draft, candidate.variant))
+
     result = run_search(
         space,
         objective,
@@ -333,11 +430,12 @@ def tune(
         timeout=None
         if options.timeout is None
         else max(1.0, options.timeout - (time.perf_counter() - start)),
-        predict=calibration.predict,
-        infeasible=memory_checker(options.target, probe, device, context, caps, planned, lanes),
+        predict=predict,
+        infeasible=infeasible,
         hopeless_ratio=options.hopeless_ratio,
         seed=options.seed,
         progress=options.progress,
+        patience=options.patience,
     )
     if space.offloads != (DEFAULT_PLACEMENT,):
         compare_placements(pool, objective, result)
