@@ -462,3 +462,27 @@ def test_early_exit_draft_shares_the_resident_layers_of_an_offloaded_target(tmp_
     assert spec.token_ids == plain.token_ids
     assert spec.stats.draft_passes > 0
     assert offloaded.offload_engine.stats.forwards == spec.n_target_passes  # draft calls are not counted
+
+
+def test_an_early_exit_runs_on_resident_layers_decoded_once(tmp_path):
+    """Float16 files computed in float32 with memory to spare: resident layers are decoded once
+    ("expanded") and an early-exit draft of them is allowed and exact."""
+    from tiny_pairs import tiny_pair
+
+    from specexec_cli.decoding.config import GenerationConfig, TreeConfig
+    from specexec_cli.decoding.generate import generate
+    from specexec_cli.models.load import make_early_exit_draft
+
+    target, _ = tiny_pair("llama", dtype=torch.float32)
+    target.to(torch.float16).save_pretrained(tmp_path / "fp16")
+    reference = load(tmp_path / "fp16", dtype=torch.float32, offload="none")
+    prompt = torch.tensor([[5, 17, 3, 99, 42]])
+    plain = generate(reference, None, prompt, GenerationConfig(method="autoregressive", max_new_tokens=16))
+    offloaded = load(tmp_path / "fp16", dtype=torch.float32, offload="disk", resident_layers=None)
+    engine = offloaded.offload_engine
+    assert engine.expanded and 0 in engine.expanded  # layer 0 is resident, decoded once
+    draft = make_early_exit_draft(offloaded, 1)
+    config = GenerationConfig(method="specexec", max_new_tokens=16, tree=TreeConfig(budget=8, max_n_beams=4))
+    assert generate(offloaded, draft, prompt, config).token_ids == plain.token_ids
+    engine.close()
+    reference.offload_engine.close()

@@ -141,9 +141,12 @@ def load_tokenizer(name_or_path: str | ModelSpec) -> Any:
 def quantized_format(spec: ModelSpec) -> Any | None:
     """The QuantFormat (runtime/qformat.py) of a local folder or of a hub id in the local hub cache;
     None for 16-bit checkpoints and for hub ids not downloaded yet (a registry variant is known by
-    `spec.quantization`)."""
+    `spec.quantization`). A bundled model is converted to 16-bit safetensors: no conversion is needed to
+    say so."""
     from specexec_cli.runtime.qformat import format_from_dict, quantization_config_of
 
+    if spec.kind == "bundled":
+        return None
     folder = local_source(spec)
     if folder is None:
         from huggingface_hub import try_to_load_from_cache
@@ -319,7 +322,8 @@ def make_early_exit_draft(model: Any, n_layers: int) -> Any:
         raise SpecexecError(f"cannot make an early-exit draft of {type(model).__name__}: no layer list")
     engine = getattr(model, "offload_engine", None)  # a target whose layers the runtime binds per call
     if engine is not None:
-        streamed = [i for i in range(n_layers) if i not in engine.resident]
+        held = set(engine.resident) | set(engine.expanded)  # resident as stored, or decoded once
+        streamed = [i for i in range(n_layers) if i not in held]
         if streamed:
             raise SpecexecError(
                 f"an early-exit draft of {n_layers} layers needs them on the device, but the offloaded "
