@@ -166,3 +166,14 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
+
+
+def fake_probe(folder: Path, ram: int):
+    """The hardware probe of this machine (nothing measured) with `ram` bytes of RAM and no GPU."""
+    import dataclasses
+
+    from specexec_cli import hardware
+
+    probe = hardware.probe(folder, run_measurements=False)
+    host = dataclasses.replace(probe.host, ram_available=ram, ram_total=ram)
+    return dataclasses.replace(probe, host=host, gpus=())

@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("optuna")  # a core dependency; absent on the lent GPU machine (gpu_check)
 
+from conftest import fake_probe  # noqa: E402
+
 from specexec_cli.errors import SpecexecError, UsageError  # noqa: E402
 from specexec_cli.tuning import batch_stage  # noqa: E402
 from specexec_cli.tuning.batch_stage import BatchMeasurement, measure_batches, pick_batch  # noqa: E402
@@ -34,14 +36,6 @@ def prompt_file(tmp_path, n: int) -> object:
                                                                           for k in range(2 + i % 4))})
                             + "\n" for i in range(n)))
     return path
-
-
-def fake_probe(tmp_path, ram: int):
-    from specexec_cli import hardware
-
-    probe = hardware.probe(tmp_path, run_measurements=False)
-    host = dataclasses.replace(probe.host, ram_available=ram, ram_total=ram)
-    return dataclasses.replace(probe, host=host, gpus=())
 
 
 # --- the workload -------------------------------------------------------------------------------

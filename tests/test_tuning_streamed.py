@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("optuna")  # a core dependency; absent on the lent GPU machine (gpu_check)
 
+from conftest import fake_probe  # noqa: E402
+
 from specexec_cli.tuning import cost_model as cm  # noqa: E402
 from specexec_cli.tuning.calibration import Calibration  # noqa: E402
 from specexec_cli.tuning.search import run_search  # noqa: E402
@@ -87,14 +89,6 @@ def test_the_tuner_picks_speculation_when_the_target_streams(tmp_path):
     assert result.best.tokens_per_s > 2 * plain.tokens_per_s
     assert "x plain decoding at equal memory (" in result.verdict()
     assert "offload=disk" in result.verdict()
-
-
-def fake_probe(tmp_path, ram: int):
-    from specexec_cli import hardware
-
-    probe = hardware.probe(tmp_path, run_measurements=False)
-    host = dataclasses.replace(probe.host, ram_available=ram, ram_total=ram)
-    return dataclasses.replace(probe, host=host, gpus=())
 
 
 def test_the_feasibility_check_honours_the_caps(tmp_path):

@@ -112,14 +112,15 @@ def load_placed_variant(name: str, quant: str, device: torch.device, placement: 
     return load_planned(source, quant, device, placement.for_tokenizer(tokenizer)), tokenizer
 
 
-def load_planned(source: Any, quant: str, device: torch.device, placement: Placement) -> Any:
+def load_planned(source: Any, quant: str, device: torch.device, placement: Placement,
+                 hardware: Any = None) -> Any:
     """load_offloaded_target at the placement's budget, or at the largest budget the plan allows when
     that one does not fit (the trials above it are then ruled out by the memory check or fail)."""
     from specexec_cli.runtime.target import load_offloaded_target, plan_target
 
     kwargs = dict(
         device=device, quant=quant, offload=placement.offload, buffers=2, context_len=placement.context_len,
-        draft=placement.draft, max_memory=placement.max_memory,
+        draft=placement.draft, max_memory=placement.max_memory, hardware=hardware,
     )
     resident = None
     if placement.resident_layers:  # a floor: as many as fit when that is enough, else exactly the floor
