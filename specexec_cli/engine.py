@@ -181,6 +181,7 @@ class OffloadOptions:
     resident_layers: int | None = None
     offload_dir: str | None = None
     max_memory: tuple[str, ...] = ()  # --max-memory values (runtime/caps.py)
+    flagged: bool = True  # the tier was a flag (a profile's tier is kept silently: it was measured)
 
 
 def default_batch_size(n_prompts: int, offloaded: bool, stream: bool) -> int:
@@ -195,7 +196,7 @@ def default_batch_size(n_prompts: int, offloaded: bool, stream: bool) -> int:
 def unused_offload_flags(options: OffloadOptions, plan: Any, n_layers: int) -> list[str]:
     """What the user asked for that the memory plan does not do, one sentence each."""
     warnings = []
-    if options.offload in ("ram", "disk") and plan.resident_layers >= n_layers:
+    if options.flagged and options.offload in ("ram", "disk") and plan.resident_layers >= n_layers:
         warnings.append(f"--offload {options.offload} has no effect: all {n_layers} layers fit on the "
                         "device and stay resident (cap memory with --max-memory, or pass "
                         "--resident-layers N, to stream)")
@@ -440,7 +441,8 @@ def open_engine(request: EngineRequest, workload: Workload) -> Engine:
     load_target = None
     if offloaded:
         options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
-                                 settings.get("resident_layers"), request.offload_dir, caps)
+                                 settings.get("resident_layers"), request.offload_dir, caps,
+                                 flagged=request.offload is not None)
         plain = method == "autoregressive"  # no tree: a 1-token pass, no draft headroom
         headroom = 0 if plain else tree_headroom(tree)
 

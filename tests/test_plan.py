@@ -12,6 +12,7 @@ from specexec_cli.errors import DoesNotFit, SpecexecError, UsageError
 from specexec_cli.runtime.plan import (
     HardwareFacts,
     ModelFacts,
+    Plan,
     PlanRequest,
     budget_device_bytes,
     gb,
@@ -310,3 +311,14 @@ def test_resident_layers_are_expanded_with_the_memory_left_and_never_past_it():
     assert plan(roomy, LLAMA70, PlanRequest(offload="none", budget=64)).expanded_layers == 0  # views: nothing
     streamed = plan(roomy, gptq, PlanRequest(offload="ram", resident_layers=4, budget=64))
     assert streamed.expanded_layers == 4  # only resident layers, never streamed ones
+
+
+def test_an_offload_tier_that_streams_nothing_is_said_only_for_a_flag():
+    """`--offload disk` with every layer resident has no effect: said for the flag, not for a profile's
+    tier (the tuner measured that placement: float16 layers kept narrow are not tier none's)."""
+    from specexec_cli.engine import OffloadOptions, unused_offload_flags
+
+    everything = Plan(offload="disk", buffers=0, resident_layers=28, budget=16, device_bytes=1, host_bytes=0,
+                      disk_bytes=0)
+    assert "has no effect" in unused_offload_flags(OffloadOptions("disk"), everything, 28)[0]
+    assert unused_offload_flags(OffloadOptions("disk", flagged=False), everything, 28) == []
