@@ -48,6 +48,9 @@ def make_profile(
     if plain is not None:
         measured["autoregressive_tokens_per_s"] = plain.tokens_per_s
         measured["speedup"] = evaluation.tokens_per_s / plain.tokens_per_s
+    spec = result.best_speculative
+    if spec is not None and spec.candidate != best:  # what speculation reached, when it did not win
+        measured["best_speculative"] = {**spec.candidate.to_dict(), "tokens_per_s": spec.tokens_per_s}
     measured.update(
         max_new_tokens=options.max_new_tokens, prompts=options.n_prompts, temperature=options.temperature
     )
