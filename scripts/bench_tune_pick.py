@@ -48,7 +48,8 @@ from specexec_cli.tuning.space import (  # noqa: E402
 )
 from specexec_cli.tuning.tune import default_drafts  # noqa: E402
 
-DEFAULT_PROMPTS = ROOT.parent / "shared" / "data" / "prompts" / "mtbench.json"
+PROMPT_SETS = ROOT.parent / "shared" / "data" / "prompts"
+DEFAULT_PROMPTS = [PROMPT_SETS / "mtbench.json", PROMPT_SETS / "oasst.json"]
 # what the grid's runs plan for: the tuner's plan context (a 2048-token prompt and generate's 256 new)
 WORKLOAD = Workload.uniform(2048, 256, 1)
 
@@ -69,12 +70,15 @@ class Point:
     error: str | None = None
 
 
-def held_out_prompts(path: Path, n: int) -> list[str]:
-    """The first `n` prompts of `path` whose user text is not one of the tuner's calibration prompts."""
+def held_out_prompts(paths: list[Path], n: int) -> list[str]:
+    """`n` prompts that are not among the tuner's calibration prompts, taken in turn from each of `paths`
+    (the calibration set interleaves MT-Bench and OASST the same way), the first of each that qualify."""
     seen = {p.text.strip() for p in packaged_prompts()}
-    texts = [text for _, text in load_prompt_set(path, None) if text.strip() not in seen]
+    pools = [[text for _, text in load_prompt_set(path, None) if text.strip() not in seen] for path in paths]
+    texts = [pool[i] for i in range(max(map(len, pools), default=0)) for pool in pools if i < len(pool)]
     if len(texts) < n:
-        sys.exit(f"bench_tune_pick: {path} has {len(texts)} held-out prompts, {n} asked for")
+        sys.exit(f"bench_tune_pick: {len(texts)} held-out prompts in {', '.join(map(str, paths))}, "
+                 f"{n} asked for")
     return texts[:n]
 
 
@@ -136,8 +140,9 @@ def measure(point: Point, texts: list[str], new_tokens: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="qwen2.5-coder-1.5b")
-    p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="held-out prompt set [MT-Bench]")
-    p.add_argument("--n-prompts", type=int, default=2)
+    p.add_argument("--prompts", type=Path, nargs="+", default=DEFAULT_PROMPTS,
+                   help="held-out prompt sets, taken in turn [MT-Bench and OASST, as the calibration set]")
+    p.add_argument("--n-prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the rows and the ratio as JSON here")

@@ -380,7 +380,8 @@ def probe(as_json: bool, refresh: bool) -> None:
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
               help="Calibration prompts: JSON list, JSON Lines or text "
               "[default: packaged MT-Bench/OASST prompts].")
-@click.option("--n-prompts", type=int, default=2, show_default=True)
+@click.option("--n-prompts", type=int, default=4, show_default=True,
+              help="Calibration prompts each trial generates from.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--study", default=None, help="Study name; the same name resumes an interrupted search.")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
@@ -392,7 +393,7 @@ def probe(as_json: bool, refresh: bool) -> None:
               help="SpecExec iterations (trees) per prompt for the acceptance curve.")
 @click.option("--step-seconds", type=float, default=30.0, show_default=True,
               help="Each calibration measurement stops after this long with what it measured.")
-@click.option("--trial-seconds", type=float, default=20.0, show_default=True,
+@click.option("--trial-seconds", type=float, default=30.0, show_default=True,
               help="Each trial's measurement stops after this long (tokens/s over what it generated).")
 @click.option("--batch-prompts", type=click.Path(dir_okay=False), default=None,
               help="A batch workload, read like generate's -f (plain text or JSON Lines): after the search, "

@@ -18,12 +18,13 @@ def test_held_out_prompts_are_not_calibration_prompts(tmp_path):
     from specexec_cli.tuning.prompt_set import packaged_prompts
 
     calibration = [p.text for p in packaged_prompts()]
-    path = tmp_path / "set.json"
-    path.write_text(json.dumps([[0, calibration[0]], [1, "a new question"], [2, calibration[2]],
-                                [3, "another one"], [4, "a third"]]))
-    assert bench.held_out_prompts(path, 2) == ["a new question", "another one"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps([[0, calibration[0]], [1, "a new question"], [2, calibration[2]],
+                               [3, "another one"]]))
+    two.write_text(json.dumps([[0, "first of two"], [1, calibration[1]], [2, "second of two"]]))
+    assert bench.held_out_prompts([one, two], 3) == ["a new question", "first of two", "another one"]
     with pytest.raises(SystemExit):
-        bench.held_out_prompts(path, 4)
+        bench.held_out_prompts([one, two], 5)
 
 
 def test_the_grid_surrounds_the_pick_under_the_same_caps():

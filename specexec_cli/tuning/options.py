@@ -30,7 +30,7 @@ class TuneOptions:
     patience: int | None = 8  # stop after this many trials in a row found nothing faster (None: never)
     timeout: float | None = None  # seconds for the whole run; at least one trial runs after calibration
     prompts_file: Path | None = None
-    n_prompts: int = 2
+    n_prompts: int = 4
     max_new_tokens: int = 32
     temperature: float = 0.0
     seed: int = 0
@@ -39,7 +39,7 @@ class TuneOptions:
     device: str | None = None
     profiles_dir: Path | None = None
     save: bool = True
-    trial_time_limit_s: float | None = 20.0  # stop a slow measurement early (rate over what was made)
+    trial_time_limit_s: float | None = 30.0  # stop a slow measurement early (rate over what was made)
     calibration_iterations: int = 4  # SpecExec iterations per prompt for the acceptance curve
     calibration_step_s: float = 30.0  # each calibration measurement stops here with what it has
     max_memory: tuple[str, ...] = ()  # --max-memory caps (runtime/caps.py): targets load streamed
