@@ -1,5 +1,5 @@
-"""Decoding benchmark on the bundled pair: SpecExec and SpecInfer across budgets, autoregressive decoding
-and transformers' assisted generation, one markdown table per temperature (same as `specexec bench`).
+"""Decoding benchmark on the bundled pair: `specexec bench` itself (one command line, one set of flags),
+runnable from a checkout without installing the console script.
 
 Examples:
   python scripts/bench.py                                      # 8 MT-Bench prompts, t=0 and 0.6
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specexec_cli.bench import main  # noqa: E402
+from specexec_cli.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(["bench", *sys.argv[1:]], prog_name="scripts/bench.py")

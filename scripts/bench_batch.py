@@ -32,15 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specexec_cli.decoding.config import (  # noqa: E402
     GenerationConfig,
-    TreeConfig,
-    tree_headroom,  # noqa: E402
+    TreeConfig,  # noqa: E402
 )
 from specexec_cli.decoding.generate import GenerationResult, generate_many  # noqa: E402
-from specexec_cli.engine import OffloadOptions, load_pair, offloaded_loader  # noqa: E402
+from specexec_cli.engine import Workload, load, resolve  # noqa: E402
 from specexec_cli.prompt_sets import load_conversations  # noqa: E402
 from specexec_cli.prompts import encode_messages  # noqa: E402
+from specexec_cli.settings import DEFAULT_TARGET, EngineRequest  # noqa: E402
 
-OASST = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "oasst.json"
+OASST = "oasst"  # the packaged OASST set
 
 
 def log(message: str) -> None:
@@ -95,8 +95,10 @@ def summarize(method: str, batch: int, budget: int, run: dict, alone: dict,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="qwen2.5-coder-1.5b")
-    parser.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--draft", default=None, help="[default: the target's registry draft]")
+    parser.add_argument("--draft-quant", choices=["none", "int8"], default="none",
+                        help="the draft's weights [default: none, float, as the recorded figures ran]")
     parser.add_argument("--prompts", default=str(OASST), help="[id, text] JSON prompt set")
     parser.add_argument("--n-prompts", type=int, default=32)
     parser.add_argument("-n", "--max-new-tokens", type=int, default=64)
@@ -125,19 +127,20 @@ def main() -> None:
     tree = TreeConfig(budget=args.budget, max_n_beams=args.max_n_beams, max_beam_len=args.max_beam_len,
                       max_branch_width=8)
     conversations = load_conversations(args.prompts, args.n_prompts)
-    dtype = torch.float32 if args.device == "cpu" else torch.float16
-    options = OffloadOptions(args.offload, None, 2, args.resident_layers, None, tuple(args.max_memory or ()))
     lanes = max(batch_sizes)
-
-    def context(tokenizer) -> int:
-        longest = sorted((len(encode_messages(tokenizer, m)) for _, m in conversations), reverse=True)
-        return sum(longest[:lanes]) + lanes * args.max_new_tokens + tree_headroom(tree)
-
-    loader = None if args.offload == "none" else offloaded_loader(options, max(args.budget, *batch_budgets),
-                                                                  context)
     needs_draft = any(m != "autoregressive" for m in methods)
-    pair = load_pair(args.target, args.draft if needs_draft else "none",
-                     "specexec" if needs_draft else "autoregressive", args.device, dtype, loader)
+    request = EngineRequest(
+        target=args.target, draft=args.draft, method="specexec" if needs_draft else "autoregressive",
+        budget=max(args.budget, *batch_budgets), max_n_beams=args.max_n_beams, max_beam_len=args.max_beam_len,
+        max_branch_width=8, draft_quant=args.draft_quant if needs_draft else None, device=args.device,
+        offload=args.offload, resident_layers=args.resident_layers, max_memory=tuple(args.max_memory or ()),
+        batch_size=lanes, use_profile=False)
+    spec = resolve(request)  # the engine generate opens, planned for the largest batch's caches
+
+    def lengths(tokenizer) -> list[int]:
+        return [len(encode_messages(tokenizer, m)) for _, m in conversations]
+
+    pair = load(spec, Workload(lengths, args.max_new_tokens, len(conversations))).pair
     prompts = [torch.tensor(encode_messages(pair.tokenizer, m)) for _, m in conversations]
     log(f"{len(prompts)} prompts ({sum(p.numel() for p in prompts)} tokens) from {args.prompts}; "
         f"{args.max_new_tokens} new tokens each, greedy")

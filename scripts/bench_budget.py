@@ -31,8 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from specexec_cli.bench import (  # noqa: E402
-    DEFAULT_DRAFT,
-    DEFAULT_TARGET,
     BenchPlan,
     encode_chat,
     load_conversations,
@@ -42,17 +40,20 @@ from specexec_cli.bench import (  # noqa: E402
     warm_up,
 )
 from specexec_cli.decoding.config import TreeConfig  # noqa: E402
-from specexec_cli.engine import TREE_DEFAULTS  # noqa: E402
+from specexec_cli.engine import Workload, load, resolve  # noqa: E402
 from specexec_cli.errors import SpecexecError, UsageError  # noqa: E402
+from specexec_cli.prompt_sets import packaged_prompt_set  # noqa: E402
+from specexec_cli.settings import DEFAULT_TARGET, EngineRequest  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
-DATASETS = {"mtbench": "mtbench.json", "prose": "oasst.json"}  # prose: OASST user texts, no chat template
+DATASETS = {"mtbench": "mtbench", "prose": "oasst"}  # prose: OASST user texts, no chat template
+DEFAULT_TREE = TreeConfig()
 PROSE_TOKENS = 256  # a prose prompt is cut to its last this many tokens
 
 
-def encode_dataset(name: str, tokenizer, n_prompts: int, prompt_dir: Path) -> list[torch.Tensor]:
-    """Token ids [1, L] of the first `n_prompts` prompts of a data set."""
-    path = prompt_dir / DATASETS[name]
+def encode_dataset(name: str, tokenizer, n_prompts: int, prompt_dir: Path | None) -> list[torch.Tensor]:
+    """Token ids [1, L] of the first `n_prompts` prompts of a data set (the packaged sets by default)."""
+    file = DATASETS[name]
+    path = packaged_prompt_set(file) if prompt_dir is None else prompt_dir / f"{file}.json"
     if not path.is_file():
         raise UsageError(f"prompt set {name}: {path} not found (--prompt-dir)")
     if name == "mtbench":
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="mtbench,prose", help="comma-separated: " + ",".join(DATASETS))
-    parser.add_argument("--prompt-dir", type=Path, default=SHARED, help=f"[default: {SHARED}]")
+    parser.add_argument("--prompt-dir", type=Path, default=None,
+                        help="folder of mtbench.json and oasst.json [default: the packaged sets]")
     parser.add_argument("--budgets", default="16,64,256,1024")
     parser.add_argument("--methods", default="specexec,specinfer")
     parser.add_argument("--temperature", type=float, action="append", default=None,
@@ -156,16 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft-cost", default="0",
                         help="one draft pass in target passes (0: depth is free, the GPU regime), or "
                              "'measured' (this machine's pass times, as generate does) [default: 0]")
-    parser.add_argument("--max-n-beams", type=int, default=TREE_DEFAULTS["max_n_beams"],
+    parser.add_argument("--max-n-beams", type=int, default=DEFAULT_TREE.max_n_beams,
                         help="SpecExec: most nodes per draft pass [default: generate's, %(default)s]")
     parser.add_argument("--max-beam-len", type=int, default=None, help="cap on draft passes [default: none]")
-    parser.add_argument("--max-branch-width", type=int, default=TREE_DEFAULTS["max_branch_width"],
+    parser.add_argument("--max-branch-width", type=int, default=DEFAULT_TREE.max_branch_width,
                         help="SpecExec: children per expanded node [default: %(default)s]")
-    parser.add_argument("--specinfer-stems", type=int, default=TREE_DEFAULTS["max_n_beams"],
+    parser.add_argument("--specinfer-stems", type=int, default=DEFAULT_TREE.max_n_beams,
                         help="SpecInfer: sampled stems, each budget / stems long (generate's "
                              "--max-n-beams) [default: %(default)s]")
     parser.add_argument("--target", default=DEFAULT_TARGET)
-    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--draft", default=None, help="[default: the target's registry draft]")
+    parser.add_argument("--draft-quant", choices=["none", "int8"], default="none",
+                        help="the draft's weights [default: none, float, as the recorded figures ran]")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON Lines rows, appended and resumed")
@@ -184,8 +188,6 @@ def parse_draft_cost(text: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from specexec_cli.models.load import check_compatible, eos_token_ids, load_model
-
     datasets = [d for d in args.datasets.split(",") if d]
     for name in datasets:
         if name not in DATASETS:
@@ -210,11 +212,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     def log(message: str) -> None:
         print(f"[bench_budget {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    log(f"loading {args.target} and {args.draft} on {args.device}")
-    draft, draft_tokenizer = load_model(args.draft, device=args.device)
-    target, tokenizer = load_model(args.target, device=args.device)
-    check_compatible(tokenizer, draft_tokenizer)
-    eos_ids = eos_token_ids(target, tokenizer)
+    request = EngineRequest(target=args.target, draft=args.draft, device=args.device,
+                            draft_quant=args.draft_quant, use_profile=False)
+    engine = load(resolve(request), Workload.uniform(2048, args.max_new_tokens, 1))  # generate's loader
+    target, draft, tokenizer = engine.pair.target, engine.pair.draft, engine.pair.tokenizer
+    eos_ids = engine.pair.eos_token_ids
+    log(f"opened {engine.spec.target} and {engine.spec.draft} on {engine.device}")
     encoded = {dataset: encode_dataset(dataset, tokenizer, args.n_prompts, args.prompt_dir)
                for dataset in datasets}
     warm_up(target, draft, encoded[datasets[0]][0], eos_ids)

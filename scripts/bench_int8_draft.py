@@ -12,16 +12,16 @@ Example (the figures in docs/benchmarks.md, "Equal memory and equal streaming"):
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specexec_cli.runtime.int8_cpu import Int8Linear, quantize_draft_int8  # noqa: E402
+from specexec_cli.runtime.int8_cpu import Int8Linear  # noqa: E402
 from specexec_cli.runtime.target import model_bytes  # noqa: E402
 
 SHAPES = [(16, 896, 4864), (16, 4864, 896), (1, 896, 151936), (16, 896, 151936)]  # (rows, in, out)
@@ -57,11 +57,15 @@ def matmuls() -> str:
 
 
 def models(texts: list[str], n_tokens: int) -> str:
-    from specexec_cli.models.load import load_model
+    from specexec_cli.engine import LoadedModels, Workload, load, resolve
+    from specexec_cli.settings import EngineRequest
 
-    draft, tokenizer = load_model("qwen2.5-coder-0.5b", device="cpu", dtype=torch.float32)
-    target, _ = load_model("qwen2.5-coder-1.5b", device="cpu", dtype=torch.float32)
-    int8 = quantize_draft_int8(copy.deepcopy(draft))
+    # the pair as generate opens it, with the float32 draft and then the int8 one (the target loads once)
+    loaded, workload = LoadedModels(), Workload.uniform(n_tokens, 1, 1)
+    request = EngineRequest(device="cpu", draft_quant="none", use_profile=False)
+    pair = load(resolve(request), workload, loaded).pair
+    draft, target, tokenizer = pair.draft, pair.target, pair.tokenizer
+    int8 = load(resolve(replace(request, draft_quant="int8")), workload, loaded).pair.draft
     rows = []
     with torch.inference_mode():
         for path in texts:

@@ -119,44 +119,29 @@ def row(c: Candidate, measured: float | None, predicted: float | None, calibrate
 
 
 def smoke_setup(work: Path, args: argparse.Namespace) -> tuple[str, tuple, tuple, dict]:
-    """A tiny random pair saved to `work`, streamed from disk under a cap one layer short of holding it:
-    (target name, drafts, quantizations, tune() keyword arguments that load it)."""
+    """A tiny random pair saved to `work`, streamed from disk under a cap one byte short of holding it:
+    (target, drafts, quantizations, tune() keyword arguments). It opens through the engine like any
+    model (a folder)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import _word_tokenizer
-    from tiny_pairs import tiny_pair
+    from conftest import save_tiny_cli_pair
 
-    from specexec_cli.runtime.plan import HardwareFacts
-    from specexec_cli.runtime.target import load_offloaded_target, plan_target
+    from specexec_cli.models.load import load_model
+    from specexec_cli.runtime.target import plan_target
     from specexec_cli.tuning.tune import PLAN_CONTEXT
 
-    target, draft = tiny_pair("qwen2", dtype=torch.float32)
-    folder = work / "tiny-target"
-    target.save_pretrained(folder)
-    tokenizer = _word_tokenizer([f"w{i}" for i in range(124)])
-    box = HardwareFacts(20 << 30, 20 << 30, 1 << 40, unified=True)
+    save_tiny_cli_pair(work)
+    folder, draft_folder = work / "target", str(work / "draft")
+    draft, _ = load_model(draft_folder)
     budget = max(int(b) for b in args.budgets.split(","))
     full = plan_target(folder, device="cpu", quant="fp32", offload="none", budget=budget,
-                       context_len=PLAN_CONTEXT, draft=draft, hardware=box)
+                       context_len=PLAN_CONTEXT, draft=draft)
     args.max_memory = args.max_memory or [f"cpu={full.device_bytes - 1}"]
     args.offload = args.offload or "disk"
     prompts = work / "prompts.json"
     prompts.write_text(json.dumps([[0, "w1 w5 w9 w2"], [1, "w7 w3 w3 w8 w1"]]))
     args.prompts_file = prompts
-
-    def load_fn(name, quant, device):
-        return {"tiny-target": target, "tiny-draft": draft}[name], tokenizer
-
-    def stream_fn(name, quant, device, placement):
-        model = load_offloaded_target(
-            folder, device=device, quant=quant, offload=placement.offload, resident_layers=None,
-            budget=placement.budget, context_len=placement.context_len, draft=placement.draft,
-            max_memory=placement.max_memory, hardware=box,
-        )
-        return model, tokenizer
-
-    drafts = (NO_DRAFT, "tiny-draft", "first-layers:1")
-    kwargs = {"load_fn": load_fn, "stream_fn": stream_fn, "target_key": "tiny-target"}
-    return "tiny-target", drafts, ("fp32",), kwargs
+    drafts = (NO_DRAFT, draft_folder, "first-layers:1")
+    return str(folder), drafts, ("fp32",), {"target_key": "tiny-target"}
 
 
 def main() -> int:

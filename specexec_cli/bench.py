@@ -7,7 +7,8 @@ tokens per target pass, tok/s, speedup over the autoregressive row of the same r
 spent outside model forwards (host overhead) and draft passes per iteration. At temperature 0 each row
 also says how many prompts gave exactly the autoregressive output (the methods are lossless).
 
-`run_benchmark` is the entry point of `specexec bench` and `scripts/bench.py`; it prints one markdown
+`run_benchmark` is the entry point of `specexec bench` (`scripts/bench.py` runs that command); it opens
+the pair through the engine (engine.resolve / engine.load, as generate does) and prints one markdown
 table per temperature to stdout (or JSON Lines with `json_lines=True`) and progress to stderr.
 """
 
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TextIO
 
 import torch
@@ -28,7 +29,6 @@ import torch
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
 from specexec_cli.decoding.generate import GenerationResult, generate
 from specexec_cli.devices import MAX_THREADS
-from specexec_cli.engine import OffloadOptions, check_draft_quant, offloaded_loader
 from specexec_cli.errors import UsageError
 from specexec_cli.prompt_sets import (  # noqa: F401 - re-exported for scripts and tests
     DEFAULT_PROMPTS,
@@ -40,14 +40,12 @@ from specexec_cli.prompt_sets import (  # noqa: F401 - re-exported for scripts a
     strip_llama2_wrapper,
 )
 from specexec_cli.prompts import encode_messages
+from specexec_cli.settings import EngineRequest
 
-DEFAULT_TARGET = "qwen2.5-coder-1.5b"
-DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 SPECEXEC_BUDGETS = (1, 16, 64, 256, 1024)
 SPECINFER_BUDGETS = (16, 64, 256)
 TREE_METHODS = ("specexec", "specinfer")
 ALL_METHODS = ("autoregressive", "specexec", "specinfer", "assisted")
-DEFAULT_TREE = TreeConfig(budget=1, max_n_beams=32, max_beam_len=None, max_branch_width=8)
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> torch.Tensor:
     """Token ids [L] of a conversation in the tokenizer's chat template, ready for the assistant's turn."""
@@ -226,7 +224,7 @@ class BenchPlan:
     methods: tuple[str, ...] = ALL_METHODS
     specexec_budgets: tuple[int, ...] = SPECEXEC_BUDGETS
     specinfer_budgets: tuple[int, ...] = SPECINFER_BUDGETS
-    tree: TreeConfig = DEFAULT_TREE
+    tree: TreeConfig = field(default_factory=TreeConfig)  # the shape; each row sets its budget
     max_new_tokens: int = 64
     seed: int = 0
 
@@ -404,6 +402,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 
 def run_benchmark(
+    request: EngineRequest | None = None,
     *,
     prompts: str | None = None,
     n_prompts: int = 8,
@@ -413,33 +412,23 @@ def run_benchmark(
     specinfer_budgets: Sequence[int] | None = None,
     methods: Sequence[str] = ALL_METHODS,
     assisted: bool = True,
-    target: str = DEFAULT_TARGET,
-    draft: str = DEFAULT_DRAFT,
     threads: int | None = None,
-    max_n_beams: int = DEFAULT_TREE.max_n_beams,
-    max_beam_len: int | None = DEFAULT_TREE.max_beam_len,
-    max_branch_width: int = DEFAULT_TREE.max_branch_width,
-    draft_cost: float | None = None,
     seed: int = 0,
-    device: str = "cpu",
-    offload: OffloadOptions | None = None,
-    draft_quant: str | None = None,
     json_lines: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> list[BenchRow]:
-    """`specexec bench`: load the pair, decode the prompts with every method and print the results.
+    """`specexec bench`: open the pair through the engine (`request`'s target, draft, tree shape, formats
+    and placement; no profile), decode the prompts with every method and print the results.
 
     budgets: SpecExec budgets (default 1,16,64,256,1024) and, unless specinfer_budgets is given, the
     SpecInfer ones too (default 16,64,256). Tables (or JSON Lines) go to `out` (stdout), progress to `err`.
-    offload: stream the target's layers (engine.OffloadOptions: tier, caps, resident layers); every method
-    then runs on the same streamed target, planned for the largest budget with the draft (the "equal
-    streaming" comparison), and plain decoding runs once more on the target planned under the same caps
-    without the draft or a tree (the "equal memory" comparison: the draft's memory holds target layers).
-    draft_quant: "int8" quantizes the draft (runtime/int8_cpu.py, CPU only).
+    With an offloaded target (the request places it: --offload, --max-memory, ...) every method runs on
+    the same streamed target, planned for the largest budget with the draft (the "equal streaming"
+    comparison), and plain decoding runs once more on the target planned under the same caps without the
+    draft or a tree (the "equal memory" comparison: the draft's memory holds target layers).
     """
-    from specexec_cli.models.load import check_compatible, eos_token_ids, load_model
-    from specexec_cli.runtime.int8_cpu import quantize_draft_int8
+    from specexec_cli.engine import Workload, load, resolve
 
     out, err = out or sys.stdout, err or sys.stderr
 
@@ -453,75 +442,69 @@ def run_benchmark(
     if threads:
         torch.set_num_threads(threads)
     methods = tuple(m for m in methods if assisted or m != "assisted")
+    specexec_budgets = tuple(budgets or SPECEXEC_BUDGETS)
+    specinfer_budgets = tuple(specinfer_budgets or budgets or SPECINFER_BUDGETS)
+    biggest = max([*specexec_budgets, *specinfer_budgets, 1])
+    request = replace(request or EngineRequest(), method="specexec", budget=biggest, use_profile=False,
+                      batch_size=1)
+    spec = resolve(request)  # bad knobs and names fail here, before the prompts are read
     plan = BenchPlan(
         temperatures=tuple(float(t) for t in temperatures),
         methods=tuple(methods),
-        specexec_budgets=tuple(budgets or SPECEXEC_BUDGETS),
-        specinfer_budgets=tuple(specinfer_budgets or budgets or SPECINFER_BUDGETS),
-        tree=TreeConfig(budget=1, max_n_beams=max_n_beams, max_beam_len=max_beam_len,
-                        max_branch_width=max_branch_width, draft_cost=draft_cost),
+        specexec_budgets=specexec_budgets,
+        specinfer_budgets=specinfer_budgets,
+        tree=spec.tree,
         max_new_tokens=max_new_tokens,
         seed=seed,
     )
-    plan.tree.validate()
     for t in plan.temperatures:
         SamplingConfig(temperature=t).validate()
     prompt_path = resolve_prompt_path(prompts)
     conversations = load_conversations(prompt_path, n_prompts)
     if not conversations:
         raise UsageError(f"prompt file {prompt_path} holds no prompt with a user message")
-    check_draft_quant(draft_quant, device)
-    log(f"loading {target} and {draft}{' (int8)' if draft_quant == 'int8' else ''} on {device}")
-    draft_model, draft_tokenizer = load_model(draft, device=device)
-    if draft_quant == "int8":
-        draft_model = quantize_draft_int8(draft_model)
-    context = max_new_tokens + 2048  # prompts are read after the load; MT-Bench turns are short
-    dtype = torch.float32 if device == "cpu" else None
-    if offload is None:
-        target_model, tokenizer = load_model(target, device=device)
-    else:  # the draft is loaded first so that the memory plan counts it
-        biggest = max([*plan.specexec_budgets, *plan.specinfer_budgets, 1])
-        load = offloaded_loader(offload, biggest, context + biggest)
-        target_model, tokenizer = load(target, device=device, dtype=dtype, draft=draft_model)
-    check_compatible(tokenizer, draft_tokenizer)
-    eos_ids = eos_token_ids(target_model, tokenizer)
-    encoded = [encode_chat(tokenizer, messages) for _, messages in conversations]
+    log(f"opening {spec.target} with draft {spec.draft} ({spec.draft_format}) on {spec.device}")
+    workload = Workload.uniform(2048, max_new_tokens, 1)  # MT-Bench turns are short: 2048 holds any
+    engine = load(spec, workload)
+    target_model, draft_model = engine.pair.target, engine.pair.draft
+    eos_ids = engine.pair.eos_token_ids
+    encoded = [encode_chat(engine.pair.tokenizer, messages) for _, messages in conversations]
     n_tokens = sum(len(e) for e in encoded)
     log(f"{len(encoded)} prompts from {prompt_path}, {n_tokens} prompt tokens; warming up")
     warm_up(target_model, draft_model, encoded[0], eos_ids)
     load_before = os.getloadavg()
     start = time.perf_counter()
     rows = bench_rows(target_model, draft_model, encoded, plan, eos_ids, log)
-    where = "resident" if offload is None else describe_offload(target_model)
-    if offload is not None and "autoregressive" in plan.methods:
+    offloaded = engine.offloaded
+    where = "resident" if not offloaded else describe_offload(target_model)
+    if offloaded and "autoregressive" in plan.methods:
         # equal memory: plain decoding planned under the same caps with no draft and no tree, so the
         # memory they took holds target layers (the same target and prompts, loaded again)
-        target_model.offload_engine.close()
-        del target_model, draft_model
+        engine.close()
+        del target_model, draft_model, engine
         gc.collect()
         log("equal memory: plain decoding planned under the same caps without the draft")
-        plain_load = offloaded_loader(offload, 0, context)
-        plain_model, _ = plain_load(target, device=device, dtype=dtype, draft=None)
-        where += f"; equal memory plain decoding: {describe_offload(plain_model)}"
-        rows += [timed_row(plain_model, None, encoded, "autoregressive", None, t, plan, eos_ids, log,
+        plain = load(resolve(replace(request, method="autoregressive")), workload)
+        where += f"; equal memory plain decoding: {describe_offload(plain.pair.target)}"
+        rows += [timed_row(plain.pair.target, None, encoded, "autoregressive", None, t, plan, eos_ids, log,
                            memory="equal memory") for t in plan.temperatures]
         rows = finish(rows)
-        plain_model.offload_engine.close()
+        plain.close()
     load_after = os.getloadavg()
     log(f"done in {time.perf_counter() - start:.0f} s; load average {load_before[0]:.2f} before, "
         f"{load_after[0]:.2f} after (1 min), {load_after[2]:.2f} (15 min)")
     if json_lines:
         for row in rows:
-            placed = {} if offload is None else {"offload": where}
-            run = {"target": target, "draft": draft, "draft_quant": draft_quant, "prompts": str(prompt_path),
-                   "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
-                   "load_avg_1m": load_after[0]}
+            placed = {} if not offloaded else {"offload": where}
+            run = {"target": spec.target, "draft": spec.draft, "draft_quant": spec.draft_format,
+                   "prompts": str(prompt_path), "max_new_tokens": max_new_tokens,
+                   "threads": torch.get_num_threads(), "load_avg_1m": load_after[0]}
             record = row.to_dict() | placed | run
             print(json.dumps(record), file=out)
     else:
-        draft_label = draft + (" int8" if draft_quant == "int8" else "")
-        header = (f"{target} ({where}) / draft {draft_label}, {len(encoded)} prompts of {prompt_path.name}, "
-                  f"{max_new_tokens} new tokens, {torch.get_num_threads()} threads, "
+        draft_label = f"{spec.draft}" + (" int8" if spec.draft_format == "int8" else "")
+        header = (f"{spec.target} ({where}) / draft {draft_label}, {len(encoded)} prompts of "
+                  f"{prompt_path.name}, {max_new_tokens} new tokens, {torch.get_num_threads()} threads, "
                   f"load avg {load_before[0]:.1f}->{load_after[0]:.1f}")
         print(format_report(rows, header), file=out, end="", flush=True)
     return rows
@@ -534,59 +517,3 @@ def describe_offload(model: Any) -> str:
     streamed = sum(engine.layers[i].layout.nbytes for i in engine.streamed)
     return (f"{plan.offload}: {len(engine.streamed)} of {len(engine.layers)} layers streamed, "
             f"{streamed / 1e9:.2f} GB per pass")
-
-
-def build_parser():
-    """argparse flags of `scripts/bench.py` (the same names as `specexec bench`)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", default=None, help=f"[id, text] JSON file (default {DEFAULT_PROMPTS})")
-    parser.add_argument("--n-prompts", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, action="append", default=None,
-                        help="repeatable (default: 0 and 0.6)")
-    parser.add_argument("--budgets", default=None,
-                        help="comma-separated tree budgets "
-                             "(default: SpecExec 1,16,64,256,1024; SpecInfer 16,64,256)")
-    parser.add_argument("--specinfer-budgets", default=None,
-                        help="SpecInfer budgets when they should differ from --budgets")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS),
-                        help="comma-separated subset of " + ",".join(ALL_METHODS))
-    parser.add_argument("--no-assisted", action="store_true", help="skip transformers' assisted generation")
-    parser.add_argument("--target", default=DEFAULT_TARGET)
-    parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--max-n-beams", type=int, default=DEFAULT_TREE.max_n_beams)
-    parser.add_argument("--max-beam-len", type=int, default=DEFAULT_TREE.max_beam_len)
-    parser.add_argument("--max-branch-width", type=int, default=DEFAULT_TREE.max_branch_width)
-    parser.add_argument("--draft-cost", type=float, default=None,
-                        help="one draft pass in target passes, fixed (0: depth is free) [default: measured]")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true", help="print rows as JSON Lines instead of tables")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry of scripts/bench.py."""
-    from specexec_cli.errors import SpecexecError
-
-    args = build_parser().parse_args(argv)
-    try:
-        run_benchmark(
-            prompts=args.prompts, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
-            temperatures=args.temperature or (0.0, 0.6),
-            budgets=parse_budgets(args.budgets) if args.budgets else None,
-            specinfer_budgets=parse_budgets(args.specinfer_budgets) if args.specinfer_budgets else None,
-            methods=parse_methods(args.methods), assisted=not args.no_assisted,
-            target=args.target, draft=args.draft, threads=args.threads, max_n_beams=args.max_n_beams,
-            max_beam_len=args.max_beam_len, max_branch_width=args.max_branch_width,
-            draft_cost=args.draft_cost, seed=args.seed,
-            device=args.device, json_lines=args.json,
-        )
-    except SpecexecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0

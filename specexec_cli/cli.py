@@ -14,13 +14,13 @@ from specexec_cli import __version__
 from specexec_cli.devices import MAX_THREADS, check_device
 from specexec_cli.errors import SpecexecError, Terminated, UsageError
 from specexec_cli.messages import one_line, unexpected
+from specexec_cli.settings import BY_NAME, DEFAULT_TARGET, WEIGHT_FORMATS
 
 EXIT_INTERRUPTED = 130
-QUANTS = ["fp16", "bf16", "fp32", "gptq", "awq", "w4a16", "nf4", "int8"]
-DEFAULT_SERVED_NAME = "qwen2.5-coder-1.5b"  # the bundled target, served when no --target is given
-MAX_MEMORY_HELP = ("Memory the run may plan with, like accelerate's max_memory: 'cpu=4GiB', 'cuda:0=20GiB', "
-                   "or a bare size for the compute device (repeatable). The planner uses the smaller of the "
-                   "cap and what it measures, and streams the layers that do not fit.")
+QUANTS = list(WEIGHT_FORMATS)
+DEFAULT_SERVED_NAME = DEFAULT_TARGET  # served when no --target is given
+PLANNED_NEW_TOKENS = 512  # what serve's memory plan holds per request when --max-tokens sets no cap
+MAX_MEMORY_HELP = BY_NAME["max_memory"].help
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,64 +65,40 @@ def main() -> None:
 # --- generate ---------------------------------------------------------------------------------
 
 
-ENGINE_OPTIONS = [
-    click.option("-t", "--target", default=None, help="Target model: registry name, hub id, folder or .gguf "
-                 "[default: qwen2.5-coder-1.5b, the bundled pair]."),
-    click.option("-d", "--draft", default=None,
-                 help="Draft model name or path, 'first-layers:N' (the target's first N layers) or 'none'."),
-    click.option("-m", "--method", type=click.Choice(["specexec", "specinfer", "autoregressive"]),
-                 default=None, help="[default: the profile's, else specexec]"),
-    click.option("--budget", type=int, default=None,
-                 help="Tree tokens checked per target pass [default: 64]."),
-    click.option("--max-n-beams", type=int, default=None,
-                 help="Nodes the draft expands per pass [default: 16]."),
-    click.option("--max-beam-len", type=int, default=None,
-                 help="Most draft passes per iteration, which caps the tree depth [default: no cap: the tree "
-                 "grows while a draft pass pays for itself, judged from this run's measured pass times]."),
-    click.option("--max-branch-width", type=int, default=None,
-                 help="Children per expanded node [default: 8]."),
-    click.option("--draft-cost", type=float, default=None,
-                 help="Cost of one draft pass as a fraction of a target pass, fixed instead of measured (0: "
-                 "depth is free); the tree's shape then no longer depends on timing [default: measured]."),
-    click.option("--draft-quant", type=click.Choice(["none", "int8"]), default=None,
-                 help="Draft weights: none (the compute dtype) or int8 (CPU only: less than half the memory "
-                 "of float32 and faster; the output is still the target's own) "
-                 "[default: the profile's, else none]."),
-    click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]."),
-    click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-                 help="[default: fp32 on CPU, bf16/fp16 on GPU]."),
-    click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
-                 help="Where the target's layers live: none (resident), ram or disk; auto picks the first "
-                 "tier that fits. The planner keeps as many layers resident as memory allows (streaming "
-                 "only the rest), so on a big machine nothing may stream: use --max-memory or "
-                 "--resident-layers [default: resident, unless another offload flag is given]."),
-    click.option("--quant", type=click.Choice(QUANTS), default=None,
-                 help="Target weight format: gptq, awq, w4a16 load the registry's 4-bit checkpoint of "
-                 "that format; nf4, int8 quantize at load. A quantized folder or hub id needs none."),
-    click.option("--buffers", type=int, default=None, help="Device-side layer buffers in the ring (>= 2)."),
-    click.option("--resident-layers", type=int, default=None,
-                 help="First layers kept on the device [default: as many as fit]."),
-    click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers."),
-    click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP),
-    click.option("--no-profile", is_flag=True, help="Ignore tuned and starting profiles."),
-]
+def setting_option(setting: Any) -> Callable[..., Any]:
+    """The click option of one engine setting (settings.SETTINGS)."""
+    if isinstance(setting.kind, tuple):
+        kind = click.Choice(list(setting.kind))
+    else:
+        kind = {int: int, float: float}.get(setting.kind, str)
+    return click.option(*setting.flags, setting.name, type=kind, default=() if setting.multiple else None,
+                        multiple=setting.multiple, help=setting.help)
 
 
-def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The model, tree, offload and profile flags that `generate` and `serve` share."""
-    for option in reversed(ENGINE_OPTIONS):
-        command = option(command)
-    return command
+def engine_options(*leave_out: str, profile: bool = True) -> Callable[..., Any]:
+    """The engine flags (one per settings.SETTINGS entry, but `leave_out`), and --no-profile."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        from specexec_cli.settings import SETTINGS
+
+        if profile:
+            command = click.option("--no-profile", is_flag=True,
+                                   help="Ignore tuned and starting profiles.")(command)
+        for setting in reversed(SETTINGS):
+            if setting.name not in leave_out:
+                command = setting_option(setting)(command)
+        return command
+
+    return decorate
 
 
 def engine_request(engine: dict[str, Any], batch_size: int | None) -> Any:
-    """The EngineRequest of the shared flags (`engine_options`)."""
-    from specexec_cli.engine import EngineRequest
+    """The EngineRequest of the engine flags (`engine_options`)."""
+    from specexec_cli.settings import request_from_flags
 
     flags = dict(engine)
-    use_profile = not flags.pop("no_profile")
-    flags["max_memory"] = tuple(flags["max_memory"])
-    return EngineRequest(**flags, batch_size=batch_size, use_profile=use_profile)
+    use_profile = not flags.pop("no_profile", False)
+    return request_from_flags(flags, batch_size=batch_size, use_profile=use_profile)
 
 
 @main.command()
@@ -131,7 +107,7 @@ def engine_request(engine: dict[str, Any], batch_size: int | None) -> Any:
               help="Prompt file: plain text (one prompt) or JSON Lines with 'id' and 'prompt' (repeatable).")
 @click.option("--input-format", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
               show_default=True, help="How to read --file and stdin; auto detects JSON Lines.")
-@engine_options
+@engine_options()
 @click.option("-n", "--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 decodes greedily.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -223,7 +199,7 @@ def run_batch_api(batch: list[Any], max_new_tokens: int, engine: dict[str, Any],
     """`generate -f` of OpenAI Batch API lines: each line's body sets its own sampling and limits (-n is
     the default max_tokens); the Batch API's output lines go to stdout; exit 1 if any request failed."""
     from specexec_cli.engine import Workload, open_engine
-    from specexec_cli.run import batch_jobs, run_requests
+    from specexec_cli.serve.batch_api import batch_jobs, run_requests
     from specexec_cli.serve.protocol import ApiError, encode_job
 
     if not all(prompt.request is not None for prompt in batch):
@@ -255,7 +231,7 @@ def run_batch_api(batch: list[Any], max_new_tokens: int, engine: dict[str, Any],
 
 
 @main.command()
-@engine_options
+@engine_options()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="SPECEXEC_API_KEY", default=None,
@@ -265,8 +241,9 @@ def run_batch_api(batch: list[Any], max_new_tokens: int, engine: dict[str, Any],
               help="Requests decoded at once, sharing every target pass; more wait.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests that may wait for a lane; past it the answer is 503 with Retry-After.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Most new tokens per request, and the default when a request names none.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="A cap on a request's new tokens [default: none: as many as the model's context leaves "
+              "after the prompt, as vLLM; a request naming none gets that many].")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Longest prompt in tokens (a longer one is a 400); the memory plan holds --max-batch of "
               "them with their new tokens.")
@@ -274,9 +251,11 @@ def run_batch_api(batch: list[Any], max_new_tokens: int, engine: dict[str, Any],
               help="The model id clients name and /v1/models lists [default: the target's name].")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM/SIGINT, seconds to finish the requests in flight before cancelling them.")
+@click.option("--allowed-origins", default=None,
+              help="Comma-separated browser origins allowed by CORS ('*': any) [default: none].")
 @friendly_errors
 def serve(host, port, api_key, max_batch, max_queue, max_tokens, max_prompt_tokens, served_model_name,
-          shutdown_timeout, **engine) -> None:
+          shutdown_timeout, allowed_origins, **engine) -> None:
     """Serve the OpenAI API (chat and text completions, streamed or not) on HTTP.
 
     Concurrent requests are lanes of one batch: each target pass checks every active request's tree.
@@ -297,12 +276,15 @@ def serve(host, port, api_key, max_batch, max_queue, max_tokens, max_prompt_toke
     if engine["method"] == "specinfer":
         raise UsageError("serve runs specexec or autoregressive decoding; specinfer is a baseline for bench")
     sock = bind(host, port)  # a taken port fails before the models load
-    workload = Workload.uniform(max_prompt_tokens, max_tokens, max_batch)
+    # the memory plan holds --max-batch prompts of --max-prompt-tokens, each with --max-tokens new ones
+    # (PLANNED_NEW_TOKENS without a cap: a longer answer grows its cache past the plan)
+    workload = Workload.uniform(max_prompt_tokens, max_tokens or PLANNED_NEW_TOKENS, max_batch)
     opened = open_engine(engine_request(engine, max_batch), workload)
     options = ServeOptions(host=host, port=port, api_key=api_key or None, max_batch=max_batch,
                            max_queue=max_queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
                            model_name=served_model_name or engine["target"] or DEFAULT_SERVED_NAME,
-                           shutdown_timeout=shutdown_timeout)
+                           shutdown_timeout=shutdown_timeout,
+                           allowed_origins=csv_strings(allowed_origins))
     run_server(opened, options, sock)
 
 # --- models -----------------------------------------------------------------------------------
@@ -337,6 +319,10 @@ def models(as_json: bool, local: bool) -> None:
         click.echo(f"{mark} {row['name']:<22} {row['role'] or '':<7} {size:>7}  {extra}")
 
 # --- probe / tune / profiles ------------------------------------------------------------------
+
+
+def csv_strings(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 def csv_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
@@ -483,7 +469,8 @@ def profiles_rm(ref: str) -> None:
 
 
 @main.command()
-@click.option("--prompts", default=None, help="Prompt set [default: ../shared/data/prompts/mtbench.json].")
+@click.option("--prompts", default=None,
+              help="Prompt set: mtbench, oasst (both shipped) or a [id, text] JSON file [default: mtbench].")
 @click.option("--n-prompts", type=int, default=8, show_default=True)
 @click.option("-n", "--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", "temperatures", type=float, multiple=True,
@@ -492,59 +479,29 @@ def profiles_rm(ref: str) -> None:
 @click.option("--specinfer-budgets", default=None, help="SpecInfer budgets [default: 16,64,256].")
 @click.option("--methods", default="specexec,specinfer,autoregressive,assisted", show_default=True)
 @click.option("--no-assisted", is_flag=True, help="Skip transformers' assisted generation.")
-@click.option("-t", "--target", default=None, help="[default: qwen2.5-coder-1.5b]")
-@click.option("-d", "--draft", default=None, help="[default: qwen2.5-coder-0.5b]")
+@engine_options("method", "budget", profile=False)
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="torch CPU threads.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--max-n-beams", type=int, default=None, help="Nodes the draft expands per pass [default: 32].")
-@click.option("--max-beam-len", type=int, default=None,
-              help="Most draft passes per iteration [default: no cap, the tree grows while a pass pays].")
-@click.option("--draft-cost", type=float, default=None,
-              help="One draft pass as a fraction of a target pass, fixed instead of measured (0: depth is "
-              "free) [default: measured].")
-@click.option("--draft-quant", type=click.Choice(["none", "int8"]), default=None,
-              help="int8: the draft in int8 (CPU only; runtime/int8_cpu.py) [default: none].")
-@click.option("--offload", type=click.Choice(["none", "ram", "disk", "auto"]), default=None,
-              help="Stream the target: every method runs on the same streamed target (equal streaming), "
-              "and plain decoding once more planned without the draft (equal memory) [default: resident].")
-@click.option("--resident-layers", type=int, default=None, help="With --offload: layers kept in memory.")
-@click.option("--offload-dir", default=None, help="Where the disk tier writes converted layers.")
-@click.option("--max-memory", multiple=True, help=MAX_MEMORY_HELP)
+@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Rows as JSON Lines instead of tables.")
 @friendly_errors
 def bench(prompts, n_prompts, max_new_tokens, temperatures, budgets, specinfer_budgets, methods, no_assisted,
-          target, draft, threads, device, max_n_beams, max_beam_len, draft_cost, draft_quant, offload,
-          resident_layers, offload_dir, max_memory, as_json) -> None:
+          threads, seed, as_json, **engine) -> None:
     """Measure SpecExec, SpecInfer, plain and assisted decoding in one process; tables on stdout.
+
+    The pair opens through the same engine as generate (the engine flags are generate's; no profile).
+    With an offloaded target every row also says its speedup over plain decoding at equal memory.
 
     \b
     The streamed regime (the target read from disk for every pass, memory capped):
       specexec bench --offload disk --max-memory cpu=5GiB --no-assisted
     """
     from specexec_cli import bench as benchmark
-    from specexec_cli.engine import OffloadOptions
-    from specexec_cli.runtime.caps import parse_caps
 
-    kwargs = {}
-    parse_caps(max_memory)
-    if offload or max_memory or resident_layers is not None or offload_dir:
-        kwargs["offload"] = OffloadOptions(offload or "auto", None, 2, resident_layers, offload_dir,
-                                           tuple(max_memory))
-    if max_n_beams:
-        kwargs["max_n_beams"] = max_n_beams
-    if max_beam_len:
-        kwargs["max_beam_len"] = max_beam_len
-    if draft_cost is not None:
-        kwargs["draft_cost"] = draft_cost
-    if target:
-        kwargs["target"] = target
-    if draft:
-        kwargs["draft"] = draft
-    benchmark.run_benchmark(prompts=prompts, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+    request = engine_request({**engine, "no_profile": True}, None)
+    benchmark.run_benchmark(request, prompts=prompts, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
                             temperatures=temperatures or (0.0, 0.6),
                             budgets=benchmark.parse_budgets(budgets) if budgets else None,
                             specinfer_budgets=benchmark.parse_budgets(specinfer_budgets) if specinfer_budgets
                             else None,
                             methods=benchmark.parse_methods(methods), assisted=not no_assisted,
-                            threads=threads, device=check_device(device), json_lines=as_json,
-                            draft_quant=draft_quant, **kwargs)
+                            threads=threads, seed=seed, json_lines=as_json)

@@ -1,75 +1,164 @@
-"""One way to open the engine: settings -> memory plan -> loaded pair -> decoding settings.
+"""One engine for every front door: `resolve` turns a request into an `EngineSpec`, `load` opens it.
 
-`open_engine(request, workload)` is what `specexec generate`, `specexec serve` and remote workers call:
-the request is the user's knobs (flags, a server's options, a worker's settings), resolved against the
-best profile for the target on this machine; the workload says what the KV caches must hold (prompt
-lengths and new tokens) so that an offloaded target is planned for it. The result holds the loaded
-target/draft pair, the resolved settings and the tree, and makes the `GenerationConfig` of each request.
+    spec = resolve(request, profile_settings, Machine.here(request.device))   # no weights read
+    engine = load(spec, workload)                                              # the loaded pair
 
-Plain decoding is planned with no draft and no tree (a 1-token pass), so under a memory cap it gets the
-memory a draft and a tree would take for resident target layers: the "equal memory" comparison
-(docs/benchmarks.md).
+`specexec generate`, `specexec serve`, Ray workers, `specexec bench`, the tuner's trials and
+calibration, and the scripts all build an `EngineRequest` (specexec_cli/settings.py, one field per
+engine setting; None leaves it to the profile, then to the defaults) and call these two, so what the
+tuner measured is what the others run.
+
+The spec is every decision that changes what runs: target, draft, method, tree, the weight format and
+the compute dtype of each model, the placement of the target's layers and the prompts per pass. It is
+frozen and comparable: two front doors given the same flags and profile resolve equal specs, and the
+spec a loaded engine reports (`Engine.spec`) pins the placement the memory plan chose, which is what
+a profile saves and `generate` resolves again.
+
+Defaults are the fastest exact choice per device: float32 on a CPU (bf16 is several times slower
+there), bf16 on a GPU that has it, else fp16; the draft in int8 on a CPU where torch has the dynamic
+int8 GEMM (the output is still exactly the target's); the tree of decoding.config.TreeConfig.
+
+`load` plans the target's memory for what the workload's KV caches must hold (prompt lengths and new
+tokens) before any weight is read; plain decoding is planned with no draft and no tree (a 1-token pass),
+so under a memory cap it gets the memory a draft and a tree would take for resident target layers: the
+"equal memory" comparison (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig, tree_headroom
 from specexec_cli.errors import DoesNotFit, UsageError
+from specexec_cli.settings import DEFAULT_TARGET, DRAFT_QUANTS, FLOAT_FORMATS, EngineRequest
 
-DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_BATCH = 8  # prompts per pass by default when the target is offloaded
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-FLOAT_FORMATS = ("fp32", "fp16", "bf16")
-DRAFT_QUANTS = ("none", "int8")  # none: the compute dtype; int8: runtime/int8_cpu.py (CPU only)
-# max_beam_len None: no cap on draft passes, the tree grows while a pass pays (decoding/growth.py);
-# draft_cost None: that cost is measured during the run.
-TREE_DEFAULTS = {"budget": 64, "max_n_beams": 16, "max_beam_len": None, "max_branch_width": 8,
-                 "draft_cost": None}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+__all__ = ["EngineRequest", "EngineSpec", "Engine", "Machine", "Placement", "Workload", "load", "resolve"]
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+# --- the machine ------------------------------------------------------------------------------------
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """float32 on CPUs (bf16 is several times slower there); bf16 on GPUs that support it, else fp16."""
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+@dataclass(frozen=True)
+class Machine:
+    """What the defaults depend on: the compute device, whether it computes bf16, and whether torch's
+    dynamic int8 linear runs on this CPU (a GPU device is given as a string, so specs for a GPU can be
+    resolved without one)."""
+
+    device: str = "cpu"
+    bf16: bool = False
+    int8_cpu: bool = False
+
+    @classmethod
+    def here(cls, device: str | None = None) -> Machine:
+        """This machine, computing on `device` (checked) or its default device."""
+        from specexec_cli.devices import check_device
+        from specexec_cli.runtime.int8_cpu import available
+
+        device = check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        return cls(device, bf16, available())
+
+    @property
+    def cpu(self) -> bool:
+        return self.device.startswith("cpu")
 
 
-def parse_dtype(name: str | None, device: str) -> torch.dtype:
-    if name is None:
-        return default_dtype(device)
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16")
-    return DTYPES[name]
+def compute_dtype(machine: Machine, weight_format: str, asked: str | None = None) -> str:
+    """The one rule for the dtype a model computes in: a float format computes in itself; a quantized
+    one (gptq, awq, w4a16, nf4, int8) in `asked`, else float32 on a CPU, bf16 on a GPU that has it,
+    else fp16."""
+    if weight_format in FLOAT_FORMATS:
+        return weight_format
+    if asked is not None:
+        return asked
+    if machine.cpu:
+        return "fp32"
+    return "bf16" if machine.bf16 else "fp16"
 
 
-# --- the loaded pair --------------------------------------------------------------------------------
+def default_format(machine: Machine) -> str:
+    """A float target's weight format when nothing asks for one: float32 on a CPU, else the GPU's."""
+    return compute_dtype(machine, "gptq")
 
 
-@dataclass
-class ModelPair:
-    """The loaded models and what generation needs from the tokenizer."""
+# --- the spec -------------------------------------------------------------------------------------
 
-    target: torch.nn.Module
-    draft: torch.nn.Module | None
-    tokenizer: Any
-    eos_token_ids: tuple[int, ...]
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the target's layers live (runtime/offload.py): the tier (auto: the first that fits), ring
+    buffers, resident layers (None: as many as fit), the disk tier's folder and the memory caps, and the
+    budget the plan makes room for (None: the tree's)."""
+
+    offload: str = "auto"
+    buffers: int = 2
+    resident_layers: int | None = None
+    offload_dir: str | None = None
+    max_memory: tuple[str, ...] = ()
+    plan_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything that decides what runs (see the module docstring)."""
+
+    target: str
+    draft: str | None  # a model, "first-layers:N", or None for plain decoding
+    method: str
+    tree: TreeConfig
+    weight_format: str  # the target's: fp32 | fp16 | bf16 | gptq | awq | w4a16 | nf4 | int8
+    compute_dtype: str  # the target's: fp32 | fp16 | bf16
+    draft_format: str  # "none" (float, in draft_dtype) or "int8"
+    draft_dtype: str
+    device: str
+    placement: Placement | None  # None: resident, loaded by transformers
+    lanes: int | None = None  # prompts per target pass asked for; None: planned from the workload
+    lanes_from_profile: bool = False  # (then one at a time when streaming text)
+
+    @property
+    def early_exit(self) -> int | None:
+        from specexec_cli.models.registry import early_exit_layers
+
+        return early_exit_layers(self.draft) if self.draft else None
+
+    def profile_settings(self) -> dict[str, Any]:
+        """The settings a profile saves so that `resolve` gives this spec back on this machine."""
+        settings: dict[str, Any] = {"method": self.method, "quantization": self.weight_format}
+        if self.method != "autoregressive":
+            tree = self.tree
+            settings.update(draft=self.draft, budget=tree.budget, max_n_beams=tree.max_n_beams,
+                            max_branch_width=tree.max_branch_width, draft_quant=self.draft_format)
+            if tree.max_beam_len is not None:
+                settings["max_beam_len"] = tree.max_beam_len
+            if tree.draft_cost is not None:
+                settings["draft_cost"] = tree.draft_cost
+        place = self.placement
+        if place is None:
+            settings["offload"] = "none"
+        else:
+            settings["offload"] = place.offload
+            if place.offload != "none":
+                settings.update(buffers=place.buffers)
+                if place.resident_layers is not None:
+                    settings["resident_layers"] = place.resident_layers
+            if place.max_memory:
+                settings["max_memory"] = list(place.max_memory)
+        if self.lanes is not None:
+            settings["batch_size"] = self.lanes
+        return settings
 
 
 def default_draft_name(target_name: str) -> str:
@@ -95,241 +184,153 @@ def layer_count(spec: Any) -> int | None:
     return None
 
 
-def check_names(target_name: str, draft_name: str | None, early_exit: int | None) -> None:
+def _check_names(target_name: str, draft_name: str | None) -> None:
     """Fail on an unknown model name or an early-exit draft deeper than the target before any load."""
-    from specexec_cli.models.registry import resolve
+    from specexec_cli.models.registry import early_exit_layers, resolve
 
     target = resolve(target_name)
-    if draft_name not in (None, "none") and early_exit is None:
+    early = early_exit_layers(draft_name) if draft_name else None
+    if draft_name is not None and early is None:
         resolve(draft_name)
-    total = layer_count(target) if early_exit is not None else None
-    if total is not None and early_exit > total:
-        raise UsageError(f"--draft first-layers:{early_exit}: the target has {total} layers (use 1..{total})")
+    total = layer_count(target) if early is not None else None
+    if total is not None and early > total:
+        raise UsageError(f"--draft first-layers:{early}: the target has {total} layers (use 1..{total})")
 
 
-def check_draft_quant(draft_quant: str | None, device: str) -> None:
-    if draft_quant in (None, "none"):
-        return
-    if draft_quant not in DRAFT_QUANTS:
-        raise UsageError(f"--draft-quant must be one of {', '.join(DRAFT_QUANTS)}; got {draft_quant!r}")
-    if not device.startswith("cpu"):
-        raise UsageError("--draft-quant int8 runs on a CPU (fbgemm's int8 GEMM); on a GPU the draft "
-                         "computes in bf16/fp16: drop --draft-quant")
-    from specexec_cli.runtime.int8_cpu import available
-
-    if not available():
-        raise UsageError("--draft-quant int8: this torch build has no dynamic int8 linear")
-
-
-def load_pair(target_name: str, draft_name: str | None, method: str, device: str,
-              dtype: torch.dtype, load_target: Callable[..., tuple[Any, Any]] | None = None,
-              draft_quant: str | None = None) -> ModelPair:
-    """Load the target and, unless decoding plainly, a tokenizer-compatible draft (int8 when
-    `draft_quant` is "int8").
-
-    `load_target(name, device=, dtype=, draft=)` replaces the resident loader when the runtime offloads
-    the target; a separate draft is then loaded first, so that the memory plan counts it."""
-    from specexec_cli.models.load import check_compatible, eos_token_ids, load_model, make_early_exit_draft
-    from specexec_cli.models.registry import early_exit_layers
-
-    needs_draft = method != "autoregressive" and draft_name != "none"
-    if not needs_draft and method != "autoregressive":
-        raise UsageError(f"method {method!r} needs a draft; drop --draft none or use --method autoregressive")
-    if needs_draft and draft_name is None:
-        draft_name = default_draft_name(target_name)  # fail on a missing draft before loading weights
-    early_exit = early_exit_layers(draft_name) if needs_draft else None  # bad N fails before any load
-    check_names(target_name, draft_name if needs_draft else None, early_exit)
-    if needs_draft:
-        check_draft_quant(draft_quant, device)
-    int8 = needs_draft and draft_quant == "int8"
-    if int8:
-        if early_exit is not None:
+def _draft_format(asked: str | None, machine: Machine, draft: str | None, early: bool) -> str:
+    """The draft's weights: what was asked (checked), else int8 for a separate draft on a CPU where
+    torch's int8 GEMM runs (less than half the memory, faster, the same output), else none."""
+    if draft is None:
+        return "none"
+    if asked is None:
+        return "int8" if machine.cpu and machine.int8_cpu and not early else "none"
+    if asked not in DRAFT_QUANTS:
+        raise UsageError(f"--draft-quant must be one of {', '.join(DRAFT_QUANTS)}; got {asked!r}")
+    if asked == "int8":
+        if not machine.cpu:
+            raise UsageError("--draft-quant int8 runs on a CPU (fbgemm's int8 GEMM); on a GPU the draft "
+                             "computes in bf16/fp16: drop --draft-quant")
+        if not machine.int8_cpu:
+            raise UsageError("--draft-quant int8: this torch build has no dynamic int8 linear")
+        if early:
             raise UsageError("--draft-quant int8 needs a separate draft: an early-exit draft shares the "
                              "target's own layers")
-    draft, draft_tokenizer = None, None
-    if needs_draft and early_exit is None:
-        log(f"loading draft {draft_name}" + (" (int8)" if int8 else ""))
-        draft, draft_tokenizer = load_model(draft_name, device=device, dtype=dtype)
-        if int8:
-            from specexec_cli.runtime.int8_cpu import quantize_draft_int8
-
-            draft = quantize_draft_int8(draft)
-    log(f"loading target {target_name} ({device}, {str(dtype).removeprefix('torch.')})")
-    if load_target is None:
-        target, tokenizer = load_model(target_name, device=device, dtype=dtype)
-    else:
-        target, tokenizer = load_target(target_name, device=device, dtype=dtype, draft=draft)
-    if draft_tokenizer is not None:
-        check_compatible(tokenizer, draft_tokenizer)
-    elif needs_draft:
-        log(f"draft: the target's first {early_exit} layers")
-        draft = make_early_exit_draft(target, early_exit)
-    return ModelPair(target, draft, tokenizer, eos_token_ids(target, tokenizer))
+    return asked
 
 
-# --- the offloaded target -----------------------------------------------------------------------------
+def _merge(request: EngineRequest, profile: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Each setting: the request's value, else the profile's (under its profile key), else None."""
+    from specexec_cli.settings import SETTINGS
+
+    merged = {}
+    for setting in SETTINGS:
+        value = getattr(request, setting.name)
+        if (value is None or value == ()) and profile and setting.profile in profile:
+            value = profile[setting.profile]
+            value = tuple(value) if setting.multiple else value
+        merged[setting.name] = value
+    return merged
 
 
-@dataclass(frozen=True)
-class OffloadOptions:
-    """How the target's layers are held: --offload, --quant, --buffers, --resident-layers, --offload-dir,
-    --max-memory."""
+def resolve(request: EngineRequest, profile: Mapping[str, Any] | None = None,
+            machine: Machine | None = None) -> EngineSpec:
+    """The spec `request` asks for, with `profile`'s settings (a profile's `settings`, or None) under
+    it and the defaults under both; every check that can fail before weights load fails here
+    (UsageError for bad knobs and names)."""
+    from specexec_cli.models.load import is_quantized
+    from specexec_cli.models.registry import resolve as resolve_model
+    from specexec_cli.runtime.caps import parse_caps
 
-    offload: str = "auto"
-    quant: str | None = None
-    buffers: int = 2
-    resident_layers: int | None = None
-    offload_dir: str | None = None
-    max_memory: tuple[str, ...] = ()  # --max-memory values (runtime/caps.py)
-    flagged: bool = True  # the tier was a flag (a profile's tier is kept silently: it was measured)
+    machine = machine or Machine.here(request.device)
+    got = _merge(request, profile)
+    target = got["target"] or DEFAULT_TARGET
+    method = got["method"] or "specexec"
+    draft = got["draft"]
+    if method == "autoregressive":
+        draft = None
+    elif draft == "none":
+        raise UsageError(f"method {method!r} needs a draft; drop --draft none or use --method autoregressive")
+    elif draft is None:
+        draft = default_draft_name(target)  # a missing draft fails before any weights load
+    _check_names(target, draft)
+    defaults = TreeConfig()
+    tree = defaults
+    if draft is not None:
+        tree = TreeConfig(budget=got["budget"] or defaults.budget,
+                          max_n_beams=got["max_n_beams"] or defaults.max_n_beams,
+                          max_beam_len=got["max_beam_len"],
+                          max_branch_width=got["max_branch_width"] or defaults.max_branch_width,
+                          draft_cost=got["draft_cost"])
+    tree.validate()  # a bad tree knob fails before any load
+    stored = resolve_model(target).quantization
+    quantized_checkpoint = bool(stored) or is_quantized(target)
+    # an explicit --quant or --dtype wins over the profile's format
+    weight_format = request.quant or request.dtype or got["quant"]
+    if quantized_checkpoint and (weight_format is None or weight_format in FLOAT_FORMATS):
+        from specexec_cli.models.load import quantized_format
 
+        fmt = quantized_format(resolve_model(target))
+        weight_format = stored or (fmt.variant if fmt is not None else None) or weight_format
+    weight_format = weight_format or default_format(machine)
+    dtype = compute_dtype(machine, weight_format, request.dtype)
+    if machine.cpu and dtype != "fp32" and weight_format not in FLOAT_FORMATS:
+        dtype = "fp32"  # a quantized target dequantizes to float32 on a CPU, whatever --dtype says
+    early = draft is not None and _draft_is_early_exit(draft)
+    draft_format = _draft_format(got["draft_quant"], machine, draft, early)
+    caps = tuple(got["max_memory"] or ())
+    parse_caps(caps)  # a bad size fails before any weights load
+    offloaded = (weight_format not in FLOAT_FORMATS or quantized_checkpoint
+                 or got["offload"] not in (None, "none") or got["buffers"] is not None
+                 or got["resident_layers"] is not None or bool(got["offload_dir"]) or bool(caps))
+    placement = None
+    if offloaded:
+        if got["offload_dir"]:
+            from specexec_cli.fsutil import check_writable_dir
 
-def default_batch_size(n_prompts: int, offloaded: bool, stream: bool) -> int:
-    """--batch-size when neither the flag nor the profile sets it: up to DEFAULT_BATCH prompts share each
-    pass when the target is offloaded (a pass then costs about the same for one prompt or several);
-    one at a time when resident, or when streaming text."""
-    if stream or not offloaded:
-        return 1
-    return max(1, min(DEFAULT_BATCH, n_prompts))
-
-
-def unused_offload_flags(options: OffloadOptions, plan: Any, n_layers: int) -> list[str]:
-    """What the user asked for that the memory plan does not do, one sentence each."""
-    warnings = []
-    if options.flagged and options.offload in ("ram", "disk") and plan.resident_layers >= n_layers:
-        warnings.append(f"--offload {options.offload} has no effect: all {n_layers} layers fit on the "
-                        "device and stay resident (cap memory with --max-memory, or pass "
-                        "--resident-layers N, to stream)")
-    elif options.offload_dir and (plan.offload != "disk" or plan.resident_layers >= n_layers):
-        warnings.append(f"--offload-dir {options.offload_dir} is unused: no layer streams from disk")
-    return warnings
-
-
-@dataclass
-class BatchSize:
-    """Prompts per target pass. `planned`: the user left it to the planner, which may lower it until
-    the batch's KV caches fit the memory plan; `lanes` holds what the plan admitted after loading."""
-
-    lanes: int
-    planned: bool = False
-
-
-def offloaded_loader(options: OffloadOptions, budget: int | None, context_len: int | Callable[..., int],
-                     batch: BatchSize | None = None):
-    """A `load_target` for `load_pair` that streams the target's layers (specexec_cli.runtime).
-    budget: the tree tokens a pass checks (0: plain decoding's 1-token pass; None: the largest that fits).
-    context_len: tokens the KV caches must hold, or a function of the tokenizer giving it (and of the
-    batch size when `batch` is given). With a planned `batch`, a plan that does not fit is retried with
-    one prompt fewer per pass, down to 1 (the plan refuses before any weights load)."""
-    if options.offload_dir:
-        from specexec_cli.fsutil import check_writable_dir
-
-        check_writable_dir(options.offload_dir, "--offload-dir")
-
-    def load(name: str, device: str, dtype: torch.dtype,
-             draft: torch.nn.Module | None = None) -> tuple[Any, Any]:
-        from specexec_cli.models.load import load_tokenizer, local_source
-        from specexec_cli.models.registry import resolve
-        from specexec_cli.runtime.caps import parse_caps
-        from specexec_cli.runtime.target import load_offloaded_target
-
-        spec = resolve(name)
-        if options.quant and spec.variant_id(options.quant):
-            spec = spec.quantized_variant(options.quant)  # --quant gptq / awq / w4a16: the registry's
-        folder = local_source(spec)
-        source = str(folder) if folder is not None else spec.hub_id
-        tokenizer = load_tokenizer(spec)
-        asked, first_refusal = (batch.lanes if batch else 1), None
-        while True:
-            if not callable(context_len):
-                context = context_len
-            elif batch is not None:
-                context = context_len(tokenizer, batch.lanes)
-            else:
-                context = context_len(tokenizer)
-            try:
-                model = load_offloaded_target(source, device=device, dtype=dtype, offload=options.offload,
-                                              quant=options.quant, buffers=options.buffers,
-                                              resident_layers=options.resident_layers,
-                                              offload_dir=options.offload_dir, budget=budget,
-                                              context_len=context, draft=draft,
-                                              max_memory=parse_caps(options.max_memory))
-                break
-            except DoesNotFit as error:
-                if batch is None or not batch.planned or batch.lanes <= 1:
-                    raise
-                first_refusal = first_refusal or error
-                batch.lanes -= 1
-        if first_refusal is not None:
-            log(f"batch: the caches of {asked} prompts do not fit ({first_refusal}); {batch.lanes} do")
-        plan = model.offload_engine.plan
-        log(f"offload plan: {plan.summary()}")
-        for warning in unused_offload_flags(options, plan, len(model.offload_engine.layers)):
-            log(f"warning: {warning}")
-        if model.offload_engine.pinned.cuda:
-            log(model.offload_engine.pinned.summary())
-        return model, tokenizer
-
-    return load
+            check_writable_dir(got["offload_dir"], "--offload-dir")
+        placement = Placement(got["offload"] or "auto", got["buffers"] or 2, got["resident_layers"],
+                              got["offload_dir"], caps)
+    profile_lanes = (profile or {}).get("batch_size") if request.batch_size is None else None
+    return EngineSpec(target=target, draft=draft, method=method, tree=tree, weight_format=weight_format,
+                      compute_dtype=dtype, draft_format=draft_format, draft_dtype=dtype,
+                      device=machine.device, placement=placement, lanes=request.batch_size or profile_lanes,
+                      lanes_from_profile=profile_lanes is not None)
 
 
-# --- settings -------------------------------------------------------------------------------------------
+def _draft_is_early_exit(draft: str) -> bool:
+    from specexec_cli.models.registry import early_exit_layers
+
+    return early_exit_layers(draft) is not None
 
 
-def resolve_settings(target_name: str, flags: dict[str, Any], use_profile: bool) -> dict[str, Any]:
-    """Generation settings: the best profile for this target on this machine (tuned, else a shipped
-    starting profile) with the explicit flags on top; built-in defaults fill what is left."""
-    settings = {key: value for key, value in flags.items() if value is not None}
-    if use_profile:
-        from specexec_cli.models.registry import resolve
-        from specexec_cli.profiles import describe_settings, settings_for_generate
+def profile_settings_for(request: EngineRequest) -> dict[str, Any] | None:
+    """The settings of the best profile for the request's target on this machine (tuned, else a
+    shipped starting profile), said on stderr with the flags on top; None with --no-profile or when
+    no profile applies."""
+    if not request.use_profile:
+        return None
+    from specexec_cli.models.registry import resolve as resolve_model
+    from specexec_cli.profiles import describe_settings, settings_for_generate
 
-        settings, match = settings_for_generate(resolve(target_name).name, flags)
-        if match is not None:
-            origin = match.path.name if match.path else f"starting profile for {match.profile.target}"
-            explicit = ", ".join(f"{k}={v}" for k, v in flags.items() if v is not None)
-            on_top = f"; flags on top: {explicit}" if explicit else ""
-            log(f"profile: {origin}: {describe_settings(match.profile.settings)}{on_top}")
-            if match.warning:
-                log(f"warning: {match.warning}")
-    return {**TREE_DEFAULTS, "method": "specexec", **settings}
+    settings, match = settings_for_generate(resolve_model(request.target or DEFAULT_TARGET).name, {})
+    if match is None:
+        return None
+    origin = match.path.name if match.path else f"starting profile for {match.profile.target}"
+    explicit = ", ".join(f"{k}={v}" for k, v in request.__dict__.items()
+                         if v not in (None, ()) and k not in ("use_profile", "target"))
+    on_top = f"; flags on top: {explicit}" if explicit else ""
+    log(f"profile: {origin}: {describe_settings(match.profile.settings)}{on_top}")
+    if match.warning:
+        log(f"warning: {match.warning}")
+    return settings
 
 
-# --- the engine -----------------------------------------------------------------------------------------
+def resolve_request(request: EngineRequest, machine: Machine | None = None) -> EngineSpec:
+    """`resolve` with the best profile for this machine (`profile_settings_for`)."""
+    return resolve(request, profile_settings_for(request), machine or Machine.here(request.device))
 
 
-@dataclass(frozen=True)
-class EngineRequest:
-    """What a front door asks for; None leaves a knob to the profile, then to the defaults."""
-
-    target: str | None = None
-    draft: str | None = None
-    method: str | None = None
-    budget: int | None = None
-    max_n_beams: int | None = None
-    max_beam_len: int | None = None
-    max_branch_width: int | None = None
-    draft_cost: float | None = None  # one draft pass in target passes, fixed; None: measured
-    draft_quant: str | None = None  # "none" | "int8"
-    device: str | None = None
-    dtype: str | None = None  # fp32 | fp16 | bf16
-    offload: str | None = None  # none | ram | disk | auto
-    quant: str | None = None  # fp16 | bf16 | fp32 | gptq | nf4 | int8 (the target's weights)
-    buffers: int | None = None
-    resident_layers: int | None = None
-    offload_dir: str | None = None
-    max_memory: tuple[str, ...] = ()
-    batch_size: int | None = None  # an explicit batch size; None: the profile's or the planner's
-    use_profile: bool = True
-
-    def flags(self) -> dict[str, Any]:
-        """The knobs a profile may also set, as `resolve_settings` takes them."""
-        return dict(method=self.method, draft=self.draft, budget=self.budget, max_n_beams=self.max_n_beams,
-                    max_beam_len=self.max_beam_len, max_branch_width=self.max_branch_width,
-                    draft_cost=self.draft_cost, offload=self.offload, buffers=self.buffers,
-                    resident_layers=self.resident_layers,
-                    quantization=self.quant or self.dtype, max_memory=list(self.max_memory) or None,
-                    batch_size=self.batch_size, draft_quant=self.draft_quant)
+# --- the workload ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,14 @@ class Workload:
     max_new_tokens: int
     n_prompts: int
     streaming: bool = False  # text printed as it comes: one prompt at a time
+    planned_context: Callable[[Any], int] | None = None  # a fixed context for the caches (`fixed`)
+
+    @classmethod
+    def fixed(cls, context: int | Callable[[Any], int], n_prompts: int = 1) -> Workload:
+        """Caches planned for `context` tokens (or a function of the tokenizer), whatever the tree or
+        the batch: the tuner plans every trial of a placement for the same context, so they share it."""
+        of = context if callable(context) else (lambda _tokenizer: context)
+        return cls(lambda _tokenizer: [], 0, n_prompts, planned_context=of)
 
     @classmethod
     def of_prompts(cls, prompts: Sequence[Any], max_new_tokens: int, system: str | None,
@@ -365,24 +374,58 @@ class Workload:
     def context(self, tokenizer: Any, lanes: int, headroom: int) -> int:
         """Tokens the packed caches of `lanes` prompts hold: the longest ones, each with its new tokens,
         plus `headroom` for the draft's tree (decoding/config.tree_headroom)."""
+        if self.planned_context is not None:
+            return int(self.planned_context(tokenizer))
         longest = sorted(self.prompt_lengths(tokenizer), reverse=True)[: max(1, lanes)] or [1]
         return sum(longest) + len(longest) * self.max_new_tokens + headroom
 
 
+def default_lanes(n_prompts: int, offloaded: bool, streaming: bool) -> int:
+    """Prompts per pass when neither the request nor the profile sets it: up to DEFAULT_BATCH share each
+    pass when the target is offloaded (a pass then costs about the same for one prompt or several); one
+    at a time when resident, or when streaming text."""
+    if streaming or not offloaded:
+        return 1
+    return max(1, min(DEFAULT_BATCH, n_prompts))
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelPair:
+    """The loaded models and what generation needs from the tokenizer."""
+
+    target: torch.nn.Module
+    draft: torch.nn.Module | None
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+
+
 @dataclass
 class Engine:
-    """An opened engine: the loaded pair, the settings it runs with and how many prompts share a pass."""
+    """An opened engine: the spec it runs (its placement pinned to what the memory plan chose), the
+    loaded pair and how many prompts share a pass."""
 
+    spec: EngineSpec
     pair: ModelPair
-    settings: dict[str, Any]
-    tree: TreeConfig
-    device: str
     lanes: int  # prompts per target pass the memory plan admitted
-    offloaded: bool = False  # the target runs through the offload engine (runtime/offload.py)
 
     @property
     def method(self) -> str:
-        return self.settings["method"]
+        return self.spec.method
+
+    @property
+    def tree(self) -> TreeConfig:
+        return self.spec.tree
+
+    @property
+    def device(self) -> str:
+        return self.spec.device
+
+    @property
+    def offloaded(self) -> bool:
+        return self.spec.placement is not None
 
     @property
     def plan(self) -> Any | None:
@@ -394,9 +437,9 @@ class Engine:
         """The GenerationConfig of one request, validated (a bad value is a UsageError); greedy when
         `sampling` is None."""
         config = GenerationConfig(method=self.method, max_new_tokens=max_new_tokens,
-                                  sampling=sampling or SamplingConfig(),
-                                  tree=self.tree, eos_token_ids=self.pair.eos_token_ids,
-                                  stop_strings=tuple(stop_strings), seed=seed)
+                                  sampling=sampling or SamplingConfig(), tree=self.tree,
+                                  eos_token_ids=self.pair.eos_token_ids, stop_strings=tuple(stop_strings),
+                                  seed=seed)
         config.validate()
         return config
 
@@ -407,50 +450,177 @@ class Engine:
             engine.close()
 
 
-def open_engine(request: EngineRequest, workload: Workload) -> Engine:
-    """Resolve the settings, plan the memory, load the pair: see the module docstring.
+@dataclass
+class LoadedModels:
+    """Models a caller keeps between loads (the tuner's trials), keyed by what they are: `load` takes
+    the ones it needs from here and puts what it loads here. The caller decides what to drop."""
 
-    Raises UsageError for bad knobs and DoesNotFit / SpecexecError (one line) when the run cannot fit,
-    before any weights load where the plan can tell."""
-    from specexec_cli.devices import check_device
-    from specexec_cli.models.load import is_quantized
-    from specexec_cli.runtime.caps import parse_caps
+    models: dict[tuple, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # spent loading
 
-    target = request.target or DEFAULT_TARGET
-    settings = resolve_settings(target, request.flags(), use_profile=request.use_profile)
-    tree = TreeConfig(**{key: settings[key] for key in TREE_DEFAULTS})
-    method = settings["method"]
-    GenerationConfig(method=method, tree=tree).validate()  # a bad tree knob fails before any load
-    device = check_device(request.device) or default_device()
-    draft_quant = settings.get("draft_quant")  # checked by load_pair, before any weights load
-    fmt = settings.get("quantization")
-    weight_quant = fmt if fmt and fmt not in FLOAT_FORMATS else None
-    caps = tuple(settings.get("max_memory") or ())
-    parse_caps(caps)  # a bad size fails before any weights load
-    offloaded = bool(weight_quant or is_quantized(target) or settings.get("offload", "none") != "none"
-                     or request.buffers
-                     or request.resident_layers is not None or request.offload_dir or caps)
-    profile_batch = None if workload.streaming else settings.get("batch_size")
-    lanes = request.batch_size or profile_batch or default_batch_size(workload.n_prompts, offloaded,
-                                                                      workload.streaming)
+    def get(self, key: tuple) -> Any | None:
+        if key in self.models:
+            self.models[key] = self.models.pop(key)  # most recently used last
+        return self.models.get(key)
+
+    def drop_placed_targets(self, keep: Placement) -> None:
+        """Close and forget every offloaded target loaded in another placement than `keep` (under a cap
+        one fits at a time)."""
+        for key in list(self.models):
+            if key[0] == "target" and len(key) > 5 and key[5] != keep:
+                engine = getattr(self.models.pop(key), "offload_engine", None)
+                if engine is not None:
+                    engine.close()
+
+
+def draft_key(spec: EngineSpec) -> tuple:
+    return ("draft", spec.draft, spec.draft_format, spec.draft_dtype, spec.device)
+
+
+def target_key(spec: EngineSpec, context: int | None = None, lanes: int | None = None) -> tuple:
+    """A loaded target's identity: its format and dtype, and for an offloaded one the placement, what its
+    plan made room for (the draft, the budget, the context) and its batch."""
+    base = ("target", spec.target, spec.weight_format, spec.compute_dtype, spec.device)
+    if spec.placement is None:
+        return base
+    planned_for = None if spec.method == "autoregressive" or spec.early_exit else draft_key(spec)
+    budget = 0 if spec.method == "autoregressive" else (spec.placement.plan_budget or spec.tree.budget)
+    return (*base, spec.placement, planned_for, budget, context, lanes, spec.early_exit)
+
+
+def load(spec: EngineSpec, workload: Workload, models: LoadedModels | None = None) -> Engine:
+    """Open `spec` for `workload`: the draft first (so the target's memory plan counts it), then the target
+    (resident, or offloaded under the plan; a batch size left to the planner shrinks until the batch's
+    caches fit), then an early-exit draft cut from it. Raises DoesNotFit / SpecexecError (one line)
+    when the run cannot fit, before any weights load where the plan can tell."""
+    from specexec_cli.models.load import check_compatible, eos_token_ids, make_early_exit_draft
+
+    if workload.streaming and spec.lanes_from_profile:
+        spec = replace(spec, lanes=None, lanes_from_profile=False)
+    lanes = spec.lanes or default_lanes(workload.n_prompts, spec.placement is not None, workload.streaming)
     if workload.streaming and lanes > 1:
         raise UsageError("--stream prints one prompt at a time: drop --batch-size or set it to 1")
-    # a batch size left to the planner may shrink until the batch's caches fit the memory plan
-    planned = not (request.batch_size or profile_batch)
-    batch = BatchSize(min(lanes, max(1, workload.n_prompts)), planned=planned)
-    load_target = None
-    if offloaded:
-        options = OffloadOptions(settings.get("offload") or "auto", fmt, settings.get("buffers") or 2,
-                                 settings.get("resident_layers"), request.offload_dir, caps,
-                                 flagged=request.offload is not None)
-        plain = method == "autoregressive"  # no tree: a 1-token pass, no draft headroom
-        headroom = 0 if plain else tree_headroom(tree)
+    lanes = min(lanes, max(1, workload.n_prompts))
+    models = models if models is not None else LoadedModels()
+    draft, draft_tokenizer = load_draft(spec, models) if spec.draft and not spec.early_exit else (None, None)
+    target, tokenizer, spec, lanes = _load_target(spec, workload, draft, lanes, models)
+    if draft_tokenizer is not None:
+        check_compatible(tokenizer, draft_tokenizer)
+    if spec.early_exit:
+        log(f"draft: the target's first {spec.early_exit} layers")
+        draft = make_early_exit_draft(target, spec.early_exit)
+    return Engine(spec, ModelPair(target, draft, tokenizer, eos_token_ids(target, tokenizer)), lanes)
 
-        def context(tokenizer: Any, n_lanes: int = batch.lanes) -> int:
-            return workload.context(tokenizer, n_lanes, headroom)
 
-        load_target = offloaded_loader(options, 0 if plain else tree.budget, context, batch)
-    dtype_name = fmt if fmt in FLOAT_FORMATS else request.dtype
-    pair = load_pair(target, settings.get("draft"), method, device, parse_dtype(dtype_name, device),
-                     load_target, draft_quant=draft_quant)
-    return Engine(pair, settings, tree, device, batch.lanes, offloaded)
+def load_draft(spec: EngineSpec, models: LoadedModels) -> tuple[Any, Any]:
+    """(draft, tokenizer) of `spec`, from `models` when it is there (and put there when loaded)."""
+    import time
+
+    from specexec_cli.models.load import load_model
+
+    key = draft_key(spec)
+    cached = models.get(key)
+    if cached is not None:
+        return cached
+    log(f"loading draft {spec.draft}" + (" (int8)" if spec.draft_format == "int8" else ""))
+    start = time.perf_counter()
+    draft, tokenizer = load_model(spec.draft, device=spec.device, dtype=DTYPES[spec.draft_dtype])
+    if spec.draft_format == "int8":
+        from specexec_cli.runtime.int8_cpu import quantize_draft_int8
+
+        draft = quantize_draft_int8(draft)
+    models.seconds += time.perf_counter() - start
+    models.models[key] = (draft, tokenizer)
+    return draft, tokenizer
+
+
+def _load_target(spec: EngineSpec, workload: Workload, draft: Any, lanes: int,
+                 models: LoadedModels) -> tuple[Any, Any, EngineSpec, int]:
+    """The target (resident, or offloaded under the plan), and the spec with the placement it got."""
+    import time
+
+    from specexec_cli.models.load import load_model, load_tokenizer, local_source
+    from specexec_cli.models.registry import resolve as resolve_model
+
+    dtype = DTYPES[spec.compute_dtype]
+    if spec.placement is None:
+        key = target_key(spec)
+        cached = models.get(key)
+        if cached is None:
+            log(f"loading target {spec.target} ({spec.device}, {str(dtype).removeprefix('torch.')})")
+            start = time.perf_counter()
+            cached = load_model(spec.target, device=spec.device, dtype=dtype)
+            models.seconds += time.perf_counter() - start
+            models.models[key] = cached
+        return cached[0], cached[1], spec, lanes
+    from specexec_cli.runtime.caps import parse_caps
+    from specexec_cli.runtime.target import load_offloaded_target, plan_target
+
+    model_spec = resolve_model(spec.target)
+    if spec.weight_format not in FLOAT_FORMATS and model_spec.variant_id(spec.weight_format):
+        model_spec = model_spec.quantized_variant(spec.weight_format)  # the registry's gptq / awq / w4a16
+    folder = local_source(model_spec)
+    source = str(folder) if folder is not None else model_spec.hub_id
+    tokenizer = models.get(("tokenizer", source))
+    if tokenizer is None:
+        tokenizer = models.models[("tokenizer", source)] = load_tokenizer(model_spec)
+    place = spec.placement
+    plain = spec.method == "autoregressive"
+    budget = 0 if plain else (place.plan_budget or spec.tree.budget)
+    headroom = 0 if plain else tree_headroom(spec.tree)
+    planned = spec.lanes is None  # a batch size left to the planner may shrink until its caches fit
+    asked, refusal = lanes, None
+    while True:
+        context = workload.context(tokenizer, lanes, headroom)
+        kwargs = dict(device=spec.device, dtype=dtype, offload=place.offload, quant=spec.weight_format,
+                      buffers=place.buffers, offload_dir=place.offload_dir, budget=budget,
+                      context_len=context, draft=draft, max_memory=parse_caps(place.max_memory))
+        try:
+            resident = place.resident_layers
+            if resident is None and spec.early_exit:  # an early exit needs its layers on the device
+                auto = plan_target(source, resident_layers=None, **kwargs)
+                resident = None if auto.resident_layers >= spec.early_exit else spec.early_exit
+            key = target_key(spec, context, lanes)
+            cached = models.get(key)
+            if cached is None:
+                start = time.perf_counter()
+                cached = load_offloaded_target(source, resident_layers=resident, **kwargs)
+                models.seconds += time.perf_counter() - start
+                models.models[key] = cached
+            model = cached
+            break
+        except DoesNotFit as error:
+            if not planned or lanes <= 1:
+                raise
+            refusal = refusal or error
+            lanes -= 1
+    if refusal is not None:
+        log(f"batch: the caches of {asked} prompts do not fit ({refusal}); {lanes} do")
+    engine = model.offload_engine
+    plan = engine.plan
+    log(f"offload plan: {plan.summary()}")
+    for warning in unused_offload_flags(place, plan, len(engine.layers)):
+        log(f"warning: {warning}")
+    if engine.pinned.cuda:
+        log(engine.pinned.summary())
+    pinned = replace(place, offload=plan.offload, buffers=max(2, plan.buffers),
+                     resident_layers=plan.resident_layers, plan_budget=None)
+    return model, tokenizer, replace(spec, placement=pinned), lanes
+
+
+def unused_offload_flags(place: Placement, plan: Any, n_layers: int) -> list[str]:
+    """What the placement asked for that the memory plan does not do, one sentence each."""
+    warnings = []
+    streams_nothing = plan.resident_layers >= n_layers
+    if place.offload in ("ram", "disk") and place.resident_layers is None and streams_nothing:
+        warnings.append(f"--offload {place.offload} has no effect: all {n_layers} layers fit on the "
+                        "device and stay resident (cap memory with --max-memory, or pass "
+                        "--resident-layers N, to stream)")
+    elif place.offload_dir and (plan.offload != "disk" or plan.resident_layers >= n_layers):
+        warnings.append(f"--offload-dir {place.offload_dir} is unused: no layer streams from disk")
+    return warnings
+
+
+def open_engine(request: EngineRequest, workload: Workload) -> Engine:
+    """resolve (with this machine's best profile) and load: what a front door calls."""
+    return load(resolve_request(request), workload)

@@ -5,9 +5,9 @@ XDG_CONFIG_HOME), named `<target>@<fingerprint>.json`, where the fingerprint nam
 `hardware.fingerprint`). It is written atomically (temporary file + os.replace). A corrupt file or one
 written with another schema version gives a one-line `SpecexecError`, never a traceback.
 
-Starting profiles ship in the repository's top-level `profiles/` folder: settings for known targets on
-common hardware classes, derived from the cost model (not measured) and labelled so. They are used
-when no tuned profile exists for the target.
+Starting profiles ship as package data (`specexec_cli/data/profiles/`, see `profiles/README.md`):
+settings for known targets on common hardware classes, derived from the cost model (not measured) and
+labelled so. They are used when no tuned profile exists for the target.
 """
 
 from __future__ import annotations
@@ -33,29 +33,15 @@ from specexec_cli.hardware import (
     torch_version,
     write_json_atomic,
 )
+from specexec_cli.settings import profile_types
 
 SCHEMA_VERSION = 1
 KINDS = ("tuned", "starting")
 SUFFIX = ".json"
 
-# Settings a profile may carry, with their types. Anything else in a profile is an error, so a
-# setting is never silently ignored.
-SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
-    "method": str,
-    "draft": (str, type(None)),
-    "draft_quant": str,  # "none" or "int8" (a CPU draft in int8, runtime/int8_cpu.py)
-    "quantization": str,
-    "budget": int,
-    "max_n_beams": int,
-    "max_beam_len": int,
-    "max_branch_width": int,
-    "draft_cost": (int, float),  # one draft pass in target passes, fixed (decoding/growth.py)
-    "offload": str,  # "none" (resident), "ram" or "disk"
-    "buffers": int,  # GPU layer buffers in the prefetch ring
-    "resident_layers": int,
-    "max_memory": list,  # --max-memory values, e.g. ["cpu=4GiB"]
-    "batch_size": int,  # prompts per target pass (tune --batch-prompts)
-}
+# Settings a profile may carry, with their types: the engine settings table's (settings.py). Anything
+# else in a profile is an error, so a setting is never silently ignored.
+SETTING_TYPES: dict[str, type | tuple[type, ...]] = profile_types()
 POSITIVE_INTS = ("budget", "max_n_beams", "max_beam_len", "max_branch_width", "buffers", "batch_size")
 
 
@@ -91,8 +77,11 @@ def profiles_dir() -> Path:
 
 
 def starting_profiles_dir() -> Path:
-    """The shipped starting profiles: `profiles/` at the top of the source tree."""
-    return Path(__file__).resolve().parent.parent / "profiles"
+    """The shipped starting profiles: package data (`specexec_cli/data/profiles/`, described by the
+    repository's `profiles/README.md`), so an installed specexec has them too."""
+    from importlib import resources
+
+    return Path(str(resources.files("specexec_cli").joinpath("data/profiles")))
 
 
 def slug(name: str) -> str:

@@ -1,5 +1,6 @@
-"""Prompt-set files of the benchmarks and the tuner: the shared MT-Bench / OASST sets, JSON lists of
-[id, text] pairs whose text is wrapped in the Llama-2 chat format, read as chat messages."""
+"""Prompt-set files of the benchmarks and the tuner: the MT-Bench / OASST sets the SpecExec paper evaluated
+on (shipped in the package, `specexec_cli/data/prompts/`, so an installed specexec finds them anywhere),
+JSON lists of [id, text] pairs whose text is wrapped in the Llama-2 chat format, read as chat messages."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 from specexec_cli.errors import UsageError
 from specexec_cli.prompts import decode_text
 
-DEFAULT_PROMPTS = "../shared/data/prompts/mtbench.json"
+PACKAGED_SETS = ("mtbench", "oasst")  # specexec_cli/data/prompts/<name>.json
+DEFAULT_PROMPTS = "mtbench"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _INST_OPEN = r"\[\s*INST\s*\]"
@@ -78,15 +80,24 @@ def strip_llama2_wrapper(text: str) -> str:
     return users[-1] if users else _clean(text)
 
 
+def packaged_prompt_set(name: str) -> Path:
+    """The file of a prompt set shipped with specexec ("mtbench" or "oasst")."""
+    from importlib import resources
+
+    return Path(str(resources.files("specexec_cli").joinpath(f"data/prompts/{name}.json")))
+
+
 def resolve_prompt_path(path: str | os.PathLike[str] | None = None) -> Path:
-    """The prompt file: `path` as given if it exists, else relative to the repository root."""
-    name = Path(path if path is not None else DEFAULT_PROMPTS)
-    for candidate in (name, REPO_ROOT / name):
+    """The prompt file: a packaged set by name ("mtbench", the default, or "oasst"), else `path` as
+    given, or relative to the repository root."""
+    name = str(path) if path is not None else DEFAULT_PROMPTS
+    if name in PACKAGED_SETS:
+        return packaged_prompt_set(name)
+    for candidate in (Path(name), REPO_ROOT / name):
         if candidate.is_file():
             return candidate
-    raise UsageError(
-        f"prompt file not found: {name} (looked in {Path.cwd()} and {REPO_ROOT}); use --prompts FILE"
-    )
+    raise UsageError(f"prompt file not found: {name} (looked in {Path.cwd()} and {REPO_ROOT}; the packaged "
+                     f"sets are {', '.join(PACKAGED_SETS)}); use --prompts FILE")
 
 
 def _read_prompt_file(path: Path) -> list[tuple[str, str]]:

@@ -39,7 +39,8 @@ def test_the_grid_surrounds_the_pick_under_the_same_caps():
     assert points[0].request.method == "autoregressive"
     spec = points[1:]
     drafts = {(p.request.draft, p.request.draft_quant) for p in spec}
-    assert drafts == {("qwen2.5-coder-0.5b", None), ("qwen2.5-coder-0.5b", "int8"), ("first-layers:4", None)}
+    assert drafts == {("qwen2.5-coder-0.5b", "none"), ("qwen2.5-coder-0.5b", "int8"),
+                      ("first-layers:4", "none")}
     assert sorted({p.request.budget for p in spec}) == [8, 16, 32, 64, 128]
     assert len(spec) == 3 * 5
     for point in points:

@@ -15,7 +15,7 @@ from tiny_pairs import tiny_pair
 from specexec_cli.cli import main
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
 from specexec_cli.decoding.generate import generate
-from specexec_cli.engine import check_draft_quant
+from specexec_cli.engine import Machine, resolve
 from specexec_cli.errors import UsageError
 from specexec_cli.runtime import int8_cpu
 from specexec_cli.runtime.target import model_bytes
@@ -96,11 +96,21 @@ def test_seeded_sampling_with_an_int8_draft_is_seeded_plain_sampling():
 
 
 def test_int8_is_refused_off_the_cpu_and_for_early_exit_drafts():
+    from specexec_cli.settings import EngineRequest
+
+    cpu, gpu = Machine("cpu", False, True), Machine("cuda", True, False)
     with pytest.raises(UsageError, match="runs on a CPU"):
-        check_draft_quant("int8", "cuda")
+        resolve(EngineRequest(draft_quant="int8"), None, gpu)
     with pytest.raises(UsageError, match="must be one of"):
-        check_draft_quant("int4", "cpu")
-    check_draft_quant("none", "cuda")
+        resolve(EngineRequest(draft_quant="int4"), None, cpu)
+    with pytest.raises(UsageError, match="separate draft"):
+        resolve(EngineRequest(draft="first-layers:4", draft_quant="int8"), None, cpu)
+    assert resolve(EngineRequest(draft_quant="none"), None, gpu).draft_format == "none"
+    # the default: int8 for a separate draft on a CPU with torch's int8 GEMM, float elsewhere
+    assert resolve(EngineRequest(), None, cpu).draft_format == "int8"
+    assert resolve(EngineRequest(), None, Machine("cpu", False, False)).draft_format == "none"
+    assert resolve(EngineRequest(), None, gpu).draft_format == "none"
+    assert resolve(EngineRequest(draft="first-layers:4"), None, cpu).draft_format == "none"
 
 
 def test_generate_with_draft_quant_int8(tmp_path):

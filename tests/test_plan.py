@@ -313,12 +313,13 @@ def test_resident_layers_are_expanded_with_the_memory_left_and_never_past_it():
     assert streamed.expanded_layers == 4  # only resident layers, never streamed ones
 
 
-def test_an_offload_tier_that_streams_nothing_is_said_only_for_a_flag():
-    """`--offload disk` with every layer resident has no effect: said for the flag, not for a profile's
-    tier (the tuner measured that placement: float16 layers kept narrow are not tier none's)."""
-    from specexec_cli.engine import OffloadOptions, unused_offload_flags
+def test_an_offload_tier_that_streams_nothing_is_said_only_when_the_planner_chose_it():
+    """`--offload disk` with every layer resident has no effect: said when the planner chose the
+    resident layers, not for a placement that pins them (a profile's: the tuner measured that
+    placement, and float16 layers kept narrow in the disk tier are not tier none's)."""
+    from specexec_cli.engine import Placement, unused_offload_flags
 
     everything = Plan(offload="disk", buffers=0, resident_layers=28, budget=16, device_bytes=1, host_bytes=0,
                       disk_bytes=0)
-    assert "has no effect" in unused_offload_flags(OffloadOptions("disk"), everything, 28)[0]
-    assert unused_offload_flags(OffloadOptions("disk", flagged=False), everything, 28) == []
+    assert "has no effect" in unused_offload_flags(Placement("disk"), everything, 28)[0]
+    assert unused_offload_flags(Placement("disk", resident_layers=28), everything, 28) == []

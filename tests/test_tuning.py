@@ -515,35 +515,32 @@ def test_study_result_reads_a_study_back(tmp_path):
 # --- one small real tune (tiny random models, real generation) ---------------------------------
 
 
-def test_a_small_real_tune_on_tiny_models(tmp_path, make_word_tokenizer):
+def test_a_small_real_tune_on_tiny_models(tmp_path):
+    """A whole tune of a tiny saved pair, opened through the engine as generate opens it: each model
+    loads once, and the profile gives generate the spec the best trial measured."""
     import json
 
-    import torch
-    from tiny_pairs import tiny_pair
+    from conftest import save_tiny_cli_pair
 
     from specexec_cli import hardware, profiles
+    from specexec_cli.engine import Machine, resolve
+    from specexec_cli.settings import EngineRequest
     from specexec_cli.tuning.options import TuneOptions
     from specexec_cli.tuning.tune import tune
 
-    target, draft = tiny_pair("qwen2", dtype=torch.float32)
-    tokenizer = make_word_tokenizer([f"w{i}" for i in range(124)])
-    models = {"tiny-target": target, "tiny-draft": draft}
-    loads = []
-
-    def load_fn(name, quant, device):
-        loads.append((name, quant))
-        return models[name], tokenizer
-
+    save_tiny_cli_pair(tmp_path)
+    target, draft = str(tmp_path / "target"), str(tmp_path / "draft")
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([[0, "[INST] w1 w5 w9 w2 [/INST]"], [1, "w7 w3 w3 w8 w1"]]))
     options = TuneOptions(
-        target="tiny-target",
-        drafts=("tiny-draft", "first-layers:1"),  # the CLI's spelling of the target's early exit
+        target=target,
+        drafts=(draft, "first-layers:1"),  # the CLI's spelling of the target's early exit
         quantizations=("fp32",),
         budgets=(1, 4),
         n_beams=(4,),
         beam_lens=(4,),
         n_trials=3,
+        n_prompts=2,
         prompts_file=prompts,
         max_new_tokens=8,
         calibration_iterations=2,
@@ -554,9 +551,10 @@ def test_a_small_real_tune_on_tiny_models(tmp_path, make_word_tokenizer):
         progress=False,
     )
     probe = hardware.probe(tmp_path / "weights", run_measurements=False)
-    report = tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target")
+    report = tune(options, probe=probe, target_key="tiny-target")
 
-    assert sorted(loads) == [("tiny-draft", "fp32"), ("tiny-target", "fp32")]  # each loaded once
+    loaded = report.objective.pool.loaded.models
+    assert sorted(key[0] for key in loaded) == ["draft", "target"]  # each loaded once
     result = report.result
     assert len(result.evaluations) == 3 and result.best_autoregressive is not None
     assert set(report.calibration.target_curves) == {"fp32"}
@@ -566,11 +564,14 @@ def test_a_small_real_tune_on_tiny_models(tmp_path, make_word_tokenizer):
     assert saved.target == "tiny-target" and saved.fingerprint == probe.fingerprint
     assert saved.measured["tokens_per_s"] == result.best.tokens_per_s
     assert saved.settings["method"] in ("specexec", "autoregressive")
-    assert saved.settings.get("draft") in (None, "tiny-draft", "first-layers:1")
-    assert "tiny-target[:1]" in report.space.drafts
+    assert saved.settings.get("draft") in (None, draft, "first-layers:1")
+    assert f"{target}[:1]" in report.space.drafts
     assert "x plain decoding" in report.summary() or "plain autoregressive" in report.summary()
+    # what generate resolves from the saved profile is the spec the best trial ran
+    measured = report.objective.pool.specs[result.best.candidate]
+    assert resolve(EngineRequest(target=target), saved.settings, Machine.here("cpu")) == measured
     # Resuming the same study measures nothing new.
-    again = tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target")
+    again = tune(options, probe=probe, target_key="tiny-target")
     assert again.result.new_evaluations == 0 and len(again.result.evaluations) == 3
 
 

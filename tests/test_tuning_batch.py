@@ -154,38 +154,34 @@ def test_out_of_memory_ends_the_stage_and_the_smaller_sizes_count(monkeypatch):
 
 
 def tiny_tune_options(tmp_path, **changes):
+    """A small tune of the tiny pair saved in tmp_path/target and tmp_path/draft."""
+    from conftest import save_tiny_cli_pair
+
     from specexec_cli.tuning.options import TuneOptions
 
+    if not (tmp_path / "target").exists():
+        save_tiny_cli_pair(tmp_path)
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([[0, "w1 w5 w9 w2"], [1, "w7 w3 w3 w8 w1"]]))
     options = TuneOptions(
-        target="tiny-target", drafts=("tiny-draft",), quantizations=("fp32",), budgets=(1, 4), n_beams=(4,),
-        beam_lens=(4,), n_trials=2, prompts_file=prompts, max_new_tokens=4, calibration_iterations=2,
-        storage=tmp_path / "tune.db", profiles_dir=tmp_path / "profiles", device="cpu", hopeless_ratio=0.0,
-        progress=False,
+        target=str(tmp_path / "target"), drafts=(str(tmp_path / "draft"),), quantizations=("fp32",),
+        budgets=(1, 4), n_beams=(4,), beam_lens=(4,), n_trials=2, n_prompts=2, prompts_file=prompts,
+        max_new_tokens=4, calibration_iterations=2, storage=tmp_path / "tune.db",
+        profiles_dir=tmp_path / "profiles", device="cpu", hopeless_ratio=0.0, progress=False,
     )
     return dataclasses.replace(options, **changes)
 
 
-def test_a_batch_tune_saves_the_fastest_batch_size_and_generate_uses_it(tmp_path, make_word_tokenizer,
-                                                                         monkeypatch):
-    from tiny_pairs import tiny_pair
-
+def test_a_batch_tune_saves_the_fastest_batch_size_and_generate_uses_it(tmp_path, monkeypatch):
     from specexec_cli import hardware, profiles
     from specexec_cli.tuning.tune import tune
-
-    target, draft = tiny_pair("qwen2", dtype=torch.float32)
-    tokenizer = make_word_tokenizer(WORDS)
-
-    def load_fn(name, quant, device):
-        return {"tiny-target": target, "tiny-draft": draft}[name], tokenizer
 
     # batch 2 is the fastest on the synthetic clock; the real generation runs all the same
     calls = fake_runs(monkeypatch, {1: 1.0, 2: 1.0, 4: 4.0, 5: 10.0}, real=True)
     options = tiny_tune_options(tmp_path, batch_prompts_file=prompt_file(tmp_path, 5),
                                 batch_sizes=(1, 2, 4, 8), batch_new_tokens=3)
     probe = hardware.probe(tmp_path / "weights", run_measurements=False)
-    report = tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target")
+    report = tune(options, probe=probe, target_key="tiny-target")
 
     assert calls == [(1, 1), (2, 2), (4, 4), (5, 5)]  # 8 capped by the 5 prompts
     assert [m.tokens for m in report.batch.measurements] == [3, 6, 12, 15]  # real tokens, 3 a prompt
@@ -201,70 +197,51 @@ def test_a_batch_tune_saves_the_fastest_batch_size_and_generate_uses_it(tmp_path
 
     # Resuming measures no trial again; the cheap batch stage runs again. Without --batch-prompts the
     # same study resumes and the profile carries no batch size.
-    again = tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target")
+    again = tune(options, probe=probe, target_key="tiny-target")
     assert again.result.new_evaluations == 0 and again.batch.best.batch_size == 2
-    plain = tune(dataclasses.replace(options, batch_prompts_file=None), load_fn=load_fn, probe=probe,
-                 target_key="tiny-target")
+    plain = tune(dataclasses.replace(options, batch_prompts_file=None), probe=probe, target_key="tiny-target")
     assert plain.result.new_evaluations == 0 and plain.batch is None
     assert "batch_size" not in profiles.load_profile(plain.profile_path).settings
     # No batch size runs at all: the search's profile is still saved, without a batch size.
     fake_runs(monkeypatch, {}, fail_at=1)
-    failed = tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target")
+    failed = tune(options, probe=probe, target_key="tiny-target")
     assert failed.batch is None and "batch_size" not in profiles.load_profile(failed.profile_path).settings
 
 
-def test_a_streamed_batch_tune_plans_the_target_for_n_caches(tmp_path, make_word_tokenizer, monkeypatch):
-    from tiny_pairs import tiny_pair
-
+def test_a_streamed_batch_tune_plans_the_target_for_n_caches(tmp_path, monkeypatch):
     from specexec_cli import profiles
     from specexec_cli.decoding.config import tree_headroom
+    from specexec_cli.models.load import load_model, load_tokenizer
     from specexec_cli.prompts import encode_prompt
-    from specexec_cli.runtime.plan import HardwareFacts
-    from specexec_cli.runtime.target import load_offloaded_target, plan_target
+    from specexec_cli.runtime.target import plan_target
     from specexec_cli.tuning.batch_workload import read_batch_prompts, space_tree
     from specexec_cli.tuning.tune import PLAN_CONTEXT, tune
 
-    target, draft = tiny_pair("qwen2", dtype=torch.float32)
+    options = tiny_tune_options(tmp_path)
     folder = tmp_path / "target"
-    target.save_pretrained(folder)
-    tokenizer = make_word_tokenizer(WORDS)
+    tokenizer = load_tokenizer(str(folder))
+    draft, _ = load_model(str(tmp_path / "draft"))
     batch_prompts = prompt_file(tmp_path, 12)
     texts = [p.text for p in read_batch_prompts(batch_prompts)]
     lengths = sorted((len(encode_prompt(tokenizer, text, None, True)) for text in texts), reverse=True)
     expected = sum(lengths) + 12 * GENERATE_NEW_TOKENS + tree_headroom(space_tree((1, 4), (4,), (4,)))
     assert expected > PLAN_CONTEXT  # twelve caches need more than one prompt's plan
-    box = HardwareFacts(20 * GiB, 20 * GiB, 1 << 40, unified=True)
     full = plan_target(folder, device="cpu", quant="fp32", offload="none", budget=4, context_len=expected,
-                       draft=draft, hardware=box)
+                       draft=draft)
     cap = f"cpu={full.device_bytes - 1}"  # one byte short of every layer with twelve caches: some stream
 
-    def load_fn(name, quant, device):
-        return {"tiny-target": target, "tiny-draft": draft}[name], tokenizer
-
-    contexts = []
-
-    def stream_fn(name, quant, device, placement):
-        placement = placement.for_tokenizer(tokenizer)
-        contexts.append(placement.context_len)
-        model = load_offloaded_target(
-            folder, device=device, quant=quant, offload=placement.offload, resident_layers=None,
-            budget=placement.budget, context_len=placement.context_len, draft=placement.draft,
-            max_memory=placement.max_memory, hardware=box,
-        )
-        return model, tokenizer
-
     fake_runs(monkeypatch, {1: 1.0, 12: 2.0}, real=True)
-    options = tiny_tune_options(tmp_path, max_memory=(cap,), offload="disk", batch_prompts_file=batch_prompts,
-                                batch_sizes=(1, 16), batch_new_tokens=2)
-    report = tune(options, load_fn=load_fn, probe=fake_probe(tmp_path, 64 * GiB), target_key="tiny-target",
-                  stream_fn=stream_fn)
+    options = dataclasses.replace(options, max_memory=(cap,), offload="disk",
+                                  batch_prompts_file=batch_prompts, batch_sizes=(1, 16), batch_new_tokens=2)
+    report = tune(options, probe=fake_probe(tmp_path, 64 * GiB), target_key="tiny-target")
 
-    assert contexts and set(contexts) == {expected}
+    contexts = {key[8] for key in report.objective.pool.loaded.models if key[0] == "target"}
+    assert contexts == {expected}  # every placed target planned for the twelve caches
     assert "@batch=16" in report.result.study_name
     assert [m.batch_size for m in report.batch.measurements] == [1, 12]
     settings = profiles.load_profile(report.profile_path).settings
     assert settings["batch_size"] == 12 and settings["offload"] == "disk"
-    n_layers = target.config.num_hidden_layers
+    n_layers = 3
     if settings["method"] == "autoregressive":  # planned without the draft: its share holds every layer
         assert settings["resident_layers"] == n_layers
     else:

@@ -6,7 +6,6 @@ resumes without measuring again what it had."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -152,42 +151,40 @@ def test_the_planner_agrees_with_the_runtime_on_a_real_checkpoint(tmp_path, make
 def tiny_tune(tmp_path, make_word_tokenizer, **changes):
     """A default-space tune (drafts float and int8, the early exit; fp32 and nf4; tiers none, ram and
     disk) of the tiny saved target under a cap that holds every layer only without a draft."""
-    from specexec_cli.runtime.plan import HardwareFacts
     from specexec_cli.runtime.target import plan_target
     from specexec_cli.tuning.options import TuneOptions
-    from specexec_cli.tuning.pool import load_planned
     from specexec_cli.tuning.tune import PLAN_CONTEXT
 
-    folders, draft, target, tokenizer = save_tiny(tmp_path, make_word_tokenizer)
-    box = HardwareFacts(20 * GiB, 20 * GiB, 1 << 40, unified=True)
+    folders, draft, _, _ = save_tiny(tmp_path, make_word_tokenizer)
 
     def device_bytes(offload: str, **kwargs) -> int:
         return plan_target(folders["target"], device="cpu", quant="fp32", offload=offload,
-                           context_len=PLAN_CONTEXT, hardware=box, **kwargs).device_bytes
+                           context_len=PLAN_CONTEXT, **kwargs).device_bytes
 
     streamed = device_bytes("disk", resident_layers=0, budget=16, draft=draft)
     assert device_bytes("none", budget=1, draft=draft) > streamed + 1000  # resident beside a draft: no
     cap = f"cpu={streamed + 1000}"  # the draft fits only beside a streamed target
-    loads = []
-
-    def load_fn(name, quant, device):  # resident float models: the draft, or the target to cut from
-        loads.append(("resident", name, quant))
-        return copy.deepcopy(target if name == str(folders["target"]) else draft), tokenizer
-
-    def stream_fn(name, quant, device, placement):
-        loads.append(("target", quant, placement.offload, placement.draft is None))
-        placement = placement.for_tokenizer(tokenizer)
-        return load_planned(folders["target"], quant, device, placement, hardware=box), tokenizer
-
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([[0, "w1 w5 w9 w2"], [1, "w7 w3 w3 w8 w1"]]))
+    draft_folder = str(folders["draft"])
     options = TuneOptions(
-        target=str(folders["target"]), drafts=("tiny-draft", "tiny-draft@int8", "first-layers:2"),
+        target=str(folders["target"]), drafts=(draft_folder, f"{draft_folder}@int8", "first-layers:2"),
         quantizations=("fp32", "nf4"), budgets=(1, 4, 16), n_beams=(4,), beam_lens=(4,), n_trials=6,
-        prompts_file=prompts, max_new_tokens=6, calibration_iterations=2, storage=tmp_path / "tune.db",
-        profiles_dir=tmp_path / "profiles", device="cpu", hopeless_ratio=0.0, progress=False,
-        max_memory=(cap,), study="tiny", **changes)
-    return options, load_fn, stream_fn, loads
+        n_prompts=2, prompts_file=prompts, max_new_tokens=6, calibration_iterations=2,
+        storage=tmp_path / "tune.db", profiles_dir=tmp_path / "profiles", device="cpu", hopeless_ratio=0.0,
+        progress=False, max_memory=(cap,), study="tiny", **changes)
+    return options
+
+
+def target_loads(report) -> list[tuple]:
+    """(format, tier, planned with a separate draft) of every target the tune loaded and still holds,
+    and of every placement it measured."""
+    pool = report.objective.pool
+    held = [(key[2], key[5].offload if len(key) > 5 else "", len(key) > 5 and key[6] is not None)
+            for key in pool.loaded.models if key[0] == "target"]
+    ran = [(spec.weight_format, spec.placement.offload if spec.placement else "", spec.draft is not None
+            and spec.early_exit is None) for spec in pool.specs.values()]
+    return held + ran
 
 
 def test_a_default_space_tune_under_a_cap_leaves_out_what_cannot_run_and_saves_a_profile(
@@ -195,16 +192,16 @@ def test_a_default_space_tune_under_a_cap_leaves_out_what_cannot_run_and_saves_a
     from specexec_cli import profiles
     from specexec_cli.tuning.tune import tune
 
-    options, load_fn, stream_fn, loads = tiny_tune(tmp_path, make_word_tokenizer)
-    report = tune(options, load_fn=load_fn, probe=fake_probe(tmp_path, 64 * GiB), target_key="tiny-target",
-                  stream_fn=stream_fn)
+    options = tiny_tune(tmp_path, make_word_tokenizer)
+    report = tune(options, probe=fake_probe(tmp_path, 64 * GiB), target_key="tiny-target")
+    loads = target_loads(report)
     err = capfd.readouterr().err
     left = [line for line in err.splitlines() if "left out:" in line]
     assert any("fp32@none" in line for line in left)  # resident float32 beside a draft: over the cap
     assert any("fp32@ram" in line and "ram tier" in line for line in left)
-    assert all(p[2] != "ram" for p in loads if p[0] == "target")  # nothing left out was loaded
+    assert all(tier != "ram" for _, tier, _ in loads)  # nothing left out was loaded
     # resident float32 was loaded only without a separate draft (plain decoding, the early exit)
-    assert all(p[3] for p in loads if p[:3] == ("target", "fp32", "none"))
+    assert all(not separate for fmt, tier, separate in loads if (fmt, tier) == ("fp32", "none"))
     assert not any("on fp32@disk" in line and "[:2]" in line for line in left)  # its layers stay resident
     space = report.space
     assert space.allowed is not None
@@ -223,7 +220,7 @@ def test_a_tune_interrupted_during_calibration_resumes_without_measuring_again(
     from specexec_cli.tuning import calibration
     from specexec_cli.tuning.tune import tune
 
-    options, load_fn, stream_fn, _ = tiny_tune(tmp_path, make_word_tokenizer)
+    options = tiny_tune(tmp_path, make_word_tokenizer)
     probe = fake_probe(tmp_path, 64 * GiB)
     real_acceptance, real_curve = calibration.measure_acceptance, calibration.measure_forward_curve
     calls = {"acceptance": 0, "curves": 0, "streamed": 0}
@@ -244,7 +241,7 @@ def test_a_tune_interrupted_during_calibration_resumes_without_measuring_again(
     monkeypatch.setattr(calibration, "measure_forward_curve", counted("curves", real_curve))
     monkeypatch.setattr(calibration, "measure_streamed", counted("streamed", calibration.measure_streamed))
     with pytest.raises(KeyboardInterrupt):
-        tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target", stream_fn=stream_fn)
+        tune(options, probe=probe, target_key="tiny-target")
     from specexec_cli.tuning.study import open_study
     from specexec_cli.tuning.tune import stored_calibration
 
@@ -255,7 +252,7 @@ def test_a_tune_interrupted_during_calibration_resumes_without_measuring_again(
 
     calls.update(acceptance=0, curves=0, streamed=0)
     monkeypatch.setattr(calibration, "measure_acceptance", counted("acceptance", real_acceptance))
-    report = tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target", stream_fn=stream_fn)
+    report = tune(options, probe=probe, target_key="tiny-target")
     assert calls["curves"] == calls["streamed"] == 0  # every target and draft timing was kept
     first = next(iter(stored.acceptance))
     assert report.calibration.acceptance[first] == stored.acceptance[first]  # not measured again

@@ -111,55 +111,46 @@ def test_the_feasibility_check_honours_the_caps(tmp_path):
     )
 
 
-def test_a_streamed_tune_on_tiny_models_writes_a_profile_generate_uses(tmp_path, make_word_tokenizer):
-    import torch
-    from tiny_pairs import tiny_pair
+def placed_loads(report) -> list[tuple]:
+    """(placement, planned for a draft, budget planned for) of every offloaded target the tune loaded."""
+    keys = report.objective.pool.loaded.models
+    return [(key[5], key[6] is not None, key[7]) for key in keys if key[0] == "target" and len(key) > 5]
+
+
+def test_a_streamed_tune_on_tiny_models_writes_a_profile_generate_uses(tmp_path):
+    from conftest import save_tiny_cli_pair
 
     from specexec_cli import profiles
-    from specexec_cli.runtime.plan import HardwareFacts
-    from specexec_cli.runtime.target import load_offloaded_target, plan_target
+    from specexec_cli.engine import Machine, resolve
+    from specexec_cli.runtime.target import plan_target
+    from specexec_cli.settings import EngineRequest
     from specexec_cli.tuning.options import TuneOptions
     from specexec_cli.tuning.tune import PLAN_CONTEXT, tune
 
-    target, draft = tiny_pair("qwen2", dtype=torch.float32)
-    folder = tmp_path / "target"
-    target.save_pretrained(folder)
-    tokenizer = make_word_tokenizer([f"w{i}" for i in range(124)])
-    box = HardwareFacts(20 * GiB, 20 * GiB, 1 << 40, unified=True)
+    save_tiny_cli_pair(tmp_path)
+    folder, draft_folder = tmp_path / "target", str(tmp_path / "draft")
+    from specexec_cli.models.load import load_model
+
+    draft, _ = load_model(draft_folder)
     full = plan_target(folder, device="cpu", quant="fp32", offload="none", budget=4, context_len=PLAN_CONTEXT,
-                       draft=draft, hardware=box)
+                       draft=draft)
     cap = f"cpu={full.device_bytes - 1}"  # one byte short of holding every layer: some layers stream
-
-    def load_fn(name, quant, device):
-        return {"tiny-target": target, "tiny-draft": draft}[name], tokenizer
-
-    placements = []
-
-    def stream_fn(name, quant, device, placement):
-        placements.append(placement)
-        model = load_offloaded_target(
-            folder, device=device, quant=quant, offload=placement.offload, resident_layers=None,
-            budget=placement.budget, context_len=placement.context_len, draft=placement.draft,
-            max_memory=placement.max_memory, hardware=box,
-        )
-        return model, tokenizer
-
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([[0, "w1 w5 w9 w2"], [1, "w7 w3 w3 w8 w1"]]))
     options = TuneOptions(
-        target="tiny-target", drafts=("tiny-draft",), quantizations=("fp32",), budgets=(1, 4), n_beams=(4,),
-        beam_lens=(4,), n_trials=3, prompts_file=prompts, max_new_tokens=6, calibration_iterations=2,
-        storage=tmp_path / "tune.db", profiles_dir=tmp_path / "profiles", device="cpu", hopeless_ratio=0.0,
-        progress=False, max_memory=(cap,), offload="disk",
+        target=str(folder), drafts=(draft_folder,), quantizations=("fp32",), budgets=(1, 4), n_beams=(4,),
+        beam_lens=(4,), n_trials=3, n_prompts=2, prompts_file=prompts, max_new_tokens=6,
+        calibration_iterations=2, storage=tmp_path / "tune.db", profiles_dir=tmp_path / "profiles",
+        device="cpu", hopeless_ratio=0.0, progress=False, max_memory=(cap,), offload="disk",
     )
     probe = fake_probe(tmp_path, 64 * GiB)
-    report = tune(options, load_fn=load_fn, probe=probe, target_key="tiny-target", stream_fn=stream_fn)
+    report = tune(options, probe=probe, target_key="tiny-target")
 
     assert report.space.offloads == ("disk",)
-    assert placements and all(p.offload == "disk" and p.max_memory == {"cpu": full.device_bytes - 1}
-                              for p in placements)
+    placements = placed_loads(report)
+    assert placements and all(p.offload == "disk" and p.max_memory == (cap,) for p, _, _ in placements)
     # speculation is planned for its draft and the largest budget; plain decoding alone (equal memory)
-    assert {(p.budget, p.draft is draft) for p in placements} == {(4, True), (0, False)}
+    assert {(budget, with_draft) for _, with_draft, budget in placements} <= {(4, True), (0, False)}
     result = report.result
     plain = result.best_autoregressive.candidate
     spec = result.best_speculative.candidate
@@ -172,7 +163,7 @@ def test_a_streamed_tune_on_tiny_models_writes_a_profile_generate_uses(tmp_path,
     saved = profiles.load_profile(report.profile_path)
     settings = saved.settings
     assert settings["offload"] == "disk" and settings["max_memory"] == [cap]
-    n_layers = target.config.num_hidden_layers
+    n_layers = 3
     if settings["method"] == "autoregressive":  # planned without the draft: its share holds every layer
         assert settings["resident_layers"] == n_layers
     else:
@@ -181,6 +172,9 @@ def test_a_streamed_tune_on_tiny_models_writes_a_profile_generate_uses(tmp_path,
     assert match is not None and match.path == report.profile_path
     for key in ("offload", "buffers", "resident_layers", "max_memory", "quantization", "method"):
         assert used[key] == settings[key]
+    # generate resolves the profile to the very spec the best trial ran, placement included
+    measured = report.objective.pool.specs[result.best.candidate]
+    assert resolve(EngineRequest(target=str(folder)), settings, Machine.here("cpu")) == measured
 
 
 def test_the_verdict_names_equal_memory_and_reports_equal_streaming():

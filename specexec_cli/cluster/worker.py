@@ -18,11 +18,14 @@ import torch
 from specexec_cli.cluster.ledger import Item
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
 from specexec_cli.decoding.generate import Batch, make_decoder
-from specexec_cli.engine import Engine, EngineRequest, Workload, log, open_engine
+from specexec_cli.decoding.runner import BatchRunner
+from specexec_cli.decoding.runner import Job as RunnerJob
+from specexec_cli.engine import Engine, Workload, log, open_engine
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.messages import one_line, unexpected
 from specexec_cli.prompts import Prompt
 from specexec_cli.run import describe, encode_prompt, result_record
+from specexec_cli.settings import EngineRequest
 
 
 @dataclass(frozen=True)
@@ -82,19 +85,13 @@ class BatchLoop:
             self.outbox.append(outcome)
             self.changed.notify_all()
 
-    def _admit(self, batch: Batch, solo_running: bool) -> list[tuple[Item, Prompt]]:
-        """Waiting prompts that may join the batch now: up to the free lanes; a solo prompt joins an empty
-        batch and nothing joins it."""
+    def _take_waiting(self, runner: BatchRunner) -> list[tuple[Item, Prompt]]:
+        """The prompts handed over since the last pass (waiting for some when the runner has nothing)."""
         with self.changed:
-            self.changed.wait_for(lambda: self.waiting or batch.runs)
-            joining: list[tuple[Item, Prompt]] = []
-            while self.waiting and not solo_running and len(batch.runs) + len(joining) < self.lanes:
-                item, _ = self.waiting[0]
-                if item.solo and (batch.runs or joining):
-                    break
-                joining.append(self.waiting.popleft())
-                solo_running = item.solo
-            return joining
+            self.changed.wait_for(lambda: self.waiting or not runner.idle)
+            taken = list(self.waiting)
+            self.waiting.clear()
+            return taken
 
     def _serve(self) -> None:
         try:
@@ -110,34 +107,38 @@ class BatchLoop:
         def decode(ids: list[int]) -> str:
             return pair.tokenizer.decode(ids, skip_special_tokens=True)
 
-        batch = Batch(make_decoder(pair.target, pair.draft, self.config, self.lanes))
-        running: dict[int, tuple[Item, Prompt]] = {}
+        runner = BatchRunner(lambda: Batch(make_decoder(pair.target, pair.draft, self.config, self.lanes)),
+                             self.lanes)
         while True:
-            for item, prompt in self._admit(batch, any(item.solo for item, _ in running.values())):
+            for item, prompt in self._take_waiting(runner):
                 try:
                     ids = encode_prompt(pair, prompt, self.config, self.system, self.chat_template)
-                    batch.start(item.index, ids, self.config, decode)
-                    running[item.index] = (item, prompt)
                 except Exception as exc:  # this prompt alone is bad (too long, empty)
                     self._post({"index": item.index, "error": error_text(exc), "shared": False})
-            if not batch.runs:
-                continue
-            try:
-                finished = batch.step()
-            except Exception as exc:  # a failed pass fails the prompts in it; the batch starts afresh
-                log(f"worker {self.where['actor'][:8]}: a pass failed: {error_text(exc)}")
-                shared = len(running) > 1
-                for index in list(running):
-                    self._post({"index": index, "error": error_text(exc), "shared": shared})
-                running.clear()
-                batch = Batch(make_decoder(pair.target, pair.draft, self.config, self.lanes))
-                continue
-            for run in finished:
-                _, prompt = running.pop(run.index)
-                result = run.result(batch.stats)
+                    continue
+                runner.add(RunnerJob(item.index, ids, self.config, decode, solo=item.solo, payload=prompt))
+            outcomes, _ = runner.step()
+            failed = [o for o in outcomes if o.error is not None and o.in_pass]
+            if failed:
+                log(f"worker {self.where['actor'][:8]}: a pass failed: {error_text(failed[0].error)}")
+            for outcome in outcomes:
+                if outcome.error is not None:
+                    self._post({"index": outcome.job.key, "error": error_text(outcome.error),
+                                "shared": outcome.shared})
+                    continue
+                prompt, result = outcome.job.payload, outcome.result
                 record = {**result_record(prompt, result, self.config), "worker": self.where}
-                self._post({"index": run.index, "record": record, "text": result.text or "",
+                self._post({"index": outcome.job.key, "record": record, "text": result.text or "",
                             "describe": describe(prompt, result)})
+
+
+def open_job_engine(job: Job) -> tuple[Engine, GenerationConfig]:
+    """The engine a worker runs `job` with, opened as generate opens it (engine.open_engine: the request
+    resolved against this machine's profile, the memory planned for the job's longest prompts)."""
+    workload = replace(Workload.of_prompts(job.plan_prompts, job.max_new_tokens, job.system,
+                                           job.chat_template), n_prompts=job.n_prompts)
+    engine = open_engine(job.request, workload)
+    return engine, engine.config(job.max_new_tokens, job.sampling, job.stop_strings, job.seed)
 
 
 class Worker:
@@ -153,11 +154,8 @@ class Worker:
             torch.set_num_threads(max(1, round(cpus)))  # the worker's share of its node's cores
         self.where = {"node": ray.util.get_node_ip_address(), "actor": context.get_actor_id()}
         self.start_error: dict[str, Any] | None = None
-        workload = replace(Workload.of_prompts(job.plan_prompts, job.max_new_tokens, job.system,
-                                               job.chat_template), n_prompts=job.n_prompts)
         try:
-            engine = open_engine(job.request, workload)
-            config = engine.config(job.max_new_tokens, job.sampling, job.stop_strings, job.seed)
+            engine, config = open_job_engine(job)
         except Exception as exc:
             self.start_error = {"error": error_text(exc), "usage": isinstance(exc, UsageError)}
             return

@@ -43,10 +43,11 @@ class TreeConfig:
     draft_cost: one draft pass's cost as a fraction of the target pass, fixed (0: depth is free);
       None: measured during the run.
     For SpecInfer the tree is max_n_beams sampled stems of length budget // max_n_beams.
+    The defaults are every front door's (engine.resolve fills what a request and profile leave out).
     """
 
-    budget: int = 128
-    max_n_beams: int = 32
+    budget: int = 64
+    max_n_beams: int = 16
     max_beam_len: int | None = None
     max_branch_width: int = 8
     draft_cost: float | None = None
@@ -72,12 +73,28 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    # When the run stops, never which tokens the target picks: ignore_eos runs past EOS to the token limit;
+    # stop_token_ids end it like EOS (the id is kept in the output); neither ends it before min_new_tokens.
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The token ids that end the run (once min_new_tokens are out)."""
+        eos = frozenset() if self.ignore_eos else frozenset(self.eos_token_ids)
+        return frozenset(self.stop_token_ids) | eos
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UsageError(f"min_tokens must lie in 0..{self.max_new_tokens} (the token limit), got "
+                             f"{self.min_new_tokens}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise UsageError("stop_token_ids must be token ids >= 0")
         self.sampling.validate()
         self.tree.validate()
 

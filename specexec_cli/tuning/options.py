@@ -9,8 +9,8 @@ from pathlib import Path
 from specexec_cli.errors import UsageError
 from specexec_cli.runtime.caps import parse_caps
 from specexec_cli.runtime.plan import OFFLOADS
+from specexec_cli.settings import WEIGHT_FORMATS
 from specexec_cli.tuning.batch_workload import DEFAULT_BATCH_SIZES, MAX_BATCH_SIZE, batch_sizes_to_try
-from specexec_cli.tuning.pool import FLOAT_DTYPES, WEIGHT_QUANTS
 from specexec_cli.tuning.space import DEFAULT_BUDGETS, DEFAULT_PLACEMENT, UNCAPPED
 
 
@@ -76,8 +76,8 @@ class TuneOptions:
         if self.calibration_iterations < 1:
             raise UsageError(f"--calibration-iterations must be >= 1, got {self.calibration_iterations}")
         for quant in self.quantizations or ():
-            if quant not in FLOAT_DTYPES and quant not in WEIGHT_QUANTS:
-                known = ", ".join([*FLOAT_DTYPES, *WEIGHT_QUANTS])
+            if quant not in WEIGHT_FORMATS:
+                known = ", ".join(WEIGHT_FORMATS)
                 raise UsageError(f"unknown quantization {quant!r}; choose from {known}")
 
 

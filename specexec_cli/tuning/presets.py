@@ -5,7 +5,7 @@ machine of that class) and each known target, every (draft, quantization, budget
 scored with the cost model under the acceptance prior, checked against the memory planner
 (runtime.plan), and the best is written as a profile of kind "starting" with its predicted tokens/s.
 `specexec generate` uses one when no tuned profile exists; `specexec tune` replaces it with measured
-settings. Regenerate the shipped files with `write_starting_profiles(Path("profiles"))`.
+settings. Regenerate the shipped files with `write_starting_profiles(Path("specexec_cli/data/profiles"))`.
 """
 
 from __future__ import annotations

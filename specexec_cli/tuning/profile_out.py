@@ -10,7 +10,7 @@ from specexec_cli.tuning.batch_stage import BatchChoice
 from specexec_cli.tuning.calibration import Calibration
 from specexec_cli.tuning.pool import ModelPool
 from specexec_cli.tuning.results import SearchResult
-from specexec_cli.tuning.space import Candidate, generate_draft_name, split_draft_quant
+from specexec_cli.tuning.space import Candidate
 
 if TYPE_CHECKING:
     from specexec_cli.tuning.options import TuneOptions
@@ -26,22 +26,8 @@ def make_profile(
     calibration: Calibration,
     batch: BatchChoice | None = None,
 ) -> profiles.Profile:
-    settings: dict = {"method": "autoregressive" if best.autoregressive else "specexec"}
-    settings["quantization"] = best.quantization
-    if not best.autoregressive:
-        settings.update(
-            draft=generate_draft_name(best.draft, options.target),
-            budget=best.budget,
-            max_n_beams=best.max_n_beams,
-            max_branch_width=options.max_branch_width,
-        )
-        if best.max_beam_len < best.budget:  # a cap at least the budget caps nothing: none is saved
-            settings["max_beam_len"] = best.max_beam_len
-    settings.update(pool.offload_settings(best))
-    if split_draft_quant(best.draft)[1] == "int8":
-        settings["draft_quant"] = "int8"
-    if options.max_memory:
-        settings["max_memory"] = list(options.max_memory)  # as given: generate plans under the same caps
+    # the spec the best trial ran, its placement as the plan pinned it: what generate resolves again
+    settings = (pool.specs.get(best) or pool.spec(best)).profile_settings()
     evaluation = next(e for e in result.evaluations if e.candidate == best)
     plain = result.plain_baseline(best)
     measured = {"tokens_per_s": evaluation.tokens_per_s, "trials": len(result.evaluations)}

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from dataclasses import replace as dc_replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -40,16 +39,7 @@ from specexec_cli.tuning.calibration import Calibration, calibrate
 from specexec_cli.tuning.memory import PlacementPlanner, memory_checker
 from specexec_cli.tuning.objective import GenerationObjective, TrialRecord
 from specexec_cli.tuning.options import TuneOptions, caps_of, offload_tiers
-from specexec_cli.tuning.pool import (
-    ALONE,
-    LoadFn,
-    ModelPool,
-    Placement,
-    StreamFn,
-    default_device,
-    load_placed_variant,
-    load_variant,
-)
+from specexec_cli.tuning.pool import ALONE, ModelPool
 from specexec_cli.tuning.profile_out import make_profile
 from specexec_cli.tuning.prompt_set import Prompt, encode_prompt, packaged_prompts, read_prompts
 from specexec_cli.tuning.results import EqualStreaming, SearchResult, format_results
@@ -251,17 +241,6 @@ def compare_placements(pool: ModelPool, objective: GenerationObjective, result: 
     result.equal_streaming = EqualStreaming(candidate, rate, result.resident_layers.get(candidate))
 
 
-def target_tokenizer(target: str) -> Any | None:
-    """The target's tokenizer without loading its weights (None for a name the registry cannot
-    resolve: the pool then gets it from its first load)."""
-    from specexec_cli.models.load import load_tokenizer
-
-    try:
-        return load_tokenizer(target)
-    except SpecexecError:
-        return None
-
-
 def plan_the_space(space: SearchSpace, planner: PlacementPlanner, pool: ModelPool,
                    device: torch.device) -> SpacePlan:
     """Plan every pair before any target loads (tuning/space_plan.py). Placed pairs are planned twice:
@@ -323,19 +302,20 @@ def plan_for_search(space_plan: SpacePlan, space: SearchSpace, calibration: Cali
 
 def tune(
     options: TuneOptions,
-    load_fn: LoadFn = load_variant,
     probe: hardware.HardwareProbe | None = None,
     target_key: str | None = None,
     pool: ModelPool | None = None,
-    stream_fn: StreamFn = load_placed_variant,
 ) -> TuneReport:
-    """Run the whole tuner (see the module docstring). `load_fn`, `stream_fn` (loads a target variant
-    placed in an offload tier under the caps) and `probe` are injectable for tests;
-    `target_key` is the name profiles are saved under (default: the registry's name for the target);
-    `pool` lets a caller share loaded models with other measurements (the benchmark does)."""
+    """Run the whole tuner (see the module docstring). `probe` is injectable for tests; `target_key` is the
+    name profiles are saved under (default: the registry's name for the target); `pool` lets a caller
+    share loaded models with other measurements (the benchmark does). Every model opens through the
+    engine (engine.load), as generate opens it."""
+    from specexec_cli.engine import Machine, Workload
+
     start = time.perf_counter()
     options.validate()
-    device = torch.device(options.device) if options.device else default_device()
+    machine = Machine.here(options.device)
+    device = torch.device(machine.device)
     if target_key is None:
         from specexec_cli.models.registry import resolve
 
@@ -355,14 +335,10 @@ def tune(
     prompt_texts = load_tune_prompts(options)
     caps = caps_of(options)
     plan_context = workload.plan_context if workload else PLAN_CONTEXT  # N caches for a batch workload
-    placement = Placement("auto", caps, max(space.budgets), plan_context)
-    first_variant = variant_name(*space.variants[0])
-    pool = pool or ModelPool(options.target, device, load_fn, stream_fn, placement, first_variant)
-    tokenizer = target_tokenizer(options.target)
-    if tokenizer is not None:
-        pool.set_tokenizer(tokenizer)
-    else:
-        tokenizer = pool.tokenizer()
+    pool = pool or ModelPool(options.target, machine, Workload.fixed(plan_context), tuple(options.max_memory),
+                             max(space.budgets), options.max_branch_width,
+                             first_variant=variant_name(*space.variants[0]))
+    tokenizer = pool.tokenizer()
     planned_context = plan_context(tokenizer) if callable(plan_context) else plan_context
     planner = PlacementPlanner(options.target, probe, device, caps, planned_context)
     space_plan = plan_the_space(space, planner, pool, device)
