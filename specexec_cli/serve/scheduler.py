@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 
 from specexec_cli.decoding.config import GenerationConfig
 from specexec_cli.decoding.generate import Batch, GenerationResult, make_decoder
+from specexec_cli.decoding.runner import BatchRunner, Job
 from specexec_cli.serve.metrics import Metrics
 
 
@@ -61,15 +61,9 @@ class Ticket:
         self.cancelled = True
 
 
-@dataclass
-class _Waiting:
-    ids: torch.Tensor
-    config: GenerationConfig
-    ticket: Ticket
-
-
 class Scheduler:
-    """Owns the decoder and the batch; `submit` from any thread, everything else runs on its thread."""
+    """Owns the decoder's batch runner (decoding/runner.py); `submit` from any thread, everything else
+    runs on its thread."""
 
     def __init__(self, target: torch.nn.Module, draft: torch.nn.Module | None, config: GenerationConfig,
                  decode: Callable[[list[int]], str], max_batch: int, max_queue: int, metrics: Metrics,
@@ -77,33 +71,42 @@ class Scheduler:
         self.target, self.draft, self.config = target, draft, config
         self.decode, self.max_batch, self.max_queue = decode, max_batch, max_queue
         self.metrics, self.log = metrics, log
-        self.batch = self._new_batch()
-        self.tickets: dict[int, Ticket] = {}
-        self.waiting: deque[_Waiting] = deque()
+        self.runner = BatchRunner(lambda: Batch(make_decoder(target, draft, config, max_batch)), max_batch)
+        self.tickets: dict[int, Ticket] = {}  # waiting or decoding, by job key; guarded by `cond`
         self.cond = threading.Condition()
         self.admitting = True
         self.closing = False  # cancel everything and end the thread
+        self.failure: str | None = None  # why the engine thread stopped, when it did
         self.next_key = 0
-        self.thread = threading.Thread(target=self._run, name="specexec-engine", daemon=True)
-
-    def _new_batch(self) -> Batch:
-        return Batch(make_decoder(self.target, self.draft, self.config, self.max_batch))
+        self.thread = threading.Thread(target=self._serve, name="specexec-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has stopped for a fault: /health is then 503, every request an
+        error at once."""
+        return self.failure is None and (self.thread.is_alive() or not self.thread.ident or self.closing)
 
     # --- any thread -----------------------------------------------------------------------------
 
     def submit(self, ids: torch.Tensor, config: GenerationConfig, ticket: Ticket) -> None:
         """Queue a request; raises ShuttingDown or Overloaded (nothing queued then)."""
         with self.cond:
+            if self.failure is not None:
+                raise ShuttingDown(f"the engine stopped: {self.failure}")
             if not self.admitting:
                 raise ShuttingDown
-            free = max(0, self.max_batch - len(self.batch.runs))
-            if len(self.waiting) >= self.max_queue + free:
+            free = max(0, self.max_batch - self.runner.n_running)
+            if self.runner.n_waiting >= self.max_queue + free:
                 raise Overloaded
-            self.waiting.append(_Waiting(ids, config, ticket))
-            self.metrics.set_gauges(len(self.waiting), len(self.batch.runs))
+            key, self.next_key = self.next_key, self.next_key + 1
+            self.tickets[key] = ticket
+            job = Job(key, ids, config, self.decode, lambda piece: ticket.put(Event("text", text=piece)),
+                      payload=ticket)
+            self.runner.add(job)
+            self.metrics.set_gauges(self.runner.n_waiting, self.runner.n_running)
             self.cond.notify()
 
     def stop_admitting(self) -> None:
@@ -114,7 +117,7 @@ class Scheduler:
     def busy(self) -> int:
         """Requests waiting or decoding."""
         with self.cond:
-            return len(self.waiting) + len(self.tickets)
+            return len(self.tickets)
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel whatever is still waiting or decoding (each gets an error event) and end the thread."""
@@ -127,87 +130,94 @@ class Scheduler:
 
     # --- the engine thread ----------------------------------------------------------------------
 
+    def _serve(self) -> None:
+        """The engine thread: `_run`, and if it cannot go on, every open request answered at once."""
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported to every request and to /health
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.log(f"the engine thread stopped: {self.failure}")
+            with self.cond:
+                self.admitting = False
+            self._cancel_all(f"the engine stopped: {self.failure}")
+
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.waiting and not self.batch.runs and not self.closing:
+                while self.runner.idle and not self.closing:
                     self.cond.wait()
                 if self.closing:
                     self._cancel_all("the server is shutting down")
                     return
-                admitted = []
-                while self.waiting and len(self.batch.runs) + len(admitted) < self.max_batch:
-                    admitted.append(self.waiting.popleft())
-            for item in admitted:
-                self._admit(item)
-            self._drop_cancelled()
-            if self.batch.runs:
+                for key, ticket in self.tickets.items():
+                    if ticket.cancelled:
+                        self.runner.cancel(key)
+            try:
                 self._step()
-            self.metrics.set_gauges(len(self.waiting), len(self.batch.runs))
-
-    def _admit(self, item: _Waiting) -> None:
-        if item.ticket.cancelled:
-            self.metrics.add(requests_cancelled=1)
-            return
-        key, self.next_key = self.next_key, self.next_key + 1
-        ticket = item.ticket
-        try:
-            self.batch.start(key, item.ids, item.config, self.decode,
-                             on_text=lambda piece: ticket.put(Event("text", text=piece)))
-        except Exception as exc:  # noqa: BLE001 - reported to this request only
-            ticket.put(Event("error", text=f"could not start the request: {exc}"))
-            return
-        self.tickets[key] = ticket
-
-    def _drop_cancelled(self) -> None:
-        for run in list(self.batch.runs):
-            if self.tickets[run.index].cancelled:
-                self.batch.drop(run)
-                del self.tickets[run.index]
-                self.metrics.add(requests_cancelled=1)
+            except Exception as exc:  # noqa: BLE001 - a fault outside a pass: its requests fail, not the server
+                self.log(f"decoding failed: {type(exc).__name__}: {exc}")
+                for job in self.runner.reset():
+                    self._answer(job, Event("error", text=f"decoding failed: {type(exc).__name__}: {exc}"))
+            self.metrics.set_gauges(self.runner.n_waiting, self.runner.n_running)
 
     def _step(self) -> None:
-        stats = self.batch.stats
+        stats = self.runner.batch.stats
         before = (stats.target_passes, stats.draft_passes, stats.checked_tokens)
-        lanes = len(self.batch.runs)
-        tokens_before = sum(len(run.new_tokens) for run in self.batch.runs)
-        try:
-            finished = self.batch.step()
-        except Exception as exc:  # noqa: BLE001 - a failed pass fails the requests in it, not the server
-            self.log(f"decoding failed: {type(exc).__name__}: {exc}")
-            self._cancel_all(f"decoding failed: {type(exc).__name__}: {exc}")
-            self.batch = self._new_batch()  # its caches may be half-updated: start afresh
-            return
+        tokens_before = sum(len(run.new_tokens) for run in self.runner.batch.runs)
+        outcomes, dropped = self.runner.step()
+        with self.cond:
+            for job in dropped:
+                self.tickets.pop(job.key, None)
+        if dropped:
+            self.metrics.add(requests_cancelled=len(dropped))
+        finished = [o for o in outcomes if o.result is not None]
+        runs = [(self.runner.jobs[run.index], run) for run in self.runner.batch.runs]
         now = time.perf_counter()
-        for run in [*self.batch.runs, *finished]:
-            ticket = self.tickets[run.index]
-            if ticket.first_token_s is None and run.new_tokens:
-                ticket.first_token_s = now - ticket.submitted
-        # committed tokens; a tree pass commits the accepted ones plus one bonus token per lane
-        emitted = sum(len(run.new_tokens) for run in [*self.batch.runs, *finished]) - tokens_before
-        target, draft, checked = (stats.target_passes - before[0], stats.draft_passes - before[1],
-                                  stats.checked_tokens - before[2])
-        tree = checked > 0
-        self.metrics.add(target_passes=target, draft_passes=draft, emitted_tokens=emitted,
-                         spec_decode_num_drafts=target if tree else 0, spec_decode_num_draft_tokens=checked,
-                         spec_decode_num_accepted_tokens=max(0, emitted - lanes) if tree else 0)
-        for run in finished:
-            ticket = self.tickets.pop(run.index)
-            result = run.result(stats)
+        for job, run in [*runs, *((o.job, o.run) for o in finished)]:
+            if job.payload.first_token_s is None and run.new_tokens:
+                job.payload.first_token_s = now - job.payload.submitted
+        failed_pass = False
+        for outcome in outcomes:
+            if outcome.error is None:
+                continue
+            message = f"{type(outcome.error).__name__}: {outcome.error}"
+            if outcome.in_pass:
+                failed_pass = True
+                self._answer(outcome.job, Event("error", text=f"decoding failed: {message}"))
+            else:
+                text = f"could not start the request: {outcome.error}"
+                self._answer(outcome.job, Event("error", text=text))
+        if failed_pass:
+            self.log(f"decoding failed: {message}")
+        else:  # committed tokens; a tree pass commits the accepted ones plus one bonus token per lane
+            stats = self.runner.batch.stats
+            lanes = len(runs) + len(finished)
+            emitted = sum(len(run.new_tokens) for _, run in runs) - tokens_before
+            emitted += sum(len(o.run.new_tokens) for o in finished)
+            target, draft, checked = (stats.target_passes - before[0], stats.draft_passes - before[1],
+                                      stats.checked_tokens - before[2])
+            tree = checked > 0
+            self.metrics.add(target_passes=target, draft_passes=draft, emitted_tokens=emitted,
+                             spec_decode_num_drafts=target if tree else 0,
+                             spec_decode_num_draft_tokens=checked,
+                             spec_decode_num_accepted_tokens=max(0, emitted - lanes) if tree else 0)
+        for outcome in finished:
+            run = outcome.run
             self.metrics.add(requests_finished=1, prompt_tokens=run.lane.n - len(run.new_tokens),
                              generation_tokens=len(run.new_tokens))
-            ticket.put(Event("done", result=result))
+            self._answer(outcome.job, Event("done", result=outcome.result))
+
+    def _answer(self, job: Job, event: Event) -> None:
+        with self.cond:
+            self.tickets.pop(job.key, None)
+        job.payload.put(event)
 
     def _cancel_all(self, message: str) -> None:
-        for item in self.waiting:
-            item.ticket.put(Event("error", text=message))
-        self.waiting.clear()
-        for run in list(self.batch.runs):
-            ticket = self.tickets.pop(run.index)
+        """Answer every waiting and running request with `message` and forget them."""
+        with self.cond:
+            tickets, self.tickets = list(self.tickets.values()), {}
+        self.runner.close()
+        for ticket in tickets:
             ticket.put(Event("error", text=message))
-            self.metrics.add(requests_cancelled=1)
-            try:
-                self.batch.drop(run)
-            except Exception:  # noqa: BLE001 - the batch is being thrown away
-                self.batch.runs.remove(run)
-
+        if tickets:
+            self.metrics.add(requests_cancelled=len(tickets))
