@@ -16,7 +16,11 @@ from typing import Any, TextIO
 from specexec_cli.errors import UsageError
 
 ROLES = ("system", "user", "assistant")
-
+# OpenAI's newer name for the system turn: read as one (every chat template knows "system")
+ROLE_ALIASES = {"developer": "system"}
+# per-message fields besides role and content: refused unless at their neutral value, never ignored
+MESSAGE_FIELDS_NEUTRAL = {"name": (None, ""), "tool_calls": (None, []), "refusal": (None,),
+                          "function_call": (None,), "audio": (None,)}
 
 @dataclass(frozen=True)
 class Prompt:
@@ -29,19 +33,54 @@ class Prompt:
     request: dict[str, Any] | None = None  # an OpenAI Batch API line: {"custom_id", "url", "body", ...}
 
 
+def message_content(content: Any, where: str) -> str:
+    """A message's text: a string, or the OpenAI list of content parts whose text parts are joined with
+    newlines (as vLLM joins them); any other part (an image, audio, a file) is refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise UsageError(f"{where}.content must be a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "text":
+            raise UsageError(f'{where}.content[{j}]: a text part needs a "text" string')
+        else:
+            raise UsageError(f"{where}.content[{j}]: content parts of type {kind!r} are not supported; "
+                             "this server reads text only")
+    return "\n".join(texts)
+
+
 def parse_messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
-    """A chat's messages, checked: a non-empty list of {"role", "content"} with a known role and at least
-    one user turn."""
+    """A chat's messages, checked: a non-empty list of {"role", "content"} with a known role ("developer"
+    is read as "system") and at least one user turn. Content is a string or a list of text parts; an
+    assistant turn may have no content (null). A field that would change the prompt and is not
+    supported (a name, tool calls) is refused."""
     if not isinstance(value, list) or not value:
         raise UsageError(f'{where}: "messages" must be a non-empty list')
     messages = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise UsageError(f'{where}: message {i} must be an object with a "content" string')
-        role = message.get("role")
+        at = f"{where}: messages[{i}]"
+        if not isinstance(message, dict):
+            raise UsageError(f"{at} must be an object with a role and a content")
+        role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
         if role not in ROLES:
-            raise UsageError(f"{where}: message {i} has role {role!r}; use one of {', '.join(ROLES)}")
-        messages.append({"role": role, "content": message["content"]})
+            known = ", ".join([*ROLES, *ROLE_ALIASES])
+            raise UsageError(f"{at} has role {message.get('role')!r}; use one of {known}")
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        elif content is None:
+            raise UsageError(f'{at} needs a "content" (a string or a list of text parts)')
+        for name, neutral in MESSAGE_FIELDS_NEUTRAL.items():
+            if name in message and message[name] not in neutral:
+                raise UsageError(f"{at}.{name} is not supported (it would change the prompt)")
+        unknown = sorted(set(message) - {"role", "content", *MESSAGE_FIELDS_NEUTRAL})
+        if unknown:
+            raise UsageError(f"{at}.{unknown[0]} is not a message field this server reads")
+        messages.append({"role": role, "content": message_content(content, at)})
     if not any(m["role"] == "user" for m in messages):
         raise UsageError(f"{where}: the messages hold no user turn")
     return tuple(messages)

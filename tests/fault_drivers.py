@@ -3,8 +3,12 @@
     python tests/fault_drivers.py convert DEST SLEEP       convert_gguf with a fake, slow transformers
     python tests/fault_drivers.py tune DB LOG SLEEP N      run_search with a synthetic objective
     python tests/fault_drivers.py save-profile DIR BUDGET N  save the same profile N times
+    python tests/fault_drivers.py serve MARKERS ARGS...      `specexec serve ARGS` with faults to inject
 
-None of them imports torch or loads a model, so each starts in about a second.
+None of them but `serve` imports torch or loads a model, so each starts in about a second. `serve` runs
+the real server with two switches in the folder MARKERS: while a file `fail-pass` is there every target
+pass raises (a pass that fails); when a file `crash` appears the engine thread meets an error that is
+not an Exception (a bug, or an interpreter fault), which ends it.
 """
 
 from __future__ import annotations
@@ -141,6 +145,33 @@ def save_profile(directory: str, budget: str, times: str) -> None:
     print("saved", flush=True)
 
 
+class InjectedCrash(BaseException):
+    """What ends the engine thread: no `except Exception` catches it."""
+
+
+def serve(markers: str, *args: str) -> None:
+    from specexec_cli.cli import main
+    from specexec_cli.decoding import generate
+    from specexec_cli.serve import scheduler
+
+    folder = Path(markers)
+    real_step, real_scheduler_step = generate.Batch.step, scheduler.Scheduler._step
+
+    def step(self):
+        if (folder / "fail-pass").exists():
+            raise RuntimeError("injected: the pass failed")
+        return real_step(self)
+
+    def scheduler_step(self):
+        if (folder / "crash").exists():
+            raise InjectedCrash("injected: the engine thread crashed")
+        return real_scheduler_step(self)
+
+    generate.Batch.step = step
+    scheduler.Scheduler._step = scheduler_step
+    main(list(args))  # the command line after `python -m specexec_cli`, "serve" first
+
+
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
-    {"convert": convert, "tune": tune, "save-profile": save_profile}[command](*rest)
+    {"convert": convert, "tune": tune, "save-profile": save_profile, "serve": serve}[command](*rest)

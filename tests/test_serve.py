@@ -76,7 +76,8 @@ class Server:
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=10).text
         match = re.search(rf"^specexec_{name}\{{[^}}]*\}} (\S+)$", text, re.M)
-        return float(match.group(1)) if match else 0.0
+        assert match is not None, f"metric specexec_{name} is missing from /metrics:\n{text}"
+        return float(match.group(1))
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -235,6 +236,9 @@ def test_a_client_that_disconnects_frees_its_lane(server):
     while server.metric("requests_cancelled_total") <= cancelled and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.metric("requests_cancelled_total") == cancelled + 1
+    while server.metric("active_lanes") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric("active_lanes") == 0  # the lane itself was freed
     assert chat(server.client(), "w3", max_tokens=3).choices[0].message.content  # still serving
 
 

@@ -71,6 +71,9 @@ def make_decoder(target: torch.nn.Module, draft: torch.nn.Module | None, config:
 class StopStringWatcher:
     """Decodes the output as it grows, finds the first stop string and releases text safe to stream.
 
+    Decoding is incremental: each update decodes only the tokens since the last stable point plus the few
+    before them (so a tokenizer's merges and leading spaces come out as in a whole decode), and only the
+    new text is searched for stop strings, so the work per iteration does not grow with the output.
     Text that could still be the start of a stop string, or an incomplete UTF-8 sequence, is held back.
     """
 
@@ -78,17 +81,24 @@ class StopStringWatcher:
         self.decode, self.stop_strings = decode, stop_strings
         self.released = 0  # characters of the text already handed out
         self.text = ""
+        self.prefix_offset = self.read_offset = 0  # tokens: context start, end of the decoded ones
+        self.searched = 0  # characters of the text already searched for stop strings
+        self.longest_stop = max((len(stop) for stop in stop_strings), default=0)
 
     def update(self, token_ids: list[int]) -> tuple[str, bool]:
         """New text safe to show, and whether a stop string was found (then the text ends before it)."""
-        self.text = self.decode(token_ids)
-        cut = min((i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        new_text = self.decode(token_ids[self.prefix_offset:])
+        prefix_text = self.decode(token_ids[self.prefix_offset:self.read_offset])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.text += new_text[len(prefix_text):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+        start = max(0, self.searched - self.longest_stop + 1)
+        cut = min((i for i in (self.text.find(s, start) for s in self.stop_strings) if i >= 0), default=-1)
+        self.searched = len(self.text)
         if cut >= 0:
             self.text = self.text[:cut]
             return self._release(len(self.text)), True
         safe = len(self.text)
-        while safe > self.released and self.text[safe - 1] == "\ufffd":
-            safe -= 1
         for stop in self.stop_strings:
             for k in range(min(len(stop) - 1, safe), 0, -1):
                 if self.text[:safe].endswith(stop[:k]):
@@ -105,6 +115,15 @@ class StopStringWatcher:
         return piece
 
 
+def tokens_of_text(decode: Callable[[list[int]], str], token_ids: list[int], n_chars: int) -> int:
+    """The fewest leading tokens whose text holds the first `n_chars` characters: what a reply cut at a
+    stop string returned (searched from the end: the cut is in the last iteration's few tokens)."""
+    k = len(token_ids)
+    while k > 0 and len(decode(token_ids[: k - 1])) >= n_chars:
+        k -= 1
+    return k
+
+
 class Run:
     """One prompt in flight: its lane, what it has produced so far and when it finishes. `config` is this
     prompt's own: its sampling, seed, token limit, stop strings and EOS ids (the tree is the decoder's)."""
@@ -116,7 +135,7 @@ class Run:
         self.lane = Lane(key=key, sequence=ids.reshape(-1).to(device), draws=TokenDraws(config.seed, device),
                          remaining=config.max_new_tokens, sampling=config.sampling)
         self.watcher = StopStringWatcher(decode, config.stop_strings) if decode is not None else None
-        self.eos = set(config.eos_token_ids)
+        self.stop_ids = config.stop_ids
         self.new_tokens: list[int] = []
         self.finish_reason: str | None = None
         self.stopped_by_string = False
@@ -128,7 +147,7 @@ class Run:
         fresh = []
         for token in emitted:
             fresh.append(token)
-            if token in self.eos:
+            if token in self.stop_ids and len(self.new_tokens) + len(fresh) > self.config.min_new_tokens:
                 self.finish_reason = "stop"
                 break
             if len(self.new_tokens) + len(fresh) >= self.config.max_new_tokens:
@@ -145,16 +164,20 @@ class Run:
                 self.on_text(piece)
 
     def result(self, stats: PassStats) -> GenerationResult:
+        """What the run produced: its text (a whole decode, cut at a stop string) and its tokens (those
+        the text holds: none past a stop string)."""
         elapsed = time.perf_counter() - self.start
-        text = None
+        text, tokens = None, self.new_tokens
         if self.watcher is not None:
-            if not self.stopped_by_string:
+            if self.stopped_by_string:
+                tokens = tokens[: tokens_of_text(self.decode, tokens, len(self.watcher.text))]
+            else:
                 self.watcher.text = self.decode(self.new_tokens)
             tail = self.watcher.finish()
             if self.on_text and tail:
                 self.on_text(tail)
             text = self.watcher.text
-        return GenerationResult(self.new_tokens, text, self.finish_reason or "length", elapsed,
+        return GenerationResult(tokens, text, self.finish_reason or "length", elapsed,
                                 stats.since(self.start_stats))
 
 
@@ -228,26 +251,35 @@ def generate_many(
         raise ValueError("stop strings and streaming need a decode function")
     if on_text is not None and batch_size > 1:
         raise UsageError("streaming (--stream) prints one prompt at a time: use --batch-size 1")
-    batch = Batch(make_decoder(target, draft, config, batch_size))
+    from specexec_cli.decoding.runner import BatchRunner, Job
+
+    runner = BatchRunner(lambda: Batch(make_decoder(target, draft, config, batch_size)), batch_size)
     queue = enumerate(prompts)
     exhausted, failure = False, None
     while True:
-        while not exhausted and len(batch.runs) < batch_size:
+        while not exhausted and runner.n_waiting + runner.n_running < batch_size:
             try:
                 item = next(queue, None)
                 if item is not None:
                     own = config if config_of is None else config_of(item[0])
-                    batch.start(item[0], item[1], own, decode, on_text)
+                    if item[1].numel() == 0:
+                        raise UsageError("the prompt is empty")
+                    runner.add(Job(item[0], item[1], own, decode, on_text))
             except Exception as exc:  # a bad prompt: finish the ones in flight, then report it
                 item, failure = None, exc
             if item is None:
                 exhausted = True
-        if not batch.runs:
+        if runner.idle:
             if failure is not None:
                 raise failure
-            return batch.stats
-        for run in batch.step():
-            on_result(run.index, run.result(batch.stats))
+            return runner.batch.stats
+        outcomes, _ = runner.step()
+        for outcome in outcomes:  # the finished ones first: a failure loses nothing already done
+            if outcome.error is None:
+                on_result(outcome.job.key, outcome.result)
+        errors = [outcome.error for outcome in outcomes if outcome.error is not None]
+        if errors:
+            raise errors[0]
 
 
 def generate(

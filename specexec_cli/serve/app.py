@@ -50,10 +50,11 @@ class ServeOptions:
     api_key: str | None = None
     max_batch: int = 8
     max_queue: int = 64
-    max_tokens: int = 512
+    max_tokens: int | None = None  # a cap on a request's new tokens; None: the model's context left
     max_prompt_tokens: int = 4096
     model_name: str = "specexec"
     shutdown_timeout: float = 30.0
+    allowed_origins: tuple[str, ...] = ()  # browser origins CORS lets in ("*": any)
 
 
 def log(message: str) -> None:
@@ -71,17 +72,17 @@ class Service:
         self.metrics = Metrics(options.model_name)
         self.limits = Limits(options.max_tokens, options.max_prompt_tokens)
         self.context = getattr(engine.pair.target.config, "max_position_embeddings", None)
-        self.scheduler = Scheduler(engine.pair.target, engine.pair.draft, engine.config(options.max_tokens),
-                                   self.decode, options.max_batch, options.max_queue, self.metrics, log)
+        self.scheduler = Scheduler(engine.pair.target, engine.pair.draft, engine.config(1), self.decode,
+                                   options.max_batch, options.max_queue, self.metrics, log)
         self.draining = False
 
     def decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def encode(self, job: Job) -> list[int]:
+    def encode(self, job: Job, index: int = 0) -> list[int]:
         with self.tokenizer_lock:
-            return protocol.encode_job(self.tokenizer, job)
+            return protocol.encode_job(self.tokenizer, job, index)
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -147,6 +148,9 @@ def make_app(service: Service) -> Starlette:
         return wrapper
 
     async def health(_request: Request) -> Response:
+        if not service.scheduler.alive:
+            return JSONResponse({"status": "engine stopped", "error": service.scheduler.failure},
+                                status_code=503)
         if service.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -172,69 +176,115 @@ def make_app(service: Service) -> Starlette:
         if job.model and job.model != service.options.model_name:
             raise ApiError(404, f"the model '{job.model}' does not exist; this server serves "
                            f"'{service.options.model_name}'", "model", code="model_not_found")
-        config = protocol.job_config(service.engine, job)  # the CLI's own checks of sampling and limits
-        ids = await asyncio.to_thread(service.encode, job)
-        protocol.check_prompt_length(len(ids), job, service.context, service.limits.max_prompt_tokens)
-        ticket = Ticket(asyncio.get_running_loop())
+        protocol.check_text_length(service.tokenizer, job, service.limits.max_prompt_tokens, service.context)
+        n_choices = len(job.prompts) if kind == "completion" else 1
+        lanes = []  # (index, job with its limit settled, prompt ids)
+        for index in range(n_choices):
+            ids = await asyncio.to_thread(service.encode, job, index)
+            protocol.check_prompt_length(len(ids), service.limits.max_prompt_tokens)
+            settled = protocol.with_max_tokens(job, len(ids), service.context)
+            lanes.append((index, settled, ids, protocol.job_config(service.engine, settled)))
+        tickets = []
         try:
-            service.scheduler.submit(torch.tensor(ids), config, ticket)
+            for _, _, ids, config in lanes:
+                ticket = Ticket(asyncio.get_running_loop())
+                service.scheduler.submit(torch.tensor(ids), config, ticket)
+                tickets.append(ticket)
         except Overloaded:
+            cancel_all(tickets)
             raise ApiError(503, "the server is busy: too many requests waiting; retry later",
                            kind="server_error", code="overloaded",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except ShuttingDown:
-            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ShuttingDown as stopped:
+            cancel_all(tickets)
+            raise ApiError(503, str(stopped) or "the server is shutting down", kind="server_error",
+                           code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         response_id = protocol.new_id(kind)
+        prompt_tokens = [len(ids) for _, _, ids, _ in lanes]
         if job.stream:
-            return StreamingResponse(stream(job, ticket, response_id, len(ids)),
+            return StreamingResponse(stream(job, tickets, response_id, prompt_tokens),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            text, result = await collect(request, ticket)
+            results = [await collect(request, ticket) for ticket in tickets]
         finally:
-            ticket.cancel()  # a no-op once finished; frees the lane if the client went away
-        usage_, timings_ = summary(result, len(ids), ticket)
-        return JSONResponse(protocol.completion_body(job, response_id, service.options.model_name, text,
-                                                     result.finish_reason, usage_, timings_))
+            cancel_all(tickets)  # a no-op once finished; frees the lanes if the client went away
+        choices = [(i, text, result.finish_reason) for i, (text, result) in enumerate(results)]
+        usage_, timings_ = protocol.merged_figures(
+            [summary(result, n, ticket) for (_, result), n, ticket in zip(results, prompt_tokens, tickets,
+                                                                        strict=True)])
+        return JSONResponse(protocol.completion_body(job, response_id, service.options.model_name, choices,
+                                                     usage_, timings_))
+
+    def cancel_all(tickets: list[Ticket]) -> None:
+        for ticket in tickets:
+            ticket.cancel()
+
+    async def next_event(ticket: Ticket, request: Request | None = None) -> Event:
+        """The ticket's next event. Every DISCONNECT_POLL_S of waiting it checks that the engine thread
+        is alive (if not: an error event at once, no request waits on a dead engine) and, given the
+        `request`, that its client is still there."""
+        while True:
+            try:
+                return await asyncio.wait_for(ticket.events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if not service.scheduler.alive:
+                    return Event("error", text=f"the engine stopped: {service.scheduler.failure}")
+                if request is not None and await request.is_disconnected():
+                    raise ClientDisconnect from None
 
     async def collect(request: Request, ticket: Ticket) -> tuple[str, Any]:
         """Wait for the result, checking that the client is still there."""
         while True:
-            try:
-                event = await asyncio.wait_for(ticket.events.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    raise ClientDisconnect from None
-                continue
+            event = await next_event(ticket, request)
             if event.kind == "done":
                 return event.result.text or "", event.result
             if event.kind == "error":
                 raise ApiError(503 if "shutting down" in event.text else 500, event.text, kind="server_error")
 
-    async def stream(job: Job, ticket: Ticket, response_id: str, prompt_tokens: int) -> AsyncIterator[bytes]:
+    async def stream(job: Job, tickets: list[Ticket], response_id: str,
+                     prompt_tokens: list[int]) -> AsyncIterator[bytes]:
+        """The choices' chunks as they come (each with its index), then the usage and [DONE]."""
         model = service.options.model_name
-        first = True
-        try:
+        merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        async def forward(index: int, ticket: Ticket) -> None:
             while True:
-                event: Event = await ticket.events.get()
+                event = await next_event(ticket)
+                await merged.put((index, event))
+                if event.kind != "text":
+                    return
+
+        tasks = [asyncio.create_task(forward(i, t)) for i, t in enumerate(tickets)]
+        first = [True] * len(tickets)
+        figures: dict[int, tuple[dict, dict]] = {}
+        try:
+            open_choices = len(tickets)
+            while open_choices:
+                index, event = await merged.get()
                 if event.kind == "text":
-                    yield sse(protocol.chunk_body(job, response_id, model, event.text, None, first=first))
-                    first = False
-                elif event.kind == "error":
+                    yield sse(protocol.chunk_body(job, response_id, model, event.text, None, first[index],
+                                                  index))
+                    first[index] = False
+                    continue
+                open_choices -= 1
+                if event.kind == "error":
                     yield sse(ApiError(500, event.text, kind="server_error").body())
                     break
-                else:
-                    result = event.result
-                    if first and job.kind == "chat":  # an empty answer still opens the assistant turn
-                        yield sse(protocol.chunk_body(job, response_id, model, "", None, first=True))
-                    yield sse(protocol.chunk_body(job, response_id, model, None, result.finish_reason))
-                    if job.include_usage:
-                        usage_, timings_ = summary(result, prompt_tokens, ticket)
-                        yield sse(protocol.usage_chunk(job, response_id, model, usage_, timings_))
-                    break
+                result = event.result
+                if first[index] and job.kind == "chat":  # an empty answer still opens the assistant turn
+                    yield sse(protocol.chunk_body(job, response_id, model, "", None, True, index))
+                yield sse(protocol.chunk_body(job, response_id, model, None, result.finish_reason,
+                                              index=index))
+                figures[index] = summary(result, prompt_tokens[index], tickets[index])
+            else:
+                if job.include_usage:
+                    usage_, timings_ = protocol.merged_figures([figures[i] for i in sorted(figures)])
+                    yield sse(protocol.usage_chunk(job, response_id, model, usage_, timings_))
             yield sse("[DONE]")
         finally:
-            ticket.cancel()  # the client went away (the generator was closed) or the answer is complete
+            for task in tasks:
+                task.cancel()
+            cancel_all(tickets)  # the client went away (the generator was closed) or the answer is complete
 
     def summary(result: Any, prompt_tokens: int, ticket: Ticket) -> tuple[dict, dict]:
         return protocol.result_figures(result, prompt_tokens, ticket.first_token_s)
@@ -258,7 +308,16 @@ def make_app(service: Service) -> Starlette:
         Route("/v1/chat/completions", counted("chat", chat), methods=["POST"]),
         Route("/v1/completions", counted("completions", completions), methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+    middleware = []
+    if service.options.allowed_origins:
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(service.options.allowed_origins),
+                                     allow_methods=["GET", "POST", "OPTIONS"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan,
+                     middleware=middleware)
 
 
 # --- running -----------------------------------------------------------------------------------------
@@ -277,6 +336,22 @@ def bind(host: str, port: int) -> socket.socket:
         raise SpecexecError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or address to listen on) is this machine only."""
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None)
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+        except (OSError, ValueError):
+            return False
 
 
 def serve(engine: Any, options: ServeOptions, sock: socket.socket) -> int:
@@ -309,6 +384,9 @@ def serve(engine: Any, options: ServeOptions, sock: socket.socket) -> int:
 
     server = Server(config)
     host, port = sock.getsockname()[:2]
+    if not options.api_key and not is_loopback(options.host):
+        log(f"warning: listening on {options.host} with no --api-key: anyone who reaches this machine can "
+            "use the model (set --api-key or SPECEXEC_API_KEY)")
     log(f"serving {options.model_name} on http://{host}:{port}/v1 "
         f"(up to {options.max_batch} requests per target pass, {options.max_queue} waiting)")
     server.run(sockets=[sock])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
@@ -20,8 +20,9 @@ from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.prompts import Prompt, encode, parse_messages
 
 MAX_STOPS = 4  # as OpenAI's API
+SEED_RANGE = (-(2**63), 2**64)  # what torch.manual_seed takes (negative seeds included, as vLLM's)
 # Fields that would change the output and are not supported: refused, never ignored. The value that
-# leaves the output unchanged (the API's default) is accepted.
+# leaves the output unchanged (the API's default, or vLLM's) is accepted.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "n": (1, None),
     "best_of": (1, None),
@@ -40,7 +41,44 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    # vLLM's sampling extensions (what load generators and eval harnesses send)
+    "repetition_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0),
+    "typical_p": (None, 1, 1.0),
+    "length_penalty": (None, 1, 1.0),
+    "use_beam_search": (None, False),
+    "early_stopping": (None, False),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "logits_processors": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "add_special_tokens": (None, False),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "documents": (None,),
+    "mm_processor_kwargs": (None,),
 }
+# Fields that are read (see parse_job), or that describe the request without changing its output.
+READ = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+        "seed", "stop", "stream", "stream_options", "ignore_eos", "min_tokens", "stop_token_ids"}
+HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "request_id", "priority",
+            "safety_identifier", "prompt_cache_key"}
 
 
 class ApiError(Exception):
@@ -61,25 +99,35 @@ class ApiError(Exception):
 class Limits:
     """What the server admits per request."""
 
-    max_tokens: int  # the most new tokens a request may ask for
-    max_prompt_tokens: int  # the longest prompt, in tokens
-    default_tokens: int | None = None  # new tokens when a request names none (None: max_tokens)
+    max_tokens: int | None  # the most new tokens a request may ask for (None: the model's context left)
+    max_prompt_tokens: int | None  # the longest prompt, in tokens (None: the model's context)
+    default_tokens: int | None = None  # new tokens when a request names none (None: the context left)
 
 
 @dataclass(frozen=True)
 class Job:
-    """One request, checked: what to decode and how to answer."""
+    """One request, checked: what to decode and how to answer. A completions request may hold several
+    prompts (`prompts`: text, or token ids), each decoded as a choice of its own."""
 
     kind: str  # "chat" or "completion"
     model: str
     messages: tuple[dict[str, str], ...]  # chat: the conversation (encoded with the chat template)
-    prompt: str  # completion: raw text, no template (as `generate --no-chat-template`)
-    max_tokens: int
+    prompts: tuple[str | tuple[int, ...], ...]  # completion: raw text (no template) or token ids
+    max_tokens: int | None  # None: as many as the model's context leaves after the prompt
     sampling: SamplingConfig
     seed: int | None
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    max_tokens_field: str = "max_tokens"  # how the request named its limit (for messages)
+
+    @property
+    def prompt(self) -> str | tuple[int, ...]:
+        """The one prompt of a completion with a single prompt."""
+        return self.prompts[0] if self.prompts else ""
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -118,8 +166,35 @@ def _stops(value: Any) -> tuple[str, ...]:
 def _check_unsupported(body: dict[str, Any]) -> None:
     for name, harmless in UNSUPPORTED.items():
         if name in body and body[name] not in harmless:
-            raise ApiError(400, f"'{name}' is not supported (it would change the output)",
-                           name)
+            raise ApiError(400, f"'{name}' is not supported (it would change the output)", name)
+    unknown = sorted(set(body) - READ - HARMLESS - set(UNSUPPORTED))
+    if unknown:
+        raise ApiError(400, f"'{unknown[0]}' is not a field this server reads", unknown[0])
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def completion_prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    """The prompts of a completions request: a string, a list of token ids, or a list of either (one
+    choice per prompt, as the OpenAI API and vLLM take them)."""
+    if isinstance(value, str) or _is_token_ids(value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either",
+                       "prompt")
+    prompts: list[str | tuple[int, ...]] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str) and item:
+            prompts.append(item)
+        elif _is_token_ids(item):
+            prompts.append(tuple(item))
+        else:
+            raise ApiError(400, f"'prompt[{i}]' must be a non-empty string or a non-empty list of token ids "
+                           "(integers >= 0)", "prompt")
+    return tuple(prompts)
 
 
 def parse_job(body: Any, kind: str, limits: Limits) -> Job:
@@ -131,7 +206,7 @@ def parse_job(body: Any, kind: str, limits: Limits) -> Job:
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", "model")
     messages: tuple[dict[str, str], ...] = ()
-    prompt = ""
+    prompts: tuple[str | tuple[int, ...], ...] = ()
     if kind == "chat":
         if "messages" not in body:
             raise ApiError(400, "'messages' is required", "messages")
@@ -140,72 +215,136 @@ def parse_job(body: Any, kind: str, limits: Limits) -> Job:
         except UsageError as exc:
             raise ApiError(400, str(exc).removeprefix("request: "), "messages") from None
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string (one prompt per request)", "prompt")
-        if not prompt:
-            raise ApiError(400, "'prompt' must not be empty", "prompt")
+        prompts = completion_prompts(body.get("prompt"))
     max_tokens = _integer(body, "max_completion_tokens")
     name = "max_completion_tokens"
     if max_tokens is None:
         max_tokens, name = _integer(body, "max_tokens"), "max_tokens"
     if max_tokens is None:
-        max_tokens = limits.default_tokens or limits.max_tokens
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(400, f"'{name}' must be between 1 and {limits.max_tokens} (the server's "
-                       f"--max-tokens), got {max_tokens}", name)
-    # OpenAI's defaults: temperature 1, top_p 1; top_k (llama-server, vLLM) 0 = off
+        max_tokens = limits.default_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"'{name}' must be >= 1, got {max_tokens}", name)
+    if max_tokens is not None and limits.max_tokens is not None and max_tokens > limits.max_tokens:
+        raise ApiError(400, f"'{name}' must be at most {limits.max_tokens} (the server's --max-tokens), got "
+                       f"{max_tokens}", name)
+    top_k = _integer(body, "top_k") or 0
+    if top_k < -1:
+        raise ApiError(400, f"'top_k' must be -1 or 0 (off) or a positive count, got {top_k}", "top_k")
+    # OpenAI's defaults: temperature 1, top_p 1; top_k (llama-server, vLLM) 0 or -1 = off
     sampling = SamplingConfig(temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                              top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-                              top_k=_integer(body, "top_k") or 0)
+                              top_p=_number(body, "top_p", 1.0, 0.0, 1.0), top_k=max(0, top_k))
     if sampling.top_p == 0.0:
         raise ApiError(400, "'top_p' must be greater than 0", "top_p")
     seed = _integer(body, "seed")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise ApiError(400, f"'seed' must be between 0 and 2**63 - 1, got {seed}", "seed")
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ApiError(400, f"'seed' must be a 64-bit integer, got {seed}", "seed")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    return Job(kind=kind, model=model or "", messages=messages, prompt=prompt, max_tokens=max_tokens,
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
+    min_tokens = _integer(body, "min_tokens") or 0
+    if min_tokens < 0 or (max_tokens is not None and min_tokens > max_tokens):
+        raise ApiError(400, f"'min_tokens' must lie in 0..max_tokens, got {min_tokens}", "min_tokens")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in stop_ids):
+        raise ApiError(400, "'stop_token_ids' must be a list of token ids (integers >= 0)", "stop_token_ids")
+    return Job(kind=kind, model=model or "", messages=messages, prompts=prompts, max_tokens=max_tokens,
                sampling=sampling, seed=seed, stop=_stops(body.get("stop")), stream=stream,
-               include_usage=bool(options.get("include_usage")) and stream)
+               include_usage=bool(options.get("include_usage")) and stream, ignore_eos=ignore_eos,
+               min_tokens=min_tokens, stop_token_ids=tuple(stop_ids), max_tokens_field=name)
+
+
+def with_max_tokens(job: Job, n_prompt_tokens: int, context: int | None) -> Job:
+    """The job with its token limit settled: as asked, else what the model's context leaves after the
+    prompt (a 400 when the prompt leaves none, or the limit passes the context)."""
+    if context and n_prompt_tokens >= context:
+        raise ApiError(400, f"the prompt has {n_prompt_tokens} tokens; the model's context is {context}",
+                       code="context_length_exceeded")
+    if job.max_tokens is None:
+        if not context:
+            raise ApiError(400, f"'{job.max_tokens_field}' is required: the model's context is unknown",
+                           job.max_tokens_field)
+        return replace(job, max_tokens=context - n_prompt_tokens)
+    if context and n_prompt_tokens + job.max_tokens > context:
+        raise ApiError(400, f"the prompt has {n_prompt_tokens} tokens; with {job.max_tokens_field} "
+                       f"{job.max_tokens} it exceeds the model's context of {context}",
+                       code="context_length_exceeded")
+    return job
 
 
 def job_config(engine: Any, job: Job) -> GenerationConfig:
     """The request's GenerationConfig, checked by the engine as `generate` checks its flags (a bad value
-    is a 400)."""
+    is a 400); `job.max_tokens` is settled (with_max_tokens)."""
     try:
-        return engine.config(job.max_tokens, job.sampling, job.stop, job.seed)
+        config = engine.config(job.max_tokens, job.sampling, job.stop, job.seed)
+        config = replace(config, ignore_eos=job.ignore_eos, min_new_tokens=job.min_tokens,
+                         stop_token_ids=job.stop_token_ids)
+        config.validate()
+        return config
     except SpecexecError as exc:
         raise ApiError(400, str(exc).replace("--", "")) from None
 
 
-def encode_job(tokenizer: Any, job: Job) -> list[int]:
-    """The prompt's token ids, as `specexec generate` encodes it: messages in the chat template, a raw
-    prompt as `--no-chat-template` does; text that is not valid Unicode is a 400."""
+def max_token_chars(tokenizer: Any) -> int:
+    """The longest piece of text one token stands for: a prompt of C characters has at least
+    C / max_token_chars tokens, so a prompt far too long is refused before it is encoded."""
+    cached = getattr(tokenizer, "_specexec_max_token_chars", None)
+    if cached is None:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        cached = max((len(piece) for piece in vocab), default=0) or 1_000_000
+        try:
+            tokenizer._specexec_max_token_chars = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def check_text_length(tokenizer: Any, job: Job, max_prompt_tokens: int | None, context: int | None) -> None:
+    """A 400, before encoding, for a prompt whose characters alone prove it longer than the limit."""
+    limit = min(x for x in (max_prompt_tokens, context) if x) if (max_prompt_tokens or context) else None
+    if limit is None:
+        return
+    chars = sum(len(m["content"]) for m in job.messages) + sum(len(p) for p in job.prompts
+                                                               if isinstance(p, str))
+    if chars > limit * max_token_chars(tokenizer):
+        raise ApiError(400, f"the prompt has {chars} characters, more than {limit} tokens can hold",
+                       code="context_length_exceeded")
+
+
+def encode_job(tokenizer: Any, job: Job, index: int = 0) -> list[int]:
+    """The token ids of prompt `index`, as `specexec generate` encodes it: messages in the chat template,
+    raw text as `--no-chat-template` does, token ids as given (checked against the vocabulary). Text
+    that is not valid Unicode, or a conversation the chat template refuses, is a 400."""
+    if job.kind == "completion" and isinstance(job.prompts[index], tuple):
+        ids = list(job.prompts[index])
+        vocab = len(tokenizer)
+        if any(t >= vocab for t in ids):
+            raise ApiError(400, f"'prompt' holds a token id past the vocabulary ({vocab} ids)", "prompt")
+        return ids
+    text = job.prompts[index] if job.kind == "completion" else ""
     try:
-        return encode(tokenizer, Prompt("request", job.prompt, job.messages), None, job.kind == "chat")
+        return encode(tokenizer, Prompt("request", text, job.messages), None, job.kind == "chat")
     except UsageError as exc:
         raise ApiError(400, str(exc)) from None
+    except Exception as exc:  # the chat template refused the conversation (jinja's TemplateError, ...)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ApiError(400, f"the chat template cannot render these messages: {message}",
+                       "messages") from None
 
 
-def check_prompt_length(n_tokens: int, job: Job, context: int | None, max_prompt_tokens: int | None = None,
-                        ) -> None:
-    """A 400 for an empty prompt, one over `max_prompt_tokens`, or one that with its max_tokens passes the
-    model's `context`."""
+def check_prompt_length(n_tokens: int, max_prompt_tokens: int | None = None) -> None:
+    """A 400 for an empty prompt, or one over `max_prompt_tokens`."""
     if not n_tokens:
         raise ApiError(400, "the prompt encodes to no tokens")
     if max_prompt_tokens is not None and n_tokens > max_prompt_tokens:
         raise ApiError(400, f"the prompt has {n_tokens} tokens; this server takes at most "
                        f"{max_prompt_tokens} (--max-prompt-tokens)", code="context_length_exceeded")
-    if context and n_tokens + job.max_tokens > context:
-        raise ApiError(400, f"the prompt has {n_tokens} tokens; with max_tokens {job.max_tokens} it exceeds "
-                       f"the model's context of {context}", code="context_length_exceeded")
 
 
 # --- the Batch API (offline requests, as `vllm run-batch` takes them) --------------------------------
@@ -259,22 +398,25 @@ def result_figures(result: Any, prompt_tokens: int, first_token_s: float | None 
     return usage(prompt_tokens, generated), timings
 
 
-def completion_body(job: Job, response_id: str, model: str, text: str, finish_reason: str,
+def completion_body(job: Job, response_id: str, model: str, choices: list[tuple[int, str, str]],
                     usage_: dict[str, int], timings_: dict[str, Any]) -> dict[str, Any]:
+    """The whole answer: one choice per (index, text, finish reason)."""
     created = int(time.time())
     if job.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
+        body_choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": reason} for i, text, reason in choices]
         return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [choice], "usage": usage_, "timings": timings_}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                "choices": body_choices, "usage": usage_, "timings": timings_}
+    body_choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                    for i, text, reason in choices]
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage_, "timings": timings_}
+            "choices": body_choices, "usage": usage_, "timings": timings_}
 
 
 def chunk_body(job: Job, response_id: str, model: str, text: str | None, finish_reason: str | None,
-               first: bool = False) -> dict[str, Any]:
-    """One server-sent chunk: new text, or (text None) the last chunk with the finish reason."""
+               first: bool = False, index: int = 0) -> dict[str, Any]:
+    """One server-sent chunk of choice `index`: new text, or (text None) its last chunk with the finish
+    reason."""
     created = int(time.time())
     if job.kind == "chat":
         delta: dict[str, Any] = {}
@@ -282,10 +424,10 @@ def chunk_body(job: Job, response_id: str, model: str, text: str | None, finish_
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [choice]}
-    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
             "choices": [choice]}
 
@@ -296,3 +438,12 @@ def usage_chunk(job: Job, response_id: str, model: str, usage_: dict[str, int],
     kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
     return {"id": response_id, "object": kind, "created": int(time.time()), "model": model, "choices": [],
             "usage": usage_, "timings": timings_}
+
+
+def merged_figures(figures: list[tuple[dict[str, int], dict[str, Any]]]) -> tuple[dict[str, int], dict]:
+    """The usage of a request of several prompts: their token counts summed; the timings of each."""
+    if len(figures) == 1:
+        return figures[0]
+    prompt = sum(u["prompt_tokens"] for u, _ in figures)
+    completion = sum(u["completion_tokens"] for u, _ in figures)
+    return usage(prompt, completion), {"choices": [t for _, t in figures]}
