@@ -34,7 +34,8 @@ from specexec_cli.decoding.config import (  # noqa: E402
     GenerationConfig,
     TreeConfig,  # noqa: E402
 )
-from specexec_cli.decoding.generate import GenerationResult, generate_many  # noqa: E402
+from specexec_cli.decoding.generate import GenerationResult  # noqa: E402
+from specexec_cli.decoding.runner import generate_many  # noqa: E402
 from specexec_cli.engine import Workload, load, resolve  # noqa: E402
 from specexec_cli.prompt_sets import load_conversations  # noqa: E402
 from specexec_cli.prompts import encode_messages  # noqa: E402

@@ -11,8 +11,9 @@ from tiny_pairs import tiny_pair
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, TreeConfig
 from specexec_cli.decoding.forward import causal_pattern, forward, new_cache
-from specexec_cli.decoding.generate import GenerationResult, generate, generate_many, make_decoder
+from specexec_cli.decoding.generate import GenerationResult, generate, make_decoder
 from specexec_cli.decoding.lanes import Lane
+from specexec_cli.decoding.runner import generate_many
 from specexec_cli.decoding.sampling import TokenDraws
 
 pytestmark = pytest.mark.usefixtures("one_thread")

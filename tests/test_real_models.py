@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, TreeConfig
-from specexec_cli.decoding.generate import generate, generate_many
+from specexec_cli.decoding.generate import generate
+from specexec_cli.decoding.runner import generate_many
 from specexec_cli.models.load import eos_token_ids, make_early_exit_draft
 from specexec_cli.prompts import encode_prompt
 

@@ -1,6 +1,6 @@
 """The generation loop: run a decoder until EOS, a stop string or max_new_tokens, and report stats.
 
-`generate` decodes one prompt; `generate_many` decodes a stream of prompts, several at a time sharing
+`generate` decodes one prompt; `runner.generate_many` decodes a stream of prompts, several at a time sharing
 each target pass. Tokens are committed one at a time from each iteration's output, so EOS and the token
 limit are honoured exactly (a speculative iteration may produce more tokens than are needed; the extra
 ones are dropped).
@@ -9,7 +9,7 @@ ones are dropped).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -222,66 +222,6 @@ class Batch:
         self.runs.remove(run)
 
 
-def generate_many(
-    target: torch.nn.Module,
-    draft: torch.nn.Module | None,
-    prompts: Iterable[torch.Tensor],  # each [L] or [1, L]
-    config: GenerationConfig,
-    on_result: Callable[[int, GenerationResult], None],
-    batch_size: int = 1,
-    decode: Callable[[list[int]], str] | None = None,
-    on_text: Callable[[str], None] | None = None,
-    config_of: Callable[[int], GenerationConfig] | None = None,
-) -> PassStats:
-    """Generate for every prompt, up to `batch_size` at a time sharing each target pass (continuous
-    batching: a finished prompt leaves and the next one from `prompts` takes its place).
-
-    `config` sets the method and tree; `config_of(index)`, when given, is prompt `index`'s own config
-    (sampling, seed, limits, stop strings; same method and tree), else every prompt runs with `config`.
-
-    `on_result(index, result)` is called as each prompt finishes (not necessarily in input order).
-    `prompts` is read lazily; when reading it fails (a bad prompt), the prompts already in flight are
-    finished and delivered first, then the error is raised. `on_text` streams text and needs batch_size 1.
-    Returns the counters of every pass the run made.
-    """
-    config.validate()
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if (config.stop_strings or on_text) and decode is None:
-        raise ValueError("stop strings and streaming need a decode function")
-    if on_text is not None and batch_size > 1:
-        raise UsageError("streaming (--stream) prints one prompt at a time: use --batch-size 1")
-    from specexec_cli.decoding.runner import BatchRunner, Job
-
-    runner = BatchRunner(lambda: Batch(make_decoder(target, draft, config, batch_size)), batch_size)
-    queue = enumerate(prompts)
-    exhausted, failure = False, None
-    while True:
-        while not exhausted and runner.n_waiting + runner.n_running < batch_size:
-            try:
-                item = next(queue, None)
-                if item is not None:
-                    own = config if config_of is None else config_of(item[0])
-                    if item[1].numel() == 0:
-                        raise UsageError("the prompt is empty")
-                    runner.add(Job(item[0], item[1], own, decode, on_text))
-            except Exception as exc:  # a bad prompt: finish the ones in flight, then report it
-                item, failure = None, exc
-            if item is None:
-                exhausted = True
-        if runner.idle:
-            if failure is not None:
-                raise failure
-            return runner.batch.stats
-        outcomes, _ = runner.step()
-        for outcome in outcomes:  # the finished ones first: a failure loses nothing already done
-            if outcome.error is None:
-                on_result(outcome.job.key, outcome.result)
-        errors = [outcome.error for outcome in outcomes if outcome.error is not None]
-        if errors:
-            raise errors[0]
-
-
 def generate(
     target: torch.nn.Module,
     draft: torch.nn.Module | None,
@@ -292,7 +232,9 @@ def generate(
 ) -> GenerationResult:
     """Generate from one prompt. `decode` turns token ids into text (needed for stop strings and
     streaming); `on_text` receives each newly final piece of text as it is produced."""
-    results: list[GenerationResult] = []
-    generate_many(target, draft, [input_ids], config, lambda _index, result: results.append(result),
-                  decode=decode, on_text=on_text)
-    return results[0]
+    config.validate()
+    batch = Batch(make_decoder(target, draft, config, 1))
+    run = batch.start(0, input_ids, config, decode, on_text)
+    while not batch.step():
+        pass
+    return run.result(batch.stats)

@@ -11,7 +11,8 @@ from typing import Any, TextIO
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig
-from specexec_cli.decoding.generate import GenerationResult, generate_many
+from specexec_cli.decoding.generate import GenerationResult
+from specexec_cli.decoding.runner import generate_many
 from specexec_cli.engine import log
 from specexec_cli.prompts import Prompt
 from specexec_cli.run import OrderedWriter, describe

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig
-from specexec_cli.decoding.generate import GenerationResult, generate_many
+from specexec_cli.decoding.generate import GenerationResult
+from specexec_cli.decoding.runner import generate_many
 from specexec_cli.errors import SpecexecError
 from specexec_cli.tuning import log
 from specexec_cli.tuning.batch_workload import BatchWorkload
