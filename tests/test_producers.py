@@ -5,7 +5,8 @@ Each format is made from the same tiny random Qwen2 (hidden 256, so every linear
 from the folder, repacked where the format is not GPTQ's, streamed from RAM or disk), equals the
 producer's own dequantization bit for bit in float16; greedy SpecExec on each quantized target,
 resident (decoded once) and streamed, equals plain decoding of the same checkpoint; an act-order GPTQ
-checkpoint (permuted g_idx with its rows) does the same.
+checkpoint (permuted g_idx with its rows) does the same; and the whole model (biases, norms, embeddings,
+head too) gives the logits of a dense transformers model holding the producer's dequantized weights.
 """
 
 from __future__ import annotations
@@ -55,8 +56,16 @@ IDS = [f"{fmt}-{'sym' if sym else 'asym'}" for fmt, sym in MADE]
 
 
 def _model() -> torch.nn.Module:
-    return tiny_model("qwen2", 2, seed=0, vocab=VOCAB, hidden=HIDDEN, dtype=torch.float32,
-                      initializer_range=0.1)
+    """The tiny Qwen2, with random biases and norm weights (transformers initializes them to 0 and 1, so
+    a loader that dropped them would go unnoticed)."""
+    model = tiny_model("qwen2", 2, seed=0, vocab=VOCAB, hidden=HIDDEN, dtype=torch.float32,
+                       initializer_range=0.1)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:  # q/k/v biases and RMSNorm weights
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +127,61 @@ def test_every_linear_decodes_like_its_producer(checkpoints, made, offload, tmp_
         assert checked == 2 * 7  # q, k, v, o, gate, up, down in both layers
     finally:
         engine.close()
+
+
+def _dense_from_producer(folder, layout: str, qc: dict) -> torch.nn.Module:
+    """A plain transformers model of the folder's architecture in float16 holding the checkpoint's own
+    float tensors (embeddings, norms, biases, head) and, for every quantized linear, the producer's own
+    dequantization of it: what the checkpoint means, built without specexec's loader."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    dense = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16).eval()
+    index = CheckpointIndex(folder)
+    linears = _linears(index)
+    tied = "lm_head.weight" if config.tie_word_embeddings else None
+    with torch.no_grad():
+        for name, param in dense.state_dict().items():
+            prefix = name.removesuffix(".weight")
+            if prefix in linears:
+                param.copy_(_reference(layout, linears[prefix], qc, param.shape[1]))
+            elif name in index.locations:
+                param.copy_(index.read(name))
+            else:
+                assert name == tied, f"{name}: neither quantized nor stored in {folder.name}"
+    index.close()
+    if tied:
+        dense.tie_weights()
+    return dense
+
+
+@pytest.mark.parametrize("made", list(MADE), ids=IDS)
+def test_the_whole_model_computes_like_the_producers_dense_model(checkpoints, made, tmp_path):
+    """Not only the quantized linears: logits of the checkpoint loaded by specexec (streamed from RAM)
+    equal a dense transformers model holding the producer's dequantized weights and the checkpoint's
+    own biases, norms, embeddings and head."""
+    folder, layout = checkpoints[made], MADE[made]
+    dense = _dense_from_producer(folder, layout, quant_config(folder))
+    model = load_offloaded_target(folder, device="cpu", dtype=torch.float16, offload="ram",
+                                  resident_layers=0, offload_dir=tmp_path, budget=0, context_len=64)
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 250, 11]])
+    try:
+        with torch.no_grad():
+            ours, theirs = model(input_ids=ids).logits, dense(input_ids=ids).logits
+        assert ours.shape == theirs.shape == (1, ids.shape[1], VOCAB)
+        gap = (ours.float() - theirs.float()).abs().max().item()
+        assert gap <= 0.02, gap  # float16 rounding of two computations in different order: a few ulps
+        assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+        with torch.no_grad():  # the comparison sees the biases: without them the logits move far more
+            for layer in dense.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.zero_()
+            unbiased = dense(input_ids=ids).logits
+        assert (unbiased.float() - theirs.float()).abs().max().item() > 10 * 0.02
+    finally:
+        model.offload_engine.close()
 
 
 def _decode(target, draft, prompt, method: str) -> list[int]:
