@@ -125,6 +125,13 @@ def engine_request(engine: dict[str, Any], batch_size: int | None) -> Any:
               "(fewer if the memory plan cannot hold 8 prompts' KV caches), else 1].")
 @click.option("--unordered", is_flag=True,
               help="Write each result when it finishes, not in input order (JSON Lines carry the id).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Append each result to FILE as one JSON line as soon as it finishes, synced to disk, so a "
+              "killed job loses nothing finished; FILE is rewritten in input order when the job completes "
+              "(unless --unordered). Prompt ids must be unique.")
+@click.option("--resume", is_flag=True,
+              help="Finish the job whose results are in -o FILE: prompts whose ids are there are skipped, a "
+              "line torn by a kill is run again.")
 @click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
               help="Run the prompts on a Ray cluster: ADDRESS as ray.init takes it (HOST:6379 of a `ray "
               "start --head` node, 'auto'), or 'local' to start one on this machine. Needs the [ray] extra.")
@@ -133,8 +140,8 @@ def engine_request(engine: dict[str, Any], batch_size: int | None) -> Any:
               "node].")
 @friendly_errors
 def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, top_k, seed, stops, system,
-             no_chat_template, stream, as_json, verbose, batch_size, unordered, ray_address, ray_workers,
-             **engine) -> None:
+             no_chat_template, stream, as_json, verbose, batch_size, unordered, output, resume, ray_address,
+             ray_workers, **engine) -> None:
     """Generate text; only the generated text (or JSON Lines with --json) goes to stdout.
 
     \b
@@ -144,11 +151,10 @@ def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, t
       specexec generate -f prompts.jsonl --json > results.jsonl
       specexec generate -f prompts.jsonl --json --offload disk --max-memory cpu=5GiB --batch-size 8
       specexec generate -f prompts.jsonl --json --ray HEAD_IP:6379 > results.jsonl
+      specexec generate -f prompts.jsonl -o results.jsonl --resume    # rerun after a kill: finishes the rest
     """
     from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
-    from specexec_cli.engine import Workload, open_engine
     from specexec_cli.prompts import collect_prompts
-    from specexec_cli.run import run_batch
 
     sampling = SamplingConfig(temperature, top_p, top_k)
     GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stops),
@@ -156,6 +162,40 @@ def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, t
     if ray_workers is not None and ray_address is None:
         raise UsageError("--ray-workers needs --ray ADDRESS")
     batch = collect_prompts(prompts, files, sys.stdin, input_format)
+    if resume and output is None:
+        raise UsageError("--resume needs -o/--output FILE (the results of the job to finish)")
+    if output is None:
+        run_prompts(batch, max_new_tokens, sampling, stops, seed, system, no_chat_template, stream, as_json,
+                    verbose, batch_size, unordered, ray_address, ray_workers, engine, sys.stdout)
+        return
+    from specexec_cli.results_file import ResultsFile, check_unique_ids
+
+    if stream:
+        raise UsageError("-o/--output writes whole results: drop --stream")
+    check_unique_ids([prompt.id for prompt in batch])
+    results = ResultsFile(output, resume)
+    order = [prompt.id for prompt in batch]
+    left = [prompt for prompt in batch if prompt.id not in results.done]
+    if len(left) < len(batch):
+        click.echo(f"resume: {len(batch) - len(left)} of {len(batch)} prompts already finished in {output}; "
+                   f"running the other {len(left)}", err=True)
+    try:
+        if left:
+            run_prompts(left, max_new_tokens, sampling, stops, seed, system, no_chat_template, False, True,
+                        verbose, batch_size, True, ray_address, ray_workers, engine, results)
+    finally:
+        results.close(None if unordered else order)
+    click.echo(f"{output}: {len(order)} results" + ("" if unordered else ", in input order"), err=True)
+
+
+def run_prompts(batch: list[Any], max_new_tokens: int, sampling: Any, stops: tuple[str, ...],
+                seed: int | None, system: str | None, no_chat_template: bool, stream: bool, as_json: bool,
+                verbose: bool, batch_size: int | None, unordered: bool, ray_address: str | None,
+                ray_workers: int | None, engine: dict[str, Any], out: Any) -> None:
+    """Run `batch` on this machine or on Ray, writing each result to `out` (stdout or a results file)."""
+    from specexec_cli.engine import Workload, open_engine
+    from specexec_cli.run import run_batch
+
     if ray_address is not None:
         from specexec_cli.cluster.driver import plan_prompts
         from specexec_cli.cluster.worker import Job
@@ -165,10 +205,10 @@ def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, t
         job = Job(engine_request(engine, batch_size), max_new_tokens, sampling, tuple(stops), seed, system,
                   not no_chat_template, plan_prompts(batch), len(batch))
         run_ray_job(ray_address, ray_workers, batch, job, as_json=as_json, verbose=verbose,
-                    unordered=unordered)
+                    unordered=unordered, out=out)
         return
     if any(prompt.request is not None for prompt in batch):
-        run_batch_api(batch, max_new_tokens, engine, batch_size, unordered, verbose)
+        run_batch_api(batch, max_new_tokens, engine, batch_size, unordered, verbose, out)
         return
     streaming = stream and not as_json
     workload = Workload.of_prompts(batch, max_new_tokens, system, not no_chat_template, streaming)
@@ -177,17 +217,18 @@ def generate(prompts, files, input_format, max_new_tokens, temperature, top_p, t
     if engine.lanes > 1:
         click.echo(f"batch: {len(batch)} prompts, up to {engine.lanes} per target pass", err=True)
     run_batch(engine.pair, batch, config, system=system, chat_template=not no_chat_template, as_json=as_json,
-              stream=stream, verbose=verbose, out=sys.stdout, batch_size=engine.lanes, unordered=unordered)
+              stream=stream, verbose=verbose, out=out, batch_size=engine.lanes, unordered=unordered)
+
 
 def run_ray_job(address: str, workers: int | None, batch: list[Any], job: Any, *, as_json: bool,
-                verbose: bool, unordered: bool) -> None:
+                verbose: bool, unordered: bool, out: Any) -> None:
     """`generate --ray`: the prompts run on a Ray cluster, one engine per worker; exit 1 if any failed."""
     from specexec_cli.cluster.driver import run_on_ray
 
     if any(prompt.request is not None for prompt in batch):
         raise UsageError("--ray runs prompt and chat lines; run OpenAI Batch API lines without --ray")
     summary = run_on_ray(address, job, batch, workers=workers, as_json=as_json, verbose=verbose,
-                         out=sys.stdout, unordered=unordered)
+                         out=out, unordered=unordered)
     if summary.failed:
         named = ", ".join(summary.failed[:10]) + (" ..." if len(summary.failed) > 10 else "")
         raise SpecexecError(f"{len(summary.failed)} of {len(batch)} prompts failed ({named}); the others "
@@ -195,7 +236,7 @@ def run_ray_job(address: str, workers: int | None, batch: list[Any], job: Any, *
 
 
 def run_batch_api(batch: list[Any], max_new_tokens: int, engine: dict[str, Any], batch_size: int | None,
-                  unordered: bool, verbose: bool) -> None:
+                  unordered: bool, verbose: bool, out: Any) -> None:
     """`generate -f` of OpenAI Batch API lines: each line's body sets its own sampling and limits (-n is
     the default max_tokens); the Batch API's output lines go to stdout; exit 1 if any request failed."""
     from specexec_cli.engine import Workload, open_engine
@@ -222,7 +263,7 @@ def run_batch_api(batch: list[Any], max_new_tokens: int, engine: dict[str, Any],
     if opened.lanes > 1:
         click.echo(f"batch: {len(batch)} requests, up to {opened.lanes} per target pass", err=True)
     model = engine["target"] or DEFAULT_SERVED_NAME
-    failed = run_requests(opened, batch, jobs, model=model, out=sys.stdout, batch_size=opened.lanes,
+    failed = run_requests(opened, batch, jobs, model=model, out=out, batch_size=opened.lanes,
                           unordered=unordered, verbose=verbose)
     if failed:
         raise SpecexecError(f"{failed} of {len(batch)} requests failed; their output lines carry the error")

@@ -5,6 +5,7 @@ worker is one line and exit 1. Every job here is bounded in prompts and time."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -211,3 +212,59 @@ def test_workers_that_cannot_open_the_engine_end_the_job_in_one_line(job: Path) 
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     missing = job / "missing"
     assert errors == [f"error: no Ray worker could open the engine: no such file or folder: {missing}"]
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_and_driver_are_killed_resumes_to_every_id_once(job: Path, tmp_path: Path) -> None:
+    """`-o FILE` with --ray: a 2,000-prompt job loses a worker to SIGKILL, then the whole driver session
+    (driver, its local cluster, its workers) is SIGKILLed; `--resume` finishes it: every id exactly once,
+    in input order, texts equal to the single-machine run."""
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"m{i}", "prompt": words(i, 1 + i % 5)}) + "\n"
+                               for i in range(2000)))
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "specexec_cli", "generate", "-f", str(prompts), *model_flags(job, 4),
+               "--ray", "local", "--ray-workers", "2", "-o", str(out)]
+    stderr = tmp_path / "stderr"
+    started = time.time()
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(stderr, "w"),
+                              start_new_session=True)
+    try:
+        resume_after_kills(driver, command, out, stderr, prompts, job)
+    finally:
+        for process in ray_processes_since(started):  # a cluster the killed driver left behind
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def resume_after_kills(driver: subprocess.Popen, command: list[str], out: Path, stderr: Path, prompts: Path,
+                       job: Path) -> None:
+    """Kill a worker, then the driver's whole session, mid-job; resume; check the output file."""
+
+    def lines() -> int:
+        return out.read_text().count("\n") if out.exists() else 0
+
+    def wait_for(count: int) -> None:
+        deadline = time.time() + JOB_TIMEOUT_S
+        while lines() < count:
+            assert driver.poll() is None, "the job ended early:\n" + stderr.read_text()
+            assert time.time() < deadline, stderr.read_text()
+            time.sleep(0.02)
+
+    wait_for(50)
+    pids = [int(pid) for pid in re.findall(r"ray: worker w\d ready on \S+ \(actor \w+, pid (\d+)\)",
+                                           stderr.read_text())]
+    os.kill(pids[0], signal.SIGKILL)
+    wait_for(lines() + 50)
+    os.killpg(driver.pid, signal.SIGKILL)  # the machine's view of a reboot: nothing of the job runs on
+    driver.wait(30)
+    done_before = lines()
+    assert done_before < 2000, "the job must be killed mid-run"
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == ""
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"m{i}" for i in range(2000)]  # every id once, in input order
+    alone = CliRunner().invoke(main, ["generate", "-f", str(prompts), *model_flags(job, 4), "--json"])
+    assert alone.exit_code == 0
+    assert [r["text"] for r in records] == [json.loads(x)["text"] for x in alone.stdout.splitlines()]
