@@ -238,6 +238,7 @@ def resolve(request: EngineRequest, profile: Mapping[str, Any] | None = None,
     it and the defaults under both; every check that can fail before weights load fails here
     (UsageError for bad knobs and names)."""
     from specexec_cli.models.load import is_quantized
+    from specexec_cli.models.registry import early_exit_layers
     from specexec_cli.models.registry import resolve as resolve_model
     from specexec_cli.runtime.caps import parse_caps
 
@@ -275,7 +276,7 @@ def resolve(request: EngineRequest, profile: Mapping[str, Any] | None = None,
     dtype = compute_dtype(machine, weight_format, request.dtype)
     if machine.cpu and dtype != "fp32" and weight_format not in FLOAT_FORMATS:
         dtype = "fp32"  # a quantized target dequantizes to float32 on a CPU, whatever --dtype says
-    early = draft is not None and _draft_is_early_exit(draft)
+    early = draft is not None and early_exit_layers(draft) is not None
     draft_format = _draft_format(got["draft_quant"], machine, draft, early)
     caps = tuple(got["max_memory"] or ())
     parse_caps(caps)  # a bad size fails before any weights load
@@ -295,12 +296,6 @@ def resolve(request: EngineRequest, profile: Mapping[str, Any] | None = None,
                       compute_dtype=dtype, draft_format=draft_format, draft_dtype=dtype,
                       device=machine.device, placement=placement, lanes=request.batch_size or profile_lanes,
                       lanes_from_profile=profile_lanes is not None)
-
-
-def _draft_is_early_exit(draft: str) -> bool:
-    from specexec_cli.models.registry import early_exit_layers
-
-    return early_exit_layers(draft) is not None
 
 
 def profile_settings_for(request: EngineRequest) -> dict[str, Any] | None:

@@ -199,8 +199,6 @@ def generate_many(
                 item = next(queue, None)
                 if item is not None:
                     own = config if config_of is None else config_of(item[0])
-                    if item[1].numel() == 0:
-                        raise UsageError("the prompt is empty")
                     runner.add(Job(item[0], item[1], own, decode, on_text))
             except Exception as exc:  # a bad prompt: finish the ones in flight, then report it
                 item, failure = None, exc
@@ -214,6 +212,8 @@ def generate_many(
         for outcome in outcomes:  # the finished ones first: a failure loses nothing already done
             if outcome.error is None:
                 on_result(outcome.job.key, outcome.result)
-        errors = [outcome.error for outcome in outcomes if outcome.error is not None]
+            elif not outcome.in_pass and failure is None:  # a prompt that cannot start (empty): as a bad
+                failure, exhausted = outcome.error, True  # prompt, the ones in flight finish first
+        errors = [outcome.error for outcome in outcomes if outcome.in_pass]
         if errors:
             raise errors[0]

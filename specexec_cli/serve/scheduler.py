@@ -176,19 +176,18 @@ class Scheduler:
         for job, run in [*runs, *((o.job, o.run) for o in finished)]:
             if job.payload.first_token_s is None and run.new_tokens:
                 job.payload.first_token_s = now - job.payload.submitted
-        failed_pass = False
+        pass_error = None  # the failed pass's message, logged once
         for outcome in outcomes:
             if outcome.error is None:
                 continue
-            message = f"{type(outcome.error).__name__}: {outcome.error}"
             if outcome.in_pass:
-                failed_pass = True
-                self._answer(outcome.job, Event("error", text=f"decoding failed: {message}"))
+                pass_error = f"{type(outcome.error).__name__}: {outcome.error}"
+                self._answer(outcome.job, Event("error", text=f"decoding failed: {pass_error}"))
             else:
                 text = f"could not start the request: {outcome.error}"
                 self._answer(outcome.job, Event("error", text=text))
-        if failed_pass:
-            self.log(f"decoding failed: {message}")
+        if pass_error is not None:
+            self.log(f"decoding failed: {pass_error}")
         else:  # committed tokens; a tree pass commits the accepted ones plus one bonus token per lane
             stats = self.runner.batch.stats
             lanes = len(runs) + len(finished)
