@@ -520,7 +520,7 @@ def profiles_rm(ref: str) -> None:
 @click.option("--specinfer-budgets", default=None, help="SpecInfer budgets [default: 16,64,256].")
 @click.option("--methods", default="specexec,specinfer,autoregressive,assisted", show_default=True)
 @click.option("--no-assisted", is_flag=True, help="Skip transformers' assisted generation.")
-@engine_options("method", "budget", profile=False)
+@engine_options("method", "budget", "prefill_chunk", profile=False)
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="torch CPU threads.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Rows as JSON Lines instead of tables.")

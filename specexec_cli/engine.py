@@ -127,6 +127,7 @@ class EngineSpec:
     placement: Placement | None  # None: resident, loaded by transformers
     lanes: int | None = None  # prompts per target pass asked for; None: planned from the workload
     lanes_from_profile: bool = False  # (then one at a time when streaming text)
+    prefill_chunk: int | None = None  # joining prompt tokens per pass (decoding/prefill.py); None: measured
 
     @property
     def early_exit(self) -> int | None:
@@ -263,6 +264,8 @@ def resolve(request: EngineRequest, profile: Mapping[str, Any] | None = None,
                           max_branch_width=got["max_branch_width"] or defaults.max_branch_width,
                           draft_cost=got["draft_cost"])
     tree.validate()  # a bad tree knob fails before any load
+    if got["prefill_chunk"] is not None and got["prefill_chunk"] < 0:
+        raise UsageError(f"--prefill-chunk must be >= 0 (0: off), got {got['prefill_chunk']}")
     stored = resolve_model(target).quantization
     quantized_checkpoint = bool(stored) or is_quantized(target)
     # an explicit --quant or --dtype wins over the profile's format
@@ -295,7 +298,7 @@ def resolve(request: EngineRequest, profile: Mapping[str, Any] | None = None,
     return EngineSpec(target=target, draft=draft, method=method, tree=tree, weight_format=weight_format,
                       compute_dtype=dtype, draft_format=draft_format, draft_dtype=dtype,
                       device=machine.device, placement=placement, lanes=request.batch_size or profile_lanes,
-                      lanes_from_profile=profile_lanes is not None)
+                      lanes_from_profile=profile_lanes is not None, prefill_chunk=got["prefill_chunk"])
 
 
 def profile_settings_for(request: EngineRequest) -> dict[str, Any] | None:
@@ -434,7 +437,7 @@ class Engine:
         config = GenerationConfig(method=self.method, max_new_tokens=max_new_tokens,
                                   sampling=sampling or SamplingConfig(), tree=self.tree,
                                   eos_token_ids=self.pair.eos_token_ids, stop_strings=tuple(stop_strings),
-                                  seed=seed)
+                                  seed=seed, prefill_chunk=self.spec.prefill_chunk)
         config.validate()
         return config
 

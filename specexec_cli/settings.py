@@ -96,6 +96,9 @@ SETTINGS: tuple[Setting, ...] = (
             "'cpu=4GiB', 'cuda:0=20GiB', or a bare size for the compute device (repeatable). The planner "
             "uses the smaller of the cap and what it measures, and streams the layers that do not fit.",
             multiple=True, profile="max_memory"),
+    Setting("prefill_chunk", ("--prefill-chunk",), "Prompt tokens a joining prompt enters per target pass "
+            "while others decode (chunked prefill); 0 enters a prompt whole [default: chosen from the "
+            "measured pass times].", kind=int, metavar="N"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 # what a profile may carry besides the engine settings a request may ask for

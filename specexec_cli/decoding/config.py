@@ -78,6 +78,9 @@ class GenerationConfig:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     min_new_tokens: int = 0
+    # A batch's, not a prompt's: prompt tokens of joining prompts per target pass while others decode
+    # (decoding/prefill.py). None: chosen from the run's measured pass times; 0: a prompt enters whole.
+    prefill_chunk: int | None = None
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -95,6 +98,8 @@ class GenerationConfig:
                              f"{self.min_new_tokens}")
         if any(t < 0 for t in self.stop_token_ids):
             raise UsageError("stop_token_ids must be token ids >= 0")
+        if self.prefill_chunk is not None and self.prefill_chunk < 0:
+            raise UsageError(f"--prefill-chunk must be >= 0 (0: off), got {self.prefill_chunk}")
         self.sampling.validate()
         self.tree.validate()
 

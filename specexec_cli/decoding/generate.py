@@ -16,7 +16,8 @@ import torch
 
 from specexec_cli.decoding.autoregressive import AutoregressiveDecoder
 from specexec_cli.decoding.config import GenerationConfig
-from specexec_cli.decoding.lanes import Lane, LaneDecoder
+from specexec_cli.decoding.lanes import Lane, LaneDecoder, Piece
+from specexec_cli.decoding.prefill import chunk_budget, plan_pieces
 from specexec_cli.decoding.sampling import TokenDraws
 from specexec_cli.decoding.specexec import SpecExecDecoder
 from specexec_cli.decoding.specinfer import SpecInferDecoder
@@ -137,6 +138,7 @@ class Run:
         self.watcher = StopStringWatcher(decode, config.stop_strings) if decode is not None else None
         self.stop_ids = config.stop_ids
         self.new_tokens: list[int] = []
+        self.decoding = False  # in the decoder's lanes (its whole prompt entered); else still joining
         self.finish_reason: str | None = None
         self.stopped_by_string = False
         self.start_stats = stats.snapshot()
@@ -184,7 +186,8 @@ class Run:
 class Batch:
     """The runs decoding together (continuous batching): `start` a run at any time, `step` advances all of
     them by one iteration (one target pass) and hands back those that finished, `drop` frees a run that
-    is no longer wanted. generate_many and the server (specexec_cli/serve) both drive one."""
+    is no longer wanted. A run that joins while others decode enters its prompt in pieces over the next
+    passes (chunked prefill, decoding/prefill.py). decoding/runner.py drives one for every front door."""
 
     def __init__(self, decoder: LaneDecoder) -> None:
         self.decoder = decoder
@@ -209,12 +212,37 @@ class Batch:
 
     def step(self) -> list[Run]:
         """One iteration over every run; returns the runs that finished, already removed."""
-        for run, emitted in zip(self.runs, self.decoder.step([run.lane for run in self.runs]), strict=True):
+        pieces = self._join()
+        decoding = [run for run in self.runs if run.decoding]
+        for run, emitted in zip(decoding, self.decoder.step([run.lane for run in decoding], pieces),
+                                strict=True):
             run.take(emitted)
         finished = [run for run in self.runs if run.finish_reason is not None]
         for run in finished:
             self.drop(run)
         return finished
+
+    def prefill_budget(self, n_decoding: int) -> int | None:
+        """Prompt tokens of joining runs the next pass may take beside `n_decoding` decoding runs (None:
+        no limit): the config's `prefill_chunk`, else the measured choice (decoding/prefill.py)."""
+        chunk = self.decoder.config.prefill_chunk
+        if chunk is None:
+            return chunk_budget(self.decoder.stats, self.decoder.decode_rows(n_decoding))
+        return chunk or None
+
+    def _join(self) -> tuple[Piece, ...]:
+        """Move joining runs whose prompt fits this pass into the decoding ones; the pieces of the next
+        prompts fill the rest of the pass. With nothing decoding, every joining run enters whole."""
+        joining = [run for run in self.runs if not run.decoding]
+        if not joining:
+            return ()
+        n_decoding = len(self.runs) - len(joining)
+        budget = self.prefill_budget(n_decoding) if n_decoding else None
+        joins, pieces = plan_pieces([run.lane for run in joining], budget)
+        joined = {id(lane) for lane in joins}
+        for run in joining:
+            run.decoding = id(run.lane) in joined
+        return tuple(pieces)
 
     def drop(self, run: Run) -> None:
         """Free a run's cache slots and forget it (finished, or cancelled by its client)."""

@@ -40,6 +40,16 @@ class Lane:
             self.sequence = torch.cat([self.sequence, fresh])
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Part of a joining prompt fed this iteration with no logits (chunked prefill, decoding/prefill.py):
+    `lane.sequence[target_seen:end]` goes to the target and `[draft_seen:end]` to the draft, in the same
+    passes as the decoding lanes' rows. `end` <= n - 1, so the invariants above hold after it."""
+
+    lane: Lane
+    end: int
+
+
 def lane_samplings(lanes: list[Lane], default: SamplingConfig) -> list[SamplingConfig]:
     """Each lane's own sampling, else `default` (the run's)."""
     return [lane.sampling or default for lane in lanes]
@@ -48,8 +58,9 @@ def lane_samplings(lanes: list[Lane], default: SamplingConfig) -> list[SamplingC
 class LaneDecoder:
     """What every decoder shares: the models, one packed KV cache per model, and the pass counters.
 
-    A decoder serves any number of lanes: `step(lanes)` runs one iteration over all of them (one target
-    pass) and returns each lane's new tokens; `remove(lane)` frees a finished lane's cache slots.
+    A decoder serves any number of lanes: `step(lanes, pieces)` runs one iteration over all of them (one
+    target pass) and returns each lane's new tokens, feeding `pieces` of joining prompts in the same
+    passes; `remove(lane)` frees a finished lane's cache slots.
     """
 
     def __init__(self, target: torch.nn.Module, draft: torch.nn.Module | None, config: Any) -> None:
@@ -62,8 +73,12 @@ class LaneDecoder:
         self.draft_cache = PackedCache(self.device)
         self.stats = PassStats()
 
-    def step(self, lanes: list[Lane]) -> list[list[int]]:
+    def step(self, lanes: list[Lane], pieces: tuple[Piece, ...] = ()) -> list[list[int]]:
         raise NotImplementedError
+
+    def decode_rows(self, n_lanes: int) -> int:
+        """About how many rows a target pass over `n_lanes` decoding lanes feeds (for chunked prefill)."""
+        return n_lanes if self.draft is None else self.config.tree.budget + n_lanes
 
     def samplings(self, lanes: list[Lane]) -> list[SamplingConfig]:
         """How each lane draws its tokens: its own sampling, else the decoder's config's. Lanes with

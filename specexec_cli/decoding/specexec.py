@@ -15,7 +15,7 @@ import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig, draft_slot_limit
 from specexec_cli.decoding.growth import GrowthRule
-from specexec_cli.decoding.lanes import Lane, LaneDecoder, lane_samplings
+from specexec_cli.decoding.lanes import Lane, LaneDecoder, Piece, lane_samplings
 from specexec_cli.decoding.packed import PackedCache
 from specexec_cli.decoding.sampling import draw, probabilities
 from specexec_cli.decoding.stats import PassStats
@@ -43,7 +43,7 @@ def draft_log_probs(logits: torch.Tensor, temperature: float | torch.Tensor) -> 
 
 def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roots: Roots,
               config: GenerationConfig, stats: PassStats,
-              rule: GrowthRule | None = None) -> tuple[Tree, float]:
+              rule: GrowthRule | None = None, pieces: tuple[Piece, ...] = ()) -> tuple[Tree, float]:
     """Grow the draft tree best-first from each lane's last committed token (brief, step 1); returns the
     tree and its mass (the draft's estimate of the tokens it adds, `Tree.mass`).
 
@@ -54,7 +54,8 @@ def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roo
     `rule` (decoding/growth.py) decides how many, and when growing stops paying. Growth also stops when
     no unexpanded node could enter the budget, at `max_beam_len` passes, once the tree is as deep as the
     lanes' remaining tokens, and before the draft cache
-    would hold more than `draft_slot_limit` tree nodes. One host sync per draft pass.
+    would hold more than `draft_slot_limit` tree nodes. One host sync per draft pass. The `pieces` of
+    joining prompts ride in the catch-up pass.
     """
     tree_cfg = config.tree
     rule = rule or GrowthRule(tree_cfg)
@@ -69,8 +70,9 @@ def grow_tree(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roo
     lane_temperature = None  # [R, 1] when the lanes score at different temperatures
     if len(set(temperatures)) > 1:
         lane_temperature = torch.tensor(temperatures, device=device)[:, None]
-    catch_up_tokens = sum(lane.n - lane.draft_seen for lane in lanes)
-    logits = draft_catch_up(draft, cache, lanes, stats)  # [R, V]
+    catch_up_tokens = (sum(lane.n - lane.draft_seen for lane in lanes)
+                       + sum(piece.end - piece.lane.draft_seen for piece in pieces))
+    logits = draft_catch_up(draft, cache, lanes, stats, pieces)  # [R, V]
     wanted = [lane.remaining for lane in lanes]
     depth_limit = None if None in wanted else max(wanted)  # a path longer than every lane needs is waste
     growth = rule.begin(stats, n_roots, catch_up_tokens, depth_limit)
@@ -161,19 +163,20 @@ class SpecExecDecoder(LaneDecoder):
         self.growth = GrowthRule(config.tree)
 
     @torch.inference_mode()
-    def step(self, lanes: list[Lane]) -> list[list[int]]:
-        """One iteration over `lanes`; returns each lane's newly emitted tokens."""
+    def step(self, lanes: list[Lane], pieces: tuple[Piece, ...] = ()) -> list[list[int]]:
+        """One iteration over `lanes` (and the `pieces` of joining prompts); returns each lane's newly
+        emitted tokens."""
         roots = Roots.of(lanes, self.device)
         tree, mass = grow_tree(self.draft, self.draft_cache, lanes, roots, self.config, self.stats,
-                               self.growth)
+                               self.growth, pieces)
         draft_base = self.draft_cache.length - tree.slot_node.numel()
         target_start = self.target_cache.length
-        logits = target_tree_pass(self.target, self.target_cache, lanes, tree, roots, self.stats)
+        logits = target_tree_pass(self.target, self.target_cache, lanes, tree, roots, self.stats, pieces)
         self.observe(tree, logits)
         walks = validate(tree, logits, lanes, self.samplings(lanes))
         self.growth.observe(sum(len(path) for path, _ in walks), mass)
         commit_paths(self.target_cache, self.draft_cache, tree, lanes, [p for p, _ in walks],
-                     target_start, draft_base)
+                     target_start, draft_base, pieces)
         self.stats.iterations += 1
         return [emitted for _, emitted in walks]
 

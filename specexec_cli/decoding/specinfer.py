@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
-from specexec_cli.decoding.lanes import Lane, LaneDecoder, lane_samplings
+from specexec_cli.decoding.lanes import Lane, LaneDecoder, Piece, lane_samplings
 from specexec_cli.decoding.packed import PackedCache
 from specexec_cli.decoding.sampling import draw_from, probabilities
 from specexec_cli.decoding.stats import PassStats
@@ -63,21 +63,21 @@ def distinct_children(stem_at: torch.Tensor, samples: torch.Tensor, vocab: int
 
 
 def sample_stems(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], roots: Roots,
-                 config: GenerationConfig, shape: tuple[int, int], stats: PassStats
-                 ) -> tuple[Tree, dict[int, torch.Tensor]]:
+                 config: GenerationConfig, shape: tuple[int, int], stats: PassStats,
+                 pieces: tuple[Piece, ...] = ()) -> tuple[Tree, dict[int, torch.Tensor]]:
     """Sample each lane's stems into one forest; returns it and the draft distribution q [V] at each
     inner node.
 
     All stems advance one depth per draft pass, so the nodes a pass runs are the children the previous
     pass created: tree indices first .. first + count - 1, in order. Each lane samples with its own
-    generator. One host sync per pass."""
+    generator. One host sync per pass. The `pieces` of joining prompts ride in the catch-up pass."""
     n_stems, length = shape
     q_samplings = [drafting_sampling(s) for s in lane_samplings(lanes, config.sampling)]
     shared = q_samplings[0] if len(set(q_samplings)) == 1 else None  # else: each row its lane's
     n_roots, device = len(lanes), roots.keys.device
     tree = Tree(torch.stack([lane.sequence[-1] for lane in lanes]), n_roots * (1 + n_stems * length), device)
     q_at: dict[int, torch.Tensor] = {}
-    logits = draft_catch_up(draft, cache, lanes, stats)  # [R, V]
+    logits = draft_catch_up(draft, cache, lanes, stats, pieces)  # [R, V]
     base = cache.length
     first, count = 0, n_roots  # the nodes whose logits we hold: the roots
     # the node each stem has reached, lane by lane: [R * n_stems]
@@ -164,15 +164,15 @@ class SpecInferDecoder(LaneDecoder):
         self.shape = stem_shape(config, max_lanes)
 
     @torch.inference_mode()
-    def step(self, lanes: list[Lane]) -> list[list[int]]:
+    def step(self, lanes: list[Lane], pieces: tuple[Piece, ...] = ()) -> list[list[int]]:
         roots = Roots.of(lanes, self.device)
         tree, q_at = sample_stems(self.draft, self.draft_cache, lanes, roots, self.config, self.shape,
-                                  self.stats)
+                                  self.stats, pieces)
         draft_base = self.draft_cache.length - tree.slot_node.numel()
         target_start = self.target_cache.length
-        logits = target_tree_pass(self.target, self.target_cache, lanes, tree, roots, self.stats)
+        logits = target_tree_pass(self.target, self.target_cache, lanes, tree, roots, self.stats, pieces)
         walks = validate(tree, logits, q_at, lanes, self.samplings(lanes))
         commit_paths(self.target_cache, self.draft_cache, tree, lanes, [p for p, _ in walks],
-                     target_start, draft_base)
+                     target_start, draft_base, pieces)
         self.stats.iterations += 1
         return [emitted for _, emitted in walks]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from specexec_cli.decoding.forward import forward
-from specexec_cli.decoding.lanes import Lane
+from specexec_cli.decoding.lanes import Lane, Piece
 from specexec_cli.decoding.packed import PackedCache, chain_pattern, lane_ranges, lane_rows
 from specexec_cli.decoding.stats import PassStats
 from specexec_cli.decoding.tree import Tree, lookup_of
@@ -31,15 +31,34 @@ def device_ints(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.cat([torch.full((1,), v, dtype=torch.long, device=device) for v in values])
 
 
-def keep_rows(counts: list[int], device: torch.device) -> int | torch.Tensor:
-    """`logits_to_keep` for the last packed row of each lane (an int for one lane)."""
-    if len(counts) == 1:
+def keep_rows(counts: list[int], device: torch.device, n_kept: int | None = None) -> int | torch.Tensor:
+    """`logits_to_keep` for the last packed row of each of the first `n_kept` lanes (default: all; an
+    int when that is the one last row)."""
+    n_kept = len(counts) if n_kept is None else n_kept
+    if n_kept == 1 and len(counts) == 1:
         return 1
     ends, total = [], 0
-    for count in counts:
+    for count in counts[:n_kept]:
         total += count
         ends.append(total - 1)
     return device_ints(ends, device)
+
+
+def spans(lanes: list[Lane], pieces: tuple[Piece, ...], seen: str, end_of_lane: int
+          ) -> tuple[list[int], list[int], list[int]]:
+    """(keys, starts, ends) of the committed tokens a pass feeds: each lane's from its `seen` count
+    ("target_seen" or "draft_seen") to n + end_of_lane, then each piece's to its end."""
+    keys = [lane.key for lane in lanes] + [piece.lane.key for piece in pieces]
+    starts = [getattr(lane, seen) for lane in lanes] + [getattr(piece.lane, seen) for piece in pieces]
+    ends = [lane.n + end_of_lane for lane in lanes] + [piece.end for piece in pieces]
+    return keys, starts, ends
+
+
+def span_ids(lanes: list[Lane], pieces: tuple[Piece, ...], starts: list[int], ends: list[int]
+             ) -> torch.Tensor:
+    """The token ids of `spans`, packed."""
+    sequences = [lane.sequence for lane in lanes] + [piece.lane.sequence for piece in pieces]
+    return torch.cat([seq[s:e] for seq, s, e in zip(sequences, starts, ends, strict=True)])
 
 
 @dataclass
@@ -61,21 +80,25 @@ class Roots:
         return self.positions[tree.roots[nodes]] + tree.depths[nodes]
 
 
-def draft_catch_up(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane],
-                   stats: PassStats) -> torch.Tensor:
-    """Feed each lane's committed tokens the draft has not seen; returns the roots' logits [R, V]."""
+def draft_catch_up(draft: torch.nn.Module, cache: PackedCache, lanes: list[Lane], stats: PassStats,
+                   pieces: tuple[Piece, ...] = ()) -> torch.Tensor:
+    """Feed each lane's committed tokens the draft has not seen, and the `pieces` of joining prompts;
+    returns the lanes' roots' logits [R, V]."""
     device = lanes[0].sequence.device
-    counts = [lane.n - lane.draft_seen for lane in lanes]
-    rows = lane_rows([lane.key for lane in lanes], counts, device)  # [T]
-    positions = lane_ranges([lane.draft_seen for lane in lanes], [lane.n for lane in lanes], device)
-    ids = torch.cat([lane.sequence[lane.draft_seen :] for lane in lanes])
+    keys, starts, ends = spans(lanes, pieces, "draft_seen", 0)
+    counts = [end - start for start, end in zip(starts, ends, strict=True)]
+    rows = lane_rows(keys, counts, device)  # [T]
+    positions = lane_ranges(starts, ends, device)
+    ids = span_ids(lanes, pieces, starts, ends)
     attend = torch.cat([cache.sees_past(rows), chain_pattern(rows, positions)], dim=1)
     logits = stats.timed("draft", draft.device, lambda: forward(draft, cache.cache, ids, positions, attend,
-                                                                keep=keep_rows(counts, device)),
+                                                                keep=keep_rows(counts, device, len(lanes))),
                          tokens=ids.numel())
     cache.appended(rows)
     for lane in lanes:
         lane.draft_seen = lane.n
+    for piece in pieces:
+        piece.lane.draft_seen = piece.end
     return logits
 
 
@@ -105,19 +128,20 @@ def draft_tree_pass(draft: torch.nn.Module, cache: PackedCache, tree: Tree, root
 
 
 def target_tree_pass(target: torch.nn.Module, cache: PackedCache, lanes: list[Lane], tree: Tree,
-                     roots: Roots, stats: PassStats) -> torch.Tensor:
-    """One target pass over every lane's committed tokens it lacks plus the whole forest; returns the
-    forest's logits [tree.size, V]. Rows: [pending tokens of each lane | forest nodes]."""
+                     roots: Roots, stats: PassStats, pieces: tuple[Piece, ...] = ()) -> torch.Tensor:
+    """One target pass over every lane's committed tokens it lacks, the `pieces` of joining prompts and
+    the whole forest; returns the forest's logits [tree.size, V]. Rows: [pending tokens of each lane |
+    pieces | forest nodes]."""
     device = tree.device
     past, size = cache.length, tree.size
-    seen, ends = [lane.target_seen for lane in lanes], [lane.n - 1 for lane in lanes]
+    keys, seen, ends = spans(lanes, pieces, "target_seen", -1)
     counts = [end - start for start, end in zip(seen, ends, strict=True)]
-    pending_rows = lane_rows([lane.key for lane in lanes], counts, device)  # [P]
+    pending_rows = lane_rows(keys, counts, device)  # [P]
     pending_positions = lane_ranges(seen, ends, device)
     n_pending = pending_rows.numel()
     row_lanes = torch.cat([pending_rows, roots.node_lanes(tree, slice(0, size))])  # [P + size]
     positions = torch.cat([pending_positions, roots.node_positions(tree, slice(0, size))])
-    ids = torch.cat([*(lane.sequence[lane.target_seen : lane.n - 1] for lane in lanes), tree.tokens[:size]])
+    ids = torch.cat([span_ids(lanes, pieces, seen, ends), tree.tokens[:size]])
     attend = torch.zeros(n_pending + size, past + n_pending + size, dtype=torch.bool, device=device)
     attend[:, :past] = cache.sees_past(row_lanes)
     attend[:, past : past + n_pending] = ((row_lanes[:, None] == pending_rows[None, :])
@@ -133,12 +157,15 @@ def target_tree_pass(target: torch.nn.Module, cache: PackedCache, lanes: list[La
 
 
 def commit_paths(target_cache: PackedCache, draft_cache: PackedCache, tree: Tree, lanes: list[Lane],
-                 paths: list[list[int]], target_start: int, draft_base: int) -> None:
+                 paths: list[list[int]], target_start: int, draft_base: int,
+                 pieces: tuple[Piece, ...] = ()) -> None:
     """Cut both caches back to each lane's committed prefix plus its accepted path (tree nodes after its
-    root), and advance the lanes' seen counts. `target_start`: the target cache's length before the
-    tree pass; `draft_base`: the draft cache's length when tree growth began."""
+    root), keep the pieces' rows, and advance the lanes' seen counts. `target_start`: the target cache's
+    length before the tree pass; `draft_base`: the draft cache's length when tree growth began (after
+    the catch-up that fed the pieces to the draft)."""
     device = tree.device
-    n_pending = sum(lane.n - 1 - lane.target_seen for lane in lanes)
+    n_pending = (sum(lane.n - 1 - lane.target_seen for lane in lanes)
+                 + sum(piece.end - piece.lane.target_seen for piece in pieces))
     # Target: keep the pending rows, then per lane its root and path (the root is node r for lane r).
     kept_nodes = [node for r, path in enumerate(paths) for node in (r, *path)]
     kept = torch.cat([torch.arange(n_pending, device=device),
@@ -166,6 +193,8 @@ def commit_paths(target_cache: PackedCache, draft_cache: PackedCache, tree: Tree
     for lane, path, k in zip(lanes, paths, n_processed, strict=True):
         lane.target_seen = lane.n + len(path)
         lane.draft_seen = lane.n + k
+    for piece in pieces:
+        piece.lane.target_seen = piece.end
 
 
 def walk(tree: Tree, draw_at: Callable[[int, int], int], lookup: dict[tuple[int, int], int],

@@ -1,5 +1,6 @@
 """The engine thread: every admitted request is a lane of one `Batch` (decoding/generate.py), so one target
-pass serves all of them; requests that arrive while others decode join at the next iteration.
+pass serves all of them; requests that arrive while others decode join at the next iteration, their
+prompts entering in pieces over the next passes (chunked prefill, decoding/prefill.py).
 
 The HTTP side (serve/app.py) submits a prompt's token ids with its GenerationConfig and a `Ticket`, then
 reads the ticket's events (text pieces, then the result or an error) from its asyncio loop. A ticket
@@ -190,7 +191,7 @@ class Scheduler:
             self.log(f"decoding failed: {pass_error}")
         else:  # committed tokens; a tree pass commits the accepted ones plus one bonus token per lane
             stats = self.runner.batch.stats
-            lanes = len(runs) + len(finished)
+            lanes = sum(run.decoding for _, run in runs) + len(finished)  # a prompt still entering emits none
             emitted = sum(len(run.new_tokens) for _, run in runs) - tokens_before
             emitted += sum(len(o.run.new_tokens) for o in finished)
             target, draft, checked = (stats.target_passes - before[0], stats.draft_passes - before[1],
