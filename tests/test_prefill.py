@@ -117,6 +117,7 @@ def test_chunk_budget_from_measured_pass_times():
     # a CPU: 0.1 s fixed + 10 ms per row; a pass of 25 rows takes 0.35 s, so 35 more rows double it
     cpu = stats_of([("target", t, 0.1 + 0.01 * t) for t in (25, 25, 60, 40)])
     assert chunk_budget(cpu, 25) == 35
+    assert chunk_budget(cpu, 25, n_joining=3) == 3 * 35  # three prompts waiting: three shares
     # the draft's rows are charged too (each prompt token also goes through the draft)
     both = stats_of([*cpu.history, *[("draft", t, 0.01 + 0.0025 * t) for t in (6, 6, 30)]])
     assert chunk_budget(both, 25) == 28

@@ -358,3 +358,23 @@ def test_batch_api_lines_offline_answer_as_the_server_does(server, models, tmp_p
     text = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=9, temperature=0.9, seed=3)
     assert records[1]["response"]["body"]["choices"][0]["text"] == text.choices[0].text
     assert records[1]["response"]["body"]["usage"]["completion_tokens"] == 9
+
+
+def test_a_long_prompt_joining_a_decoding_request_enters_in_pieces(models):
+    """Chunked prefill in the server: the long prompt enters 8 tokens a pass beside a streaming request;
+    both answers equal `specexec generate`, and the pieces show on /metrics."""
+    server = Server(models, "--max-batch", "2", "--prefill-chunk", "8")
+    try:
+        long_prompt = " ".join(f"w{i}" for i in range(40, 120))
+        expected = [generate_alone(models, "w8", "-n", "200"),
+                    generate_alone(models, long_prompt, "-n", "40")]
+        stream = server.client().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "w8"}], temperature=0, max_tokens=200,
+            stream=True)
+        pieces = [next(iter(stream)).choices[0].delta.content or ""]
+        joined = chat(server.client(), long_prompt, max_tokens=40)  # while the stream decodes
+        pieces += [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+        assert ["".join(pieces), joined.choices[0].message.content] == expected
+        assert server.metric("prefill_pieces_total") >= 5  # 80+ prompt tokens, 8 a pass
+    finally:
+        server.stop()

@@ -192,6 +192,7 @@ class Batch:
     def __init__(self, decoder: LaneDecoder) -> None:
         self.decoder = decoder
         self.runs: list[Run] = []
+        self.prefill_pieces = 0  # joining prompts' pieces fed so far (a prompt entering over k passes: k - 1)
 
     @property
     def stats(self) -> PassStats:
@@ -222,12 +223,13 @@ class Batch:
             self.drop(run)
         return finished
 
-    def prefill_budget(self, n_decoding: int) -> int | None:
-        """Prompt tokens of joining runs the next pass may take beside `n_decoding` decoding runs (None:
-        no limit): the config's `prefill_chunk`, else the measured choice (decoding/prefill.py)."""
+    def prefill_budget(self, n_decoding: int, n_joining: int) -> int | None:
+        """Prompt tokens of the `n_joining` joining runs the next pass may take beside `n_decoding`
+        decoding runs (None: no limit): the config's `prefill_chunk`, else the measured choice
+        (decoding/prefill.py)."""
         chunk = self.decoder.config.prefill_chunk
         if chunk is None:
-            return chunk_budget(self.decoder.stats, self.decoder.decode_rows(n_decoding))
+            return chunk_budget(self.decoder.stats, self.decoder.decode_rows(n_decoding), n_joining)
         return chunk or None
 
     def _join(self) -> tuple[Piece, ...]:
@@ -237,11 +239,12 @@ class Batch:
         if not joining:
             return ()
         n_decoding = len(self.runs) - len(joining)
-        budget = self.prefill_budget(n_decoding) if n_decoding else None
+        budget = self.prefill_budget(n_decoding, len(joining)) if n_decoding else None
         joins, pieces = plan_pieces([run.lane for run in joining], budget)
         joined = {id(lane) for lane in joins}
         for run in joining:
             run.decoding = id(run.lane) in joined
+        self.prefill_pieces += len(pieces)
         return tuple(pieces)
 
     def drop(self, run: Run) -> None:

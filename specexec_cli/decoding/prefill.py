@@ -20,7 +20,7 @@ from specexec_cli.decoding.growth import WINDOW, PassTime, fit_pass_time
 from specexec_cli.decoding.lanes import Lane, Piece
 from specexec_cli.decoding.stats import PassStats
 
-PREFILL_SHARE = 1.0  # a pass with prompt pieces takes at most (1 + this) times the pass without them
+PREFILL_SHARE = 1.0  # each entering prompt may add this times the time of the pass without pieces
 UNTIMED_CHUNK = 512  # prompt tokens per pass before any pass has been timed
 MIN_CHUNK = 16  # never fewer prompt tokens per pass than this (so a long prompt always makes progress)
 
@@ -49,16 +49,18 @@ def measured_costs(stats: PassStats) -> tuple[PassTime, PassTime | None] | None:
     return None if target is None else (target, draft)
 
 
-def chunk_budget(stats: PassStats, decode_rows: int, share: float = PREFILL_SHARE) -> int | None:
-    """Prompt tokens a pass over `decode_rows` decoding rows may add (None: no limit)."""
+def chunk_budget(stats: PassStats, decode_rows: int, n_joining: int = 1,
+                 share: float = PREFILL_SHARE) -> int | None:
+    """Prompt tokens a pass over `decode_rows` decoding rows may add while `n_joining` prompts wait to
+    enter (None: no limit)."""
     costs = measured_costs(stats)
     if costs is None:
-        return UNTIMED_CHUNK
+        return UNTIMED_CHUNK * n_joining
     target, draft = costs
     per_token = target.per_token + (draft.per_token if draft is not None else 0.0)
     if per_token <= 0.0:
         return None
-    return max(MIN_CHUNK, int(share * target.at(decode_rows) / per_token + 1e-6))
+    return n_joining * max(MIN_CHUNK, int(share * target.at(decode_rows) / per_token + 1e-6))
 
 
 def plan_pieces(joining: list[Lane], budget: int | None) -> tuple[list[Lane], list[Piece]]:

@@ -30,7 +30,7 @@ class Metrics:
     def add(self, **counts: int) -> None:
         """Add to the named totals (prompt_tokens, generation_tokens, target_passes, draft_passes,
         spec_decode_num_drafts, spec_decode_num_draft_tokens, spec_decode_num_accepted_tokens,
-        requests_cancelled, requests_finished)."""
+        requests_cancelled, requests_finished, prefill_pieces)."""
         with self._lock:
             self.totals.update(counts)
 
@@ -59,6 +59,7 @@ class Metrics:
             "spec_decode_num_draft_tokens": "Draft tree tokens checked by the target.",
             "spec_decode_num_accepted_tokens": "Draft tree tokens the target accepted (no bonus tokens).",
             "emitted_tokens": "Tokens emitted by decoding iterations (accepted plus one bonus per lane).",
+            "prefill_pieces": "Parts of joining prompts fed beside decoding lanes (chunked prefill).",
         }
         for name, text in counters.items():
             lines += [f"# HELP {PREFIX}_{name}_total {text}", f"# TYPE {PREFIX}_{name}_total counter",

@@ -163,7 +163,8 @@ class Scheduler:
 
     def _step(self) -> None:
         stats = self.runner.batch.stats
-        before = (stats.target_passes, stats.draft_passes, stats.checked_tokens)
+        batch = self.runner.batch
+        before = (stats.target_passes, stats.draft_passes, stats.checked_tokens, batch.prefill_pieces)
         tokens_before = sum(len(run.new_tokens) for run in self.runner.batch.runs)
         outcomes, dropped = self.runner.step()
         with self.cond:
@@ -198,6 +199,7 @@ class Scheduler:
                                       stats.checked_tokens - before[2])
             tree = checked > 0
             self.metrics.add(target_passes=target, draft_passes=draft, emitted_tokens=emitted,
+                             prefill_pieces=self.runner.batch.prefill_pieces - before[3],
                              spec_decode_num_drafts=target if tree else 0,
                              spec_decode_num_draft_tokens=checked,
                              spec_decode_num_accepted_tokens=max(0, emitted - lanes) if tree else 0)
