@@ -45,6 +45,7 @@ class Summary:
     new_tokens: int = 0
     seconds: float = 0.0  # from the first worker ready to the last result
     workers: int = 0  # workers that opened the engine
+    per_worker: dict[str, int] = field(default_factory=dict)  # worker name -> results it wrote
 
     @property
     def tokens_per_s(self) -> float:
@@ -258,6 +259,7 @@ class Dispatcher:
             return  # a copy of a result already written
         record = outcome["record"]
         self.summary.new_tokens += record["new_tokens"]
+        self.summary.per_worker[name] = self.summary.per_worker.get(name, 0) + 1
         self.last_result = time.monotonic()
         line = json.dumps(record, ensure_ascii=False) if self.as_json else outcome["text"]
         self.writer.put(index, line + "\n")
@@ -308,6 +310,11 @@ class Dispatcher:
             f"{len(self.actors) - ready} starting{rate}")
 
 
+def per_worker(summary: Summary) -> str:
+    """"w1 9, w2 7": the results each worker wrote."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(summary.per_worker.items())) or "none"
+
+
 def run_on_ray(address: str, job: Job, prompts: list[Prompt], *, workers: int | None, as_json: bool,
                verbose: bool, out: TextIO, unordered: bool = False) -> Summary:
     """Run `prompts` on the Ray cluster at `address` and write each result to `out` (see the module
@@ -328,9 +335,9 @@ def run_on_ray(address: str, job: Job, prompts: list[Prompt], *, workers: int | 
                 log("ray: stopping; collecting the results the workers have finished")
                 dispatcher.drain()
                 raise
-            log(f"ray: {summary.finished} of {len(prompts)} prompts on {summary.workers} worker(s), "
-                f"{summary.new_tokens} new tokens in {summary.seconds:.2f} s from the first worker ready "
-                f"({summary.tokens_per_s:.2f} tok/s)")
+            log(f"ray: {summary.finished} of {len(prompts)} prompts on {summary.workers} worker(s) "
+                f"({per_worker(summary)}), {summary.new_tokens} new tokens in {summary.seconds:.2f} s from "
+                f"the first worker ready ({summary.tokens_per_s:.2f} tok/s)")
             return summary
         finally:
             writer.close(prompts)
