@@ -90,6 +90,17 @@ def test_results_equal_plain_decoding_and_carry_the_worker(engine) -> None:
         assert outcome["record"]["id"] == prompt.id and outcome["record"]["worker"] == loop.where
 
 
+def test_prompts_sent_again_are_not_run_twice(engine) -> None:
+    """The driver resends an exchange whose answer it lost: the prompts it already holds are not queued
+    again, so each is answered once."""
+    loop = loop_for(engine)
+    items = [(Item(i), prompt) for i, prompt in enumerate(PROMPTS[:3])]
+    outcomes = loop.exchange(items, 0.0) + collect(loop, items, 3)
+    outcomes += loop.exchange([], 1.0)  # nothing more comes
+    assert sorted(outcome["index"] for outcome in outcomes) == [0, 1, 2]
+    assert all("record" in outcome for outcome in outcomes)
+
+
 def test_a_solo_prompt_never_shares_a_pass(engine, spy) -> None:
     loop = loop_for(engine)
     items = [(Item(i, solo=(i == 2)), prompt) for i, prompt in enumerate(PROMPTS[:5])]

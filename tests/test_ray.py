@@ -74,6 +74,21 @@ def long_reference(job: Path) -> dict[str, dict]:
     return by_id(single_machine(job, "long.jsonl", 24, "--json").splitlines())
 
 
+@pytest.fixture(scope="module")
+def small_reference(job: Path) -> dict[str, dict]:
+    return by_id(single_machine(job, "small.jsonl", 16, "--json").splitlines())
+
+
+def faulty_job(root: Path, faults: Path, *switches: str, **env: str) -> subprocess.CompletedProcess:
+    """A greedy job of the small file with test-only fault switches on (specexec_cli/cluster/faults.py)."""
+    faults.mkdir(exist_ok=True)
+    for switch in switches:
+        (faults / switch).touch()
+    environment = {**os.environ, "SPECEXEC_TEST_FAULTS": str(faults), **env}
+    return subprocess.run(ray_command(root, "small.jsonl", 16, "--json"), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S, env=environment)
+
+
 def ray_processes_since(start: float) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["name", "create_time", "cmdline"]):
@@ -181,6 +196,19 @@ def test_a_worker_killed_mid_job_loses_and_repeats_nothing(job: Path, long_refer
                      run.stderr())
     assert died and int(died.group(1)) >= 1, run.stderr()  # the retry path really ran
     assert len({record["worker"]["actor"] for record in got.values()}) == 2
+
+
+def test_a_failed_exchange_call_is_sent_again_once(job: Path, small_reference, tmp_path: Path) -> None:
+    """An exchange that raises (not the actor dying) is resent; the worker is not counted dead."""
+    result = faulty_job(job, tmp_path / "faults", "exchange-error")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "faults" / "exchange-error").exists()  # the fault really fired
+    resent = r"ray: an exchange with worker w\d failed \(.*injected: a transient error.*\); sending"
+    assert re.search(resent, result.stderr), result.stderr
+    assert "died" not in result.stderr
+    got = by_id(result.stdout.splitlines())
+    assert list(got) == list(small_reference)
+    assert all(got[key]["text"] == small_reference[key]["text"] for key in got)
 
 
 def test_ctrl_c_writes_what_finished_and_exits_130(job: Path, long_reference, tmp_path: Path) -> None:

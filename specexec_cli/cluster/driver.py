@@ -5,7 +5,9 @@ the least queued work, and write each result as `generate` writes it, in input o
 One call at a time is in flight to each worker: first `info` (it returns once the engine is open), then
 `exchange` calls that carry new prompts out and finished results back. A call that fails with the
 actor gone means the worker died: the ledger (specexec_cli/cluster/ledger.py) gives its unfinished
-prompts to the others. Whatever finished is written before the driver stops, however it stops.
+prompts to the others. Any other failure of an exchange (an error raised in the call) is sent again once
+(the worker ignores prompts it already holds) before the worker counts as dead. Whatever finished is
+written before the driver stops, however it stops.
 """
 
 from __future__ import annotations
@@ -127,6 +129,11 @@ def why_lost(ray: Any, exc: BaseException) -> str:
     return error_text(exc)
 
 
+def is_transient(ray: Any, exc: BaseException) -> bool:
+    """A failed call that may succeed when sent again: anything but the actor being gone."""
+    return not isinstance(exc, ray.exceptions.RayActorError)
+
+
 class Dispatcher:
     """The driver's loop over its workers' calls (see the module docstring)."""
 
@@ -141,6 +148,8 @@ class Dispatcher:
         self.actors: dict[str, Any] = {}
         self.info: dict[str, dict[str, Any]] = {}
         self.calls: dict[Any, str] = {}  # the one call in flight per worker -> its name
+        self.sent: dict[str, list[Any]] = {}  # the prompts of each worker's exchange in flight
+        self.retried: set[str] = set()  # workers whose exchange in flight is a resend
         for number in range(1, n_workers + 1):
             name = f"w{number}"
             actor = actor_class.options(scheduling_strategy="SPREAD", **resources).remote(job)
@@ -195,8 +204,15 @@ class Dispatcher:
         try:
             value = self.ray.get(ref)
         except Exception as exc:
+            if name in self.info and name not in self.retried and is_transient(self.ray, exc):
+                why = why_lost(self.ray, exc)
+                log(f"ray: an exchange with worker {name} failed ({why}); sending it again")
+                self.retried.add(name)
+                self._exchange(name, self.sent[name])
+                return
             self._lost(name, exc)
             return
+        self.retried.discard(name)
         if name not in self.info:
             if "error" in value:
                 self._not_started(name, value)
@@ -206,7 +222,12 @@ class Dispatcher:
             for outcome in value:
                 self._outcome(name, outcome)
         if name in self.actors:
-            self.calls[self.actors[name].exchange.remote(self._items_for(name), WAIT_S)] = name
+            self._exchange(name, self._items_for(name))
+
+    def _exchange(self, name: str, items: list[Any]) -> None:
+        """Send worker `name` its next exchange call, carrying `items`."""
+        self.sent[name] = items
+        self.calls[self.actors[name].exchange.remote(items, WAIT_S)] = name
 
     def _ready(self, name: str, info: dict[str, Any]) -> None:
         self.info[name] = info

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from specexec_cli.cluster import faults
 from specexec_cli.cluster.ledger import Item
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
 from specexec_cli.decoding.generate import Batch, make_decoder
@@ -61,6 +62,7 @@ class BatchLoop:
         self.changed = threading.Condition()
         self.waiting: deque[tuple[Item, Prompt]] = deque()
         self.outbox: list[dict[str, Any]] = []
+        self.holding: set[int] = set()  # prompts handed over and not answered yet
         self.fatal: str | None = None  # why the engine thread stopped, if it did
         threading.Thread(target=self._serve, name="specexec-engine", daemon=True).start()
 
@@ -68,9 +70,12 @@ class BatchLoop:
         """Queue `items`; return the outcomes that finished since the last call, waiting up to `wait_s`
         seconds for one. An outcome is {"index", "record", "text", "describe"} or {"index", "error",
         "shared"} (shared: the prompt failed in a pass with other prompts). Raises SpecexecError once the
-        engine thread has stopped (a bug), so the driver counts this worker as dead."""
+        engine thread has stopped (a bug), so the driver counts this worker as dead. A prompt this loop
+        already holds is not queued twice, so the driver may resend a call whose answer it lost."""
         with self.changed:
-            self.waiting.extend(items)
+            fresh = [(item, prompt) for item, prompt in items if item.index not in self.holding]
+            self.holding.update(item.index for item, _ in fresh)
+            self.waiting.extend(fresh)
             self.changed.notify_all()
             self.changed.wait_for(lambda: self.outbox or self.fatal, timeout=wait_s)
             outcomes, self.outbox = self.outbox, []
@@ -83,6 +88,7 @@ class BatchLoop:
     def _post(self, outcome: dict[str, Any]) -> None:
         with self.changed:
             self.outbox.append(outcome)
+            self.holding.discard(outcome["index"])
             self.changed.notify_all()
 
     def _take_waiting(self, runner: BatchRunner) -> list[tuple[Item, Prompt]]:
@@ -117,6 +123,7 @@ class BatchLoop:
                     self._post({"index": item.index, "error": error_text(exc), "shared": False})
                     continue
                 runner.add(RunnerJob(item.index, ids, self.config, decode, solo=item.solo, payload=prompt))
+            faults.before_pass()  # test-only switches (faults.py); nothing without SPECEXEC_TEST_FAULTS
             outcomes, _ = runner.step()
             failed = [o for o in outcomes if o.error is not None and o.in_pass]
             if failed:
@@ -172,4 +179,5 @@ class Worker:
 
     def exchange(self, items: list[tuple[Item, Prompt]], wait_s: float) -> list[dict[str, Any]]:
         """BatchLoop.exchange of this worker's engine."""
+        faults.before_exchange()
         return self.loop.exchange(items, wait_s)
