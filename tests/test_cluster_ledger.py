@@ -99,6 +99,16 @@ def test_waiting_prompts_that_failed_on_every_survivor_are_given_up_when_a_worke
     assert ledger.given_up == {0: "bad"} and ledger.done
 
 
+def test_with_no_worker_left_every_unfinished_prompt_is_given_up() -> None:
+    ledger = Ledger(4)
+    ledger.add_worker("a")
+    ledger.take("a", 2)
+    ledger.finish(0)
+    ledger.worker_lost("a")
+    assert ledger.give_up_unfinished("no worker left") == [1, 2, 3]
+    assert ledger.done and ledger.finished == {0} and set(ledger.given_up.values()) == {"no worker left"}
+
+
 def drain(ledger: Ledger, held: dict[str, list[Item]]) -> None:
     """Finish everything the live workers hold or can take, until the job is done."""
     for _round in range(10 * ledger.n_prompts + 10):

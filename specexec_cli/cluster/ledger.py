@@ -143,6 +143,14 @@ class Ledger:
         self.waiting.appendleft(index)
         return verdict
 
+    def give_up_unfinished(self, why: str) -> list[int]:
+        """Every prompt not settled (no worker is left to run them): given up, `why`. Returns them in
+        input order."""
+        left = [index for index in range(self.n_prompts) if not self.settled(index)]
+        for index in left:
+            self._give_up(index, why)
+        return left
+
     def settled(self, index: int) -> bool:
         return index in self.finished or index in self.given_up
 

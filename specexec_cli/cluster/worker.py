@@ -2,13 +2,16 @@
 the engine once, as `generate` does (settings from this machine's best profile, memory plan, loaded
 pair), and hands it to a `BatchLoop`, which runs the prompts it is sent as one continuous batch on an
 engine thread of its own. The driver talks to a worker with one call at a time: `exchange` hands it more
-prompts and brings back the results that finished since the last call. BatchLoop has no Ray in it.
+prompts and brings back the results that finished since the last call, with the engine thread's pass
+progress (`exchange` answers even while a pass is stuck, so the driver judges a hang by the passes, not
+by the calls). BatchLoop has no Ray in it.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,7 +22,7 @@ from specexec_cli.cluster import faults
 from specexec_cli.cluster.ledger import Item
 from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
 from specexec_cli.decoding.generate import Batch, make_decoder
-from specexec_cli.decoding.runner import BatchRunner
+from specexec_cli.decoding.runner import BatchRunner, Outcome
 from specexec_cli.decoding.runner import Job as RunnerJob
 from specexec_cli.engine import Engine, Workload, log, open_engine
 from specexec_cli.errors import SpecexecError, UsageError
@@ -49,6 +52,9 @@ def error_text(exc: BaseException) -> str:
     return one_line(exc) if isinstance(exc, SpecexecError) else unexpected(exc)
 
 
+RECENT_PASSES = 16  # the passes whose worst time `progress` reports
+
+
 class BatchLoop:
     """Prompts in, outcomes out: the prompts handed to `exchange` run as one continuous batch on a thread
     of its own, `lanes` at a time; a prompt marked solo runs in a pass of its own. `where` goes into each
@@ -64,6 +70,9 @@ class BatchLoop:
         self.outbox: list[dict[str, Any]] = []
         self.holding: set[int] = set()  # prompts handed over and not answered yet
         self.fatal: str | None = None  # why the engine thread stopped, if it did
+        self.passes = 0  # passes finished (failed ones too)
+        self.recent_s: deque[float] = deque(maxlen=RECENT_PASSES)  # their times, the latest last
+        self.pass_started: float | None = None  # when the pass running now began (None between passes)
         threading.Thread(target=self._serve, name="specexec-engine", daemon=True).start()
 
     def exchange(self, items: list[tuple[Item, Prompt]], wait_s: float) -> list[dict[str, Any]]:
@@ -83,7 +92,30 @@ class BatchLoop:
                 raise SpecexecError(f"the engine thread stopped: {self.fatal}")
         return outcomes
 
+    def progress(self) -> dict[str, float]:
+        """The engine thread's passes: how many finished, the last and the worst of the recent ones, and how
+        long the pass running now has run (0 between passes), in seconds on this machine's clock."""
+        with self.changed:
+            busy = time.monotonic() - self.pass_started if self.pass_started is not None else 0.0
+            return {"passes": self.passes, "last_s": self.recent_s[-1] if self.recent_s else 0.0,
+                    "worst_s": max(self.recent_s, default=0.0), "busy_s": busy}
+
     # --- the engine thread ------------------------------------------------------------------------
+
+    def _timed_step(self, runner: BatchRunner) -> list[Outcome]:
+        """One runner step (one pass), its time kept for `progress`."""
+        started = time.monotonic()
+        with self.changed:
+            self.pass_started = started
+        try:
+            faults.before_pass()  # test-only switches (faults.py); nothing without SPECEXEC_TEST_FAULTS
+            outcomes, _ = runner.step()
+        finally:
+            with self.changed:
+                self.pass_started = None
+                self.passes += 1
+                self.recent_s.append(time.monotonic() - started)
+        return outcomes
 
     def _post(self, outcome: dict[str, Any]) -> None:
         with self.changed:
@@ -123,8 +155,7 @@ class BatchLoop:
                     self._post({"index": item.index, "error": error_text(exc), "shared": False})
                     continue
                 runner.add(RunnerJob(item.index, ids, self.config, decode, solo=item.solo, payload=prompt))
-            faults.before_pass()  # test-only switches (faults.py); nothing without SPECEXEC_TEST_FAULTS
-            outcomes, _ = runner.step()
+            outcomes = self._timed_step(runner)
             failed = [o for o in outcomes if o.error is not None and o.in_pass]
             if failed:
                 log(f"worker {self.where['actor'][:8]}: a pass failed: {error_text(failed[0].error)}")
@@ -177,7 +208,8 @@ class Worker:
                 "budget": engine.tree.budget if engine.method != "autoregressive" else None,
                 "device": engine.device, "threads": torch.get_num_threads()}
 
-    def exchange(self, items: list[tuple[Item, Prompt]], wait_s: float) -> list[dict[str, Any]]:
-        """BatchLoop.exchange of this worker's engine."""
+    def exchange(self, items: list[tuple[Item, Prompt]], wait_s: float) -> dict[str, Any]:
+        """BatchLoop.exchange of this worker's engine: {"outcomes": [...], "progress": BatchLoop.progress}."""
         faults.before_exchange()
-        return self.loop.exchange(items, wait_s)
+        outcomes = self.loop.exchange(items, wait_s)
+        return {"outcomes": outcomes, "progress": self.loop.progress()}
