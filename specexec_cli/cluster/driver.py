@@ -250,8 +250,7 @@ class Dispatcher:
             except Exception:
                 continue
             if name in self.info:
-                for outcome in outcomes["outcomes"]:
-                    self._outcome(name, outcome)
+                self._outcomes(name, outcomes["outcomes"])
 
     def stop(self) -> None:
         for actor in self.actors.values():
@@ -280,8 +279,7 @@ class Dispatcher:
             self._ready(name, value)
         else:
             self.progress[name] = (time.monotonic(), value["progress"])
-            for outcome in value["outcomes"]:
-                self._outcome(name, outcome)
+            self._outcomes(name, value["outcomes"])
         if name in self.actors:
             self._exchange(name, self._items_for(name))
 
@@ -356,18 +354,37 @@ class Dispatcher:
         for index in self.ledger.worker_lost(name)[1]:
             self._give_up(index)
 
+    def _outcomes(self, name: str, outcomes: list[dict[str, Any]]) -> None:
+        """One answer's outcomes: results, prompts that failed alone, and failed passes (the outcomes of
+        one pass, by its number, settled together)."""
+        passes: dict[int, list[dict[str, Any]]] = {}
+        for outcome in outcomes:
+            if "error" in outcome and "pass" in outcome:
+                passes.setdefault(outcome["pass"], []).append(outcome)
+            else:
+                self._outcome(name, outcome)
+        for failed in passes.values():
+            self._failed(name, [outcome["index"] for outcome in failed], failed[0]["error"])
+
+    def _failed(self, name: str, indices: list[int], error: str) -> None:
+        """The prompts `indices` failed on worker `name` in one pass (or one alone)."""
+        verdicts = self.ledger.fail(name, indices, error)
+        again = [index for index, verdict in verdicts.items() if verdict in ("group", "alone")]
+        if again:
+            first = (len(again) + 1) // 2
+            how = f"in halves of {first} and {len(again) - first}" if len(again) > 1 else "alone"
+            log(f"ray: a pass of {len(indices)} prompts failed on {name} ({error}); {len(again)} of them run "
+                f"again {how}")
+        for index, verdict in verdicts.items():
+            if verdict == "given up":
+                self._give_up(index)
+            elif verdict == "elsewhere":
+                log(f"ray: prompt {self.prompts[index].id} failed on {name}; trying another worker ({error})")
+
     def _outcome(self, name: str, outcome: dict[str, Any]) -> None:
         index = outcome["index"]
         if "error" in outcome:
-            verdict = self.ledger.fail(name, index, outcome["error"], outcome["shared"])
-            if verdict == "given up":
-                self._give_up(index)
-            elif verdict == "alone":
-                log(f"ray: prompt {self.prompts[index].id} was in a pass that failed on {name}; it runs "
-                    f"again alone ({outcome['error']})")
-            elif verdict == "elsewhere":
-                log(f"ray: prompt {self.prompts[index].id} failed on {name}; trying another worker "
-                    f"({outcome['error']})")
+            self._failed(name, [index], outcome["error"])
             return
         if not self.ledger.finish(index):
             return  # a copy of a result already written

@@ -78,7 +78,8 @@ class BatchLoop:
     def exchange(self, items: list[tuple[Item, Prompt]], wait_s: float) -> list[dict[str, Any]]:
         """Queue `items`; return the outcomes that finished since the last call, waiting up to `wait_s`
         seconds for one. An outcome is {"index", "record", "text", "describe"} or {"index", "error",
-        "shared"} (shared: the prompt failed in a pass with other prompts). Raises SpecexecError once the
+        "shared"} (shared: the prompt failed in a pass with other prompts), with "pass" (the pass's number)
+        when it failed in a pass; a failed pass's outcomes come in one answer. Raises SpecexecError once the
         engine thread has stopped (a bug), so the driver counts this worker as dead. A prompt this loop
         already holds is not queued twice, so the driver may resend a call whose answer it lost."""
         with self.changed:
@@ -117,10 +118,11 @@ class BatchLoop:
                 self.recent_s.append(time.monotonic() - started)
         return outcomes
 
-    def _post(self, outcome: dict[str, Any]) -> None:
+    def _post(self, *outcomes: dict[str, Any]) -> None:
+        """Outcomes out, together (a failed pass's go in one answer, so the driver sees the whole pass)."""
         with self.changed:
-            self.outbox.append(outcome)
-            self.holding.discard(outcome["index"])
+            self.outbox += outcomes
+            self.holding.difference_update(outcome["index"] for outcome in outcomes)
             self.changed.notify_all()
 
     def _take_waiting(self, runner: BatchRunner) -> list[tuple[Item, Prompt]]:
@@ -154,15 +156,19 @@ class BatchLoop:
                 except Exception as exc:  # this prompt alone is bad (too long, empty)
                     self._post({"index": item.index, "error": error_text(exc), "shared": False})
                     continue
-                runner.add(RunnerJob(item.index, ids, self.config, decode, solo=item.solo, payload=prompt))
+                runner.add(RunnerJob(item.index, ids, self.config, decode, solo=item.solo, group=item.group,
+                                     payload=prompt))
             outcomes = self._timed_step(runner)
             failed = [o for o in outcomes if o.error is not None and o.in_pass]
             if failed:
                 log(f"worker {self.where['actor'][:8]}: a pass failed: {error_text(failed[0].error)}")
+                self._post(*[{"index": o.job.key, "error": error_text(o.error), "shared": o.shared,
+                              "pass": self.passes} for o in failed])
             for outcome in outcomes:
                 if outcome.error is not None:
-                    self._post({"index": outcome.job.key, "error": error_text(outcome.error),
-                                "shared": outcome.shared})
+                    if not outcome.in_pass:
+                        self._post({"index": outcome.job.key, "error": error_text(outcome.error),
+                                    "shared": False})
                     continue
                 prompt, result = outcome.job.payload, outcome.result
                 record = {**result_record(prompt, result, self.config), "worker": self.where}
