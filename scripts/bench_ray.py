@@ -30,7 +30,8 @@ from specexec_cli.prompt_sets import load_prompt_set, resolve_prompt_path  # noq
 
 DEFAULT_ENGINE_FLAGS = ["--method", "specexec", "--budget", "64", "--draft-quant", "int8",
                         "--offload", "disk", "--max-memory", "cpu=5GiB"]
-SUMMARY = re.compile(r"ray: (\d+) of (\d+) prompts on (\d+) worker\(s\), (\d+) new tokens in ([\d.]+) s")
+SUMMARY = re.compile(r"ray: (\d+) of (\d+) prompts on (\d+) worker\(s\)(?: \([^)]*\))?, (\d+) new tokens in "
+                     r"([\d.]+) s")
 
 
 def log(message: str) -> None:

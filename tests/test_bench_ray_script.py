@@ -21,6 +21,8 @@ def test_the_summary_line_of_the_driver_is_read() -> None:
     script = load_script("bench_ray")
     assert script.parse_summary(stderr) == {"finished": 16, "prompts": 16, "workers_ready": 2,
                                             "new_tokens": 493, "seconds": 87.56}
+    with_counts = stderr.replace("2 worker(s),", "2 worker(s) (w1 9, w2 7),")
+    assert script.parse_summary(with_counts) == script.parse_summary(stderr)
     with pytest.raises(RuntimeError, match="no summary line"):
         script.parse_summary("ray: starting 2 worker(s)\n")
 

@@ -1,6 +1,7 @@
 """The books of a cluster job (specexec_cli/cluster/ledger.py), with no Ray: dispatch to the least queued
-worker, nothing lost or written twice when workers die, failing prompts run alone and are given up only
-when every live worker failed them."""
+worker, nothing lost or written twice when workers die, a failed shared pass is bisected (one bad prompt
+is found in about log2 passes while the others keep sharing), failing prompts are given up only when
+every live worker failed them."""
 
 from __future__ import annotations
 
@@ -73,20 +74,51 @@ def test_a_prompt_on_dying_workers_runs_alone_then_is_given_up() -> None:
     assert ledger.done and 0 in ledger.given_up
 
 
-def test_a_failure_in_a_shared_pass_runs_alone_and_a_lone_failure_moves_on() -> None:
-    ledger = Ledger(3)
+def test_a_failed_shared_pass_runs_again_in_halves_and_a_lone_failure_moves_on() -> None:
+    ledger = Ledger(4)
     ledger.add_worker("a")
     ledger.add_worker("b")
     ledger.take("a", 3)
-    for index in range(3):  # a pass over all three failed
-        assert ledger.fail("a", index, "boom", shared=True) == "alone"
-    assert [item.solo for item in ledger.take("a", 3)] == [True, True, True]
-    assert ledger.fail("a", 0, "bad prompt", shared=False) == "elsewhere"  # alone: not on "a" again
-    assert ledger.take("a", 1) == []
-    assert ledger.take("b", 1) == [Item(0, solo=True)]
-    assert ledger.fail("b", 0, "bad prompt", shared=False) == "given up"  # failed on every live worker
-    assert ledger.given_up == {0: "bad prompt"}
-    assert ledger.finish(1) and ledger.finish(2) and ledger.done
+    assert ledger.fail("a", [0, 1, 2], "boom") == {0: "group", 1: "group", 2: "alone"}  # one pass of three
+    assert ledger.take("a", 1) == [Item(0, group=1), Item(1, group=1)]  # a group goes whole
+    assert ledger.take("a", 1) == [Item(2, solo=True)]
+    assert ledger.fail("a", [2], "bad prompt") == {2: "elsewhere"}  # alone: not on "a" again
+    assert ledger.take("a", 1) == [Item(3)]  # 2 waits for another worker
+    assert ledger.take("b", 1) == [Item(2, solo=True)]
+    assert ledger.fail("b", [2], "bad prompt") == {2: "given up"}  # failed on every live worker
+    assert ledger.given_up == {2: "bad prompt"}
+    assert all(ledger.finish(index) for index in (0, 1, 3)) and ledger.done
+
+
+def passes_of(items: list[Item]) -> list[list[int]]:
+    """The passes a worker with lanes to spare makes of `items`: the free ones together, each group
+    together, each solo one alone (as decoding/runner.BatchRunner admits them)."""
+    free = [item.index for item in items if item.group is None and not item.solo]
+    groups: dict[int, list[int]] = {}
+    for item in items:
+        if item.group is not None:
+            groups.setdefault(item.group, []).append(item.index)
+    solo = [[item.index] for item in items if item.solo]
+    return [group for group in [free, *groups.values(), *solo] if group]
+
+
+def test_one_bad_prompt_among_16_is_alone_after_log2_failed_passes_and_the_others_finish() -> None:
+    ledger = Ledger(16)
+    ledger.add_worker("a")
+    bad, failed_sizes, passes = 11, [], 0
+    for _round in range(10):
+        if ledger.done:
+            break
+        for pass_ in passes_of(ledger.take("a", 16)):
+            passes += 1
+            if bad in pass_:
+                failed_sizes.append(len(pass_))
+                ledger.fail("a", pass_, "boom")
+            else:
+                assert all(ledger.finish(index) for index in pass_)
+    assert failed_sizes == [16, 8, 4, 2, 1]  # halved each time: log2(16) + 1 failed passes
+    assert ledger.done and ledger.given_up == {bad: "boom"} and ledger.finished == set(range(16)) - {bad}
+    assert passes == 9  # the good ones kept sharing: 4 passes of 8, 4, 2, 1 (not 15 alone)
 
 
 def test_waiting_prompts_that_failed_on_every_survivor_are_given_up_when_a_worker_dies() -> None:
@@ -94,9 +126,31 @@ def test_waiting_prompts_that_failed_on_every_survivor_are_given_up_when_a_worke
     ledger.add_worker("a")
     ledger.add_worker("b")
     ledger.take("a", 1)
-    assert ledger.fail("a", 0, "bad", shared=False) == "elsewhere"  # waits for b
+    assert ledger.fail("a", [0], "bad") == {0: "elsewhere"}  # waits for b
     assert ledger.worker_lost("b") == ([], [0])  # only "a" is left, and it failed it
     assert ledger.given_up == {0: "bad"} and ledger.done
+
+
+def test_with_no_worker_left_every_unfinished_prompt_is_given_up() -> None:
+    ledger = Ledger(4)
+    ledger.add_worker("a")
+    ledger.take("a", 2)
+    ledger.finish(0)
+    ledger.worker_lost("a")
+    assert ledger.give_up_unfinished("no worker left") == [1, 2, 3]
+    assert ledger.done and ledger.finished == {0} and set(ledger.given_up.values()) == {"no worker left"}
+
+
+def drain(ledger: Ledger, held: dict[str, list[Item]]) -> None:
+    """Finish everything the live workers hold or can take, until the job is done."""
+    for _round in range(10 * ledger.n_prompts + 10):
+        if ledger.done:
+            return
+        for name in ledger.live_workers:
+            for item in held.get(name, []) + ledger.take(name, 3):
+                ledger.finish(item.index)
+            held[name] = []
+    raise AssertionError("the job did not end")
 
 
 def test_random_schedules_settle_every_prompt_exactly_once() -> None:
@@ -117,7 +171,10 @@ def test_random_schedules_settle_every_prompt_exactly_once() -> None:
             name = rng.choice(ledger.live_workers)
             roll = rng.random()
             if roll < 0.5:
-                held[name] += ledger.take(name, rng.randint(1, 3))
+                taken = ledger.take(name, rng.randint(1, 3))
+                assert not any(ledger.settled(item.index) for item in taken)  # every handout
+                assert not {item.index for item in taken} & finished_once
+                held[name] += taken
             elif roll < 0.85 and held[name]:
                 item = held[name].pop(0)
                 if not ledger.settled(item.index):
@@ -125,12 +182,15 @@ def test_random_schedules_settle_every_prompt_exactly_once() -> None:
                     assert ledger.finish(item.index)
                     finished_once.add(item.index)
             elif roll < 0.95 and held[name]:
-                item = held[name].pop(0)
-                ledger.fail(name, item.index, "x", shared=rng.random() < 0.5)
+                pass_ = [held[name].pop(0).index]
+                while held[name] and rng.random() < 0.5:  # a pass of several
+                    pass_.append(held[name].pop(0).index)
+                ledger.fail(name, pass_, "x")
             elif len(ledger.live_workers) > 1:
                 ledger.worker_lost(name)
                 held[name] = []
         assert not (ledger.finished & set(ledger.given_up))
         assert ledger.finished == finished_once
-        if ledger.live_workers:
-            assert ledger.done or ledger.waiting or any(ledger.on_worker.values())
+        drain(ledger, held)
+        assert ledger.finished | set(ledger.given_up) == set(range(n))  # every prompt settled
+        assert not (ledger.finished & set(ledger.given_up))

@@ -90,6 +90,30 @@ def test_results_equal_plain_decoding_and_carry_the_worker(engine) -> None:
         assert outcome["record"]["id"] == prompt.id and outcome["record"]["worker"] == loop.where
 
 
+def test_prompts_sent_again_are_not_run_twice(engine) -> None:
+    """The driver resends an exchange whose answer it lost: the prompts it already holds are not queued
+    again, so each is answered once."""
+    loop = loop_for(engine)
+    items = [(Item(i), prompt) for i, prompt in enumerate(PROMPTS[:3])]
+    outcomes = loop.exchange(items, 0.0) + collect(loop, items, 3)
+    outcomes += loop.exchange([], 1.0)  # nothing more comes
+    assert sorted(outcome["index"] for outcome in outcomes) == [0, 1, 2]
+    assert all("record" in outcome for outcome in outcomes)
+
+
+def test_exchange_answers_while_a_pass_is_stuck_and_reports_pass_progress(engine, monkeypatch) -> None:
+    """The driver judges a hang by the passes: while the engine thread sits in a pass, exchange still
+    answers, with the time that pass has run; afterwards the passes are counted and timed."""
+    stuck = iter([1.5])
+    monkeypatch.setattr(worker_module.faults, "before_pass", lambda: time.sleep(next(stuck, 0.0)))
+    loop = loop_for(engine)
+    assert loop.exchange([(Item(0), PROMPTS[0])], 0.5) == []  # answered although the pass is stuck
+    assert loop.progress()["busy_s"] >= 0.3 and loop.progress()["passes"] == 0
+    collect(loop, [], 1)
+    progress = loop.progress()
+    assert progress["passes"] >= 1 and progress["worst_s"] >= 1.5 and progress["busy_s"] == 0.0
+
+
 def test_a_solo_prompt_never_shares_a_pass(engine, spy) -> None:
     loop = loop_for(engine)
     items = [(Item(i, solo=(i == 2)), prompt) for i, prompt in enumerate(PROMPTS[:5])]

@@ -74,6 +74,21 @@ def long_reference(job: Path) -> dict[str, dict]:
     return by_id(single_machine(job, "long.jsonl", 24, "--json").splitlines())
 
 
+@pytest.fixture(scope="module")
+def small_reference(job: Path) -> dict[str, dict]:
+    return by_id(single_machine(job, "small.jsonl", 16, "--json").splitlines())
+
+
+def faulty_job(root: Path, faults: Path, *switches: str, **env: str) -> subprocess.CompletedProcess:
+    """A greedy job of the small file with test-only fault switches on (specexec_cli/cluster/faults.py)."""
+    faults.mkdir(exist_ok=True)
+    for switch in switches:
+        (faults / switch).touch()
+    environment = {**os.environ, "SPECEXEC_TEST_FAULTS": str(faults), **env}
+    return subprocess.run(ray_command(root, "small.jsonl", 16, "--json"), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S, env=environment)
+
+
 def ray_processes_since(start: float) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["name", "create_time", "cmdline"]):
@@ -142,7 +157,11 @@ def test_outputs_equal_the_single_machine_run_in_input_order(job: Path, tmp_path
     assert [r["text"] for r in got] == [r["text"] for r in expected]
     for record in got:
         assert set(record["worker"]) == {"node", "actor"} and record["worker"]["actor"]
-    assert re.search(rf"ray: {N_SMALL} of {N_SMALL} prompts on [12] worker\(s\)", result.stderr)
+    assert len({record["worker"]["actor"] for record in got}) == 2  # both workers finished prompts
+    summary = re.search(rf"ray: {N_SMALL} of {N_SMALL} prompts on 2 worker\(s\) \(w1 (\d+), w2 (\d+)\)",
+                        result.stderr)
+    assert summary and int(summary.group(1)) + int(summary.group(2)) == N_SMALL, result.stderr
+    assert int(summary.group(1)) > 0 and int(summary.group(2)) > 0
 
 
 def test_text_output_without_a_prompt_that_fails_everywhere(job: Path, tmp_path: Path) -> None:
@@ -173,10 +192,58 @@ def test_a_worker_killed_mid_job_loses_and_repeats_nothing(job: Path, long_refer
     got = by_id(lines)  # no id twice
     assert set(got) == set(long_reference)  # none lost
     assert all(got[key]["text"] == long_reference[key]["text"] for key in got)
-    died = re.search(r"ray: worker w\d died \(.*\); (\d+) unfinished prompt\(s\) go to the other workers",
-                     run.stderr())
+    died = re.search(r"ray: worker w\d died \(.*\); replaced by w3; (\d+) unfinished prompt\(s\) go to the "
+                     r"other workers", run.stderr())
     assert died and int(died.group(1)) >= 1, run.stderr()  # the retry path really ran
-    assert len({record["worker"]["actor"] for record in got.values()}) == 2
+    assert len({record["worker"]["actor"] for record in got.values()}) >= 2  # w3 may have joined
+
+
+def test_a_failed_exchange_call_is_sent_again_once(job: Path, small_reference, tmp_path: Path) -> None:
+    """An exchange that raises (not the actor dying) is resent; the worker is not counted dead."""
+    result = faulty_job(job, tmp_path / "faults", "exchange-error")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "faults" / "exchange-error").exists()  # the fault really fired
+    resent = r"ray: an exchange with worker w\d failed \(.*injected: a transient error.*\); sending"
+    assert re.search(resent, result.stderr), result.stderr
+    assert "died" not in result.stderr
+    got = by_id(result.stdout.splitlines())
+    assert list(got) == list(small_reference)
+    assert all(got[key]["text"] == small_reference[key]["text"] for key in got)
+
+
+def test_a_hung_worker_is_killed_and_replaced(job: Path, small_reference, tmp_path: Path) -> None:
+    """One worker's engine pass sleeps (a stuck engine) while its exchange calls keep answering: past the
+    hang bound (a floor of 3 s here) it is killed and replaced, and its prompts run on the others; every
+    id once, texts equal to the single-machine run."""
+    started = time.monotonic()
+    result = faulty_job(job, tmp_path / "faults", "hang-pass", SPECEXEC_RAY_HUNG_S="3")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "faults" / "hang-pass").exists()  # the fault really fired
+    hung = re.search(r"ray: worker (w\d) hung \(no pass finished in \d+ s, over its bound of 3 s\) and was "
+                     r"killed; replaced by w3; (\d+) unfinished prompt\(s\) go to the other workers",
+                     result.stderr)
+    assert hung and int(hung.group(2)) >= 1, result.stderr
+    assert f"ray: 1 worker(s) replaced ({hung.group(1)} hung); the job's limit is 4" in result.stderr
+    got = by_id(result.stdout.splitlines())
+    assert list(got) == list(small_reference)
+    assert all(got[key]["text"] == small_reference[key]["text"] for key in got)
+    assert time.monotonic() - started < 120  # not the hung pass's 600 s
+
+
+def test_workers_that_always_crash_end_the_job_at_the_replacement_limit(job: Path, tmp_path: Path) -> None:
+    """Every worker's process exits at its first pass: two are replaced (the limit set here), then the job
+    ends with every prompt given up and one line saying why, exit 1, instead of a loop."""
+    result = faulty_job(job, tmp_path / "faults", "crash-pass", SPECEXEC_RAY_MAX_REPLACEMENTS="2")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len([line for line in lines if re.match(r"ray: worker w\d died .*; replaced by w\d", line)]) == 2
+    assert any("not replaced (the job's limit of 2 is reached)" in line for line in lines), result.stderr
+    assert re.search(r"\nray: no Ray worker left after 2 replacement\(s\), the job's limit; \d+ unfinished "
+                     r"prompt\(s\) given up\n", result.stderr), result.stderr
+    assert re.search(r"ray: 2 worker\(s\) replaced \(w\d died, w\d died\); the job's limit is 2",
+                     result.stderr)
+    assert any(line.startswith(f"error: {N_SMALL} of {N_SMALL} prompts failed (p0, ") for line in lines)
 
 
 def test_ctrl_c_writes_what_finished_and_exits_130(job: Path, long_reference, tmp_path: Path) -> None:

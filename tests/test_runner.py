@@ -75,6 +75,19 @@ def test_a_solo_job_runs_alone_and_a_bad_one_fails_alone():
     assert all(p == {2} for p in passes if 2 in p)  # never with another job
 
 
+def test_a_group_shares_passes_only_within_itself():
+    passes: list[set[int]] = []
+    runner, _, _ = runner_for(3, passes)
+    runner.add(Job(0, PROMPTS[0], CONFIG))
+    runner.add(Job(1, PROMPTS[1], CONFIG, group=7))
+    runner.add(Job(2, PROMPTS[2], CONFIG, group=7))
+    runner.add(Job(3, PROMPTS[3], CONFIG))
+    outcomes = drain(runner)
+    assert sorted(o.job.key for o in outcomes) == [0, 1, 2, 3] and all(o.result is not None for o in outcomes)
+    assert all(p <= {1, 2} or not p & {1, 2} for p in passes)  # the group never shares with others
+    assert {1, 2} in passes  # ... but shares within itself
+
+
 def test_a_failed_pass_fails_only_its_jobs_and_the_next_batch_is_fresh():
     passes: list[set[int]] = []
     runner, _, batches = runner_for(2, passes, fail_at={1})

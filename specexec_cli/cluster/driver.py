@@ -5,7 +5,13 @@ the least queued work, and write each result as `generate` writes it, in input o
 One call at a time is in flight to each worker: first `info` (it returns once the engine is open), then
 `exchange` calls that carry new prompts out and finished results back. A call that fails with the
 actor gone means the worker died: the ledger (specexec_cli/cluster/ledger.py) gives its unfinished
-prompts to the others. Whatever finished is written before the driver stops, however it stops.
+prompts to the others. Any other failure of an exchange (an error raised in the call) is sent again once
+(the worker ignores prompts it already holds) before the worker counts as dead. A worker that holds
+prompts and has not finished a pass (or answered a call) within its hang bound, max(floor, HUNG_FACTOR x
+its slowest recent pass), is hung: it is killed and its prompts go to the others. A dead or hung worker
+is replaced by a fresh one, up to a limit per job (max_replacements); with no worker left and none
+allowed, the unfinished prompts are given up. Whatever finished is written before the driver stops,
+however it stops.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ WAIT_S = 1.0  # longest an exchange call waits for a result before coming back e
 REPORT_S = 30.0  # progress on stderr at most this often
 PLAN_PROMPTS = 64  # the longest prompts each worker's memory plan holds
 QUEUE_BATCHES = 2  # a worker holds up to this many batches of prompts: one decoding, one waiting
+CHECK_S = 1.0  # the driver looks for hung workers at least this often
+HUNG_FACTOR = 10.0  # a pass running this many times the worker's slowest recent pass is hung ...
+HUNG_FLOOR_S = 60.0  # ... and never before this many seconds (SPECEXEC_RAY_HUNG_S sets it, for tests)
+REPLACEMENTS_PER_WORKER = 2  # a job replaces up to this many dead or hung workers per worker it started
 
 
 @dataclass
@@ -45,6 +55,9 @@ class Summary:
     new_tokens: int = 0
     seconds: float = 0.0  # from the first worker ready to the last result
     workers: int = 0  # workers that opened the engine
+    replaced: list[str] = field(default_factory=list)  # "w1 hung", "w2 died": workers replaced, in order
+    replacement_limit: int = 0  # the most this job could replace
+    per_worker: dict[str, int] = field(default_factory=dict)  # worker name -> results it wrote
 
     @property
     def tokens_per_s(self) -> float:
@@ -126,6 +139,58 @@ def why_lost(ray: Any, exc: BaseException) -> str:
     return error_text(exc)
 
 
+def is_transient(ray: Any, exc: BaseException) -> bool:
+    """A failed call that may succeed when sent again: anything but the actor being gone."""
+    return not isinstance(exc, ray.exceptions.RayActorError)
+
+
+def env_number(name: str, default: float, zero_ok: bool) -> float:
+    """Environment variable `name` as a number > 0 (>= 0 when `zero_ok`), `default` when unset; a bad one
+    is a usage error."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
+    if number < 0 or (number == 0 and not zero_ok):
+        raise UsageError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+    return number
+
+
+def hung_floor() -> float:
+    """The least time a pass may run before its worker counts as hung: HUNG_FLOOR_S, or the environment
+    variable SPECEXEC_RAY_HUNG_S (seconds; tests set a few)."""
+    return env_number("SPECEXEC_RAY_HUNG_S", HUNG_FLOOR_S, zero_ok=False)
+
+
+def max_replacements(n_workers: int) -> int:
+    """How many dead or hung workers a job replaces: REPLACEMENTS_PER_WORKER x its workers, or the
+    environment variable SPECEXEC_RAY_MAX_REPLACEMENTS (0 replaces none)."""
+    return int(env_number("SPECEXEC_RAY_MAX_REPLACEMENTS", REPLACEMENTS_PER_WORKER * n_workers, zero_ok=True))
+
+
+def hung_bound(worst_pass_s: float, floor: float) -> float:
+    """How long a worker's pass may run before it is hung: HUNG_FACTOR x its slowest recent pass, at least
+    `floor` seconds (the first pass, with nothing measured yet, gets the floor)."""
+    return max(floor, HUNG_FACTOR * worst_pass_s)
+
+
+def hang_of(progress: dict[str, float] | None, seen_s: float, call_s: float, floor: float) -> str | None:
+    """Why a worker holding prompts counts as hung, or None: `progress` is what its last answer reported
+    (BatchLoop.progress), `seen_s` how long ago that answer came, `call_s` how long its call in flight has
+    been out."""
+    worst = progress["worst_s"] if progress else 0.0
+    bound = hung_bound(worst, floor)
+    busy = progress["busy_s"] + seen_s if progress and progress["busy_s"] > 0 else 0.0
+    if busy > bound:
+        return f"no pass finished in {busy:.0f} s, over its bound of {bound:.0f} s"
+    if call_s > bound + WAIT_S:
+        return f"its exchange call has not come back in {call_s:.0f} s, over its bound of {bound:.0f} s"
+    return None
+
+
 class Dispatcher:
     """The driver's loop over its workers' calls (see the module docstring)."""
 
@@ -135,18 +200,21 @@ class Dispatcher:
         self.as_json, self.verbose = as_json, verbose
         self.ledger = Ledger(len(prompts))
         self.summary = Summary()
-        resources = worker_resources(ray, n_workers)
-        actor_class = ray.remote(max_restarts=0)(Worker)  # a dead worker's prompts go to the others
+        self.job, self.resources = job, worker_resources(ray, n_workers)
+        self.actor_class = ray.remote(max_restarts=0)(Worker)  # a dead worker's prompts go to the others
+        self.started = 0  # workers started, replacements too: the next one is w{started + 1}
+        self.summary.replacement_limit = max_replacements(n_workers)
         self.actors: dict[str, Any] = {}
         self.info: dict[str, dict[str, Any]] = {}
         self.calls: dict[Any, str] = {}  # the one call in flight per worker -> its name
-        for number in range(1, n_workers + 1):
-            name = f"w{number}"
-            actor = actor_class.options(scheduling_strategy="SPREAD", **resources).remote(job)
-            self.actors[name] = actor
-            self.ledger.add_worker(name)
-            self.calls[actor.info.remote()] = name
-        per = ", ".join(f"{key.removeprefix('num_')}={value:g}" for key, value in resources.items())
+        self.sent: dict[str, list[Any]] = {}  # the prompts of each worker's exchange in flight
+        self.retried: set[str] = set()  # workers whose exchange in flight is a resend
+        self.sent_at: dict[str, float] = {}  # when each worker's exchange in flight was sent
+        self.progress: dict[str, tuple[float, dict[str, float]]] = {}  # its last pass progress, and when
+        self.hung_floor = hung_floor()
+        for _ in range(n_workers):
+            self._start()
+        per = ", ".join(f"{key.removeprefix('num_')}={value:g}" for key, value in self.resources.items())
         log(f"ray: starting {n_workers} worker(s) ({per} each); each opens the engine (loads the models)")
         self.first_ready: float | None = None
         self.last_result = 0.0
@@ -157,9 +225,11 @@ class Dispatcher:
         while not self.ledger.done:
             if not self.calls:
                 self._none_left()
-            done, _ = self.ray.wait(list(self.calls), num_returns=1, timeout=REPORT_S)
+                continue
+            done, _ = self.ray.wait(list(self.calls), num_returns=1, timeout=CHECK_S)
             for ref in done:
                 self._answer(self.calls.pop(ref), ref)
+            self._check_hung()
             if time.monotonic() - last_report >= REPORT_S:
                 self._report()
                 last_report = time.monotonic()
@@ -180,8 +250,7 @@ class Dispatcher:
             except Exception:
                 continue
             if name in self.info:
-                for outcome in outcomes:
-                    self._outcome(name, outcome)
+                self._outcomes(name, outcomes["outcomes"])
 
     def stop(self) -> None:
         for actor in self.actors.values():
@@ -194,18 +263,30 @@ class Dispatcher:
         try:
             value = self.ray.get(ref)
         except Exception as exc:
+            if name in self.info and name not in self.retried and is_transient(self.ray, exc):
+                why = why_lost(self.ray, exc)
+                log(f"ray: an exchange with worker {name} failed ({why}); sending it again")
+                self.retried.add(name)
+                self._exchange(name, self.sent[name])
+                return
             self._lost(name, exc)
             return
+        self.retried.discard(name)
         if name not in self.info:
             if "error" in value:
                 self._not_started(name, value)
                 return
             self._ready(name, value)
         else:
-            for outcome in value:
-                self._outcome(name, outcome)
+            self.progress[name] = (time.monotonic(), value["progress"])
+            self._outcomes(name, value["outcomes"])
         if name in self.actors:
-            self.calls[self.actors[name].exchange.remote(self._items_for(name), WAIT_S)] = name
+            self._exchange(name, self._items_for(name))
+
+    def _exchange(self, name: str, items: list[Any]) -> None:
+        """Send worker `name` its next exchange call, carrying `items`."""
+        self.sent[name], self.sent_at[name] = items, time.monotonic()
+        self.calls[self.actors[name].exchange.remote(items, WAIT_S)] = name
 
     def _ready(self, name: str, info: dict[str, Any]) -> None:
         self.info[name] = info
@@ -221,11 +302,43 @@ class Dispatcher:
         if name not in self.info:
             self._not_started(name, {"error": why, "usage": False})
             return
+        self._drop(name, f"died ({why})")
+
+    def _check_hung(self) -> None:
+        """Kill every ready worker that holds prompts and is hung (see hang_of)."""
+        now = time.monotonic()
+        for name in [name for name in self.actors if name in self.info and self.ledger.queued(name)]:
+            seen, progress = self.progress.get(name, (self.sent_at[name], None))
+            why = hang_of(progress, now - seen, now - self.sent_at[name], self.hung_floor)
+            if why is not None:
+                for ref in [ref for ref, owner in self.calls.items() if owner == name]:
+                    del self.calls[ref]  # its answer is not waited for
+                self._drop(name, f"hung ({why}) and was killed")
+
+    def _start(self) -> str:
+        """Start one worker (it opens the engine; its `info` call answers when it has)."""
+        self.started += 1
+        name = f"w{self.started}"
+        actor = self.actor_class.options(scheduling_strategy="SPREAD", **self.resources).remote(self.job)
+        self.actors[name] = actor
+        self.ledger.add_worker(name)
+        self.calls[actor.info.remote()] = name
+        return name
+
+    def _drop(self, name: str, what: str) -> None:
+        """Ready worker `name` leaves the job (`what` happened to it: "died (...)", "hung (...) ..."): killed
+        for good, replaced while the job's limit allows, its unfinished prompts given to the others (the
+        replacement counts among them)."""
         actor = self.actors.pop(name)
         with contextlib.suppress(Exception):  # "unavailable" may be a network blip: it must not come back
             self.ray.kill(actor, no_restart=True)
+        if len(self.summary.replaced) < self.summary.replacement_limit:
+            self.summary.replaced.append(f"{name} {what.split(' ', 1)[0]}")
+            replaced = f"; replaced by {self._start()}"
+        else:
+            replaced = f"; not replaced (the job's limit of {self.summary.replacement_limit} is reached)"
         again, given_up = self.ledger.worker_lost(name)
-        log(f"ray: worker {name} died ({why}); {len(again)} unfinished prompt(s) go to the other workers")
+        log(f"ray: worker {name} {what}{replaced}; {len(again)} unfinished prompt(s) go to the other workers")
         for index in given_up:
             self._give_up(index)
 
@@ -241,23 +354,43 @@ class Dispatcher:
         for index in self.ledger.worker_lost(name)[1]:
             self._give_up(index)
 
+    def _outcomes(self, name: str, outcomes: list[dict[str, Any]]) -> None:
+        """One answer's outcomes: results, prompts that failed alone, and failed passes (the outcomes of
+        one pass, by its number, settled together)."""
+        passes: dict[int, list[dict[str, Any]]] = {}
+        for outcome in outcomes:
+            if "error" in outcome and "pass" in outcome:
+                passes.setdefault(outcome["pass"], []).append(outcome)
+            else:
+                self._outcome(name, outcome)
+        for failed in passes.values():
+            self._failed(name, [outcome["index"] for outcome in failed], failed[0]["error"])
+
+    def _failed(self, name: str, indices: list[int], error: str) -> None:
+        """The prompts `indices` failed on worker `name` in one pass (or one alone)."""
+        verdicts = self.ledger.fail(name, indices, error)
+        again = [index for index, verdict in verdicts.items() if verdict in ("group", "alone")]
+        if again:
+            first = (len(again) + 1) // 2
+            how = f"in halves of {first} and {len(again) - first}" if len(again) > 1 else "alone"
+            log(f"ray: a pass of {len(indices)} prompts failed on {name} ({error}); {len(again)} of them run "
+                f"again {how}")
+        for index, verdict in verdicts.items():
+            if verdict == "given up":
+                self._give_up(index)
+            elif verdict == "elsewhere":
+                log(f"ray: prompt {self.prompts[index].id} failed on {name}; trying another worker ({error})")
+
     def _outcome(self, name: str, outcome: dict[str, Any]) -> None:
         index = outcome["index"]
         if "error" in outcome:
-            verdict = self.ledger.fail(name, index, outcome["error"], outcome["shared"])
-            if verdict == "given up":
-                self._give_up(index)
-            elif verdict == "alone":
-                log(f"ray: prompt {self.prompts[index].id} was in a pass that failed on {name}; it runs "
-                    f"again alone ({outcome['error']})")
-            elif verdict == "elsewhere":
-                log(f"ray: prompt {self.prompts[index].id} failed on {name}; trying another worker "
-                    f"({outcome['error']})")
+            self._failed(name, [index], outcome["error"])
             return
         if not self.ledger.finish(index):
             return  # a copy of a result already written
         record = outcome["record"]
         self.summary.new_tokens += record["new_tokens"]
+        self.summary.per_worker[name] = self.summary.per_worker.get(name, 0) + 1
         self.last_result = time.monotonic()
         line = json.dumps(record, ensure_ascii=False) if self.as_json else outcome["text"]
         self.writer.put(index, line + "\n")
@@ -293,7 +426,13 @@ class Dispatcher:
             why = "; ".join(dict.fromkeys(info["error"] for info in self.start_errors))
             error = UsageError if all(info["usage"] for info in self.start_errors) else SpecexecError
             raise error(f"no Ray worker could open the engine: {why}")
-        raise SpecexecError(f"every Ray worker is gone; {self.ledger.left} prompt(s) did not finish")
+        why = "no Ray worker left"
+        if self.summary.replaced:
+            why += f" after {len(self.summary.replaced)} replacement(s), the job's limit"
+        given_up = self.ledger.give_up_unfinished(why)
+        log(f"ray: {why}; {len(given_up)} unfinished prompt(s) given up")
+        for index in given_up:
+            self.writer.put(index, None)
 
     def _limit(self, name: str) -> int:
         return self.ledger.holding_limit(self.info[name]["lanes"], QUEUE_BATCHES)
@@ -306,6 +445,11 @@ class Dispatcher:
         log(f"ray: {len(self.ledger.finished)}/{self.ledger.n_prompts} prompts done, "
             f"{len(self.ledger.given_up)} failed, {ready} worker(s) running, "
             f"{len(self.actors) - ready} starting{rate}")
+
+
+def per_worker(summary: Summary) -> str:
+    """"w1 9, w2 7": the results each worker wrote."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(summary.per_worker.items())) or "none"
 
 
 def run_on_ray(address: str, job: Job, prompts: list[Prompt], *, workers: int | None, as_json: bool,
@@ -328,9 +472,12 @@ def run_on_ray(address: str, job: Job, prompts: list[Prompt], *, workers: int | 
                 log("ray: stopping; collecting the results the workers have finished")
                 dispatcher.drain()
                 raise
-            log(f"ray: {summary.finished} of {len(prompts)} prompts on {summary.workers} worker(s), "
-                f"{summary.new_tokens} new tokens in {summary.seconds:.2f} s from the first worker ready "
-                f"({summary.tokens_per_s:.2f} tok/s)")
+            log(f"ray: {summary.finished} of {len(prompts)} prompts on {summary.workers} worker(s) "
+                f"({per_worker(summary)}), {summary.new_tokens} new tokens in {summary.seconds:.2f} s from "
+                f"the first worker ready ({summary.tokens_per_s:.2f} tok/s)")
+            if summary.replaced:
+                log(f"ray: {len(summary.replaced)} worker(s) replaced ({', '.join(summary.replaced)}); "
+                    f"the job's limit is {summary.replacement_limit}")
             return summary
         finally:
             writer.close(prompts)

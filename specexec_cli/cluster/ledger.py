@@ -6,9 +6,11 @@ Rules (docs/ray.md):
 - A worker that dies gives its unsettled prompts back, at the front of the queue. A prompt that was on a
   worker when it died runs alone after its second such death (it may be what kills them) and is given up
   after its third.
-- A prompt that fails in a pass shared with other prompts runs again alone (any of them may have caused
-  it); a prompt that fails alone is not sent to that worker again, and is given up once it has failed on
-  every live worker.
+- A pass shared by several prompts that fails is bisected (any of them may have caused it): its prompts
+  run again in two halves, each half sharing passes only within itself, a half of one prompt alone; a
+  half that fails is halved again, so one bad prompt among n is alone after about log2(n) failed passes
+  while the others keep sharing. A prompt that fails alone is not sent to that worker again, and is given
+  up once it has failed on every live worker.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ class History:
     failed_on: set[str] = field(default_factory=set)  # workers it failed on alone
     deaths: int = 0  # workers that died while it was on them
     solo: bool = False  # runs in a pass of its own from now on
+    group: int | None = None  # shares passes only with the prompts of this group (a half of a failed pass)
     last_error: str = ""
 
 
 @dataclass(frozen=True)
 class Item:
-    """One prompt as sent to a worker: its index in the job and whether it must run alone."""
+    """One prompt as sent to a worker: its index in the job, whether it must run alone, and the group whose
+    prompts alone it may share a pass with (None: any)."""
 
     index: int
     solo: bool = False
+    group: int | None = None
 
 
 class Ledger:
@@ -48,6 +53,7 @@ class Ledger:
         self.finished: set[int] = set()
         self.given_up: dict[int, str] = {}  # index -> why
         self.history: dict[int, History] = {}
+        self.groups = 0  # groups made so far (the last one's number)
 
     # --- workers --------------------------------------------------------------------------------
 
@@ -90,6 +96,7 @@ class Ledger:
             history = self._history(index)
             history.deaths += 1
             history.solo = history.solo or history.deaths >= SOLO_AFTER_DEATHS
+            history.group = None if history.solo else history.group
             if history.deaths >= MAX_DEATHS:
                 self._give_up(index, f"{history.deaths} workers died while running it")
             else:
@@ -100,7 +107,8 @@ class Ledger:
     # --- prompts --------------------------------------------------------------------------------
 
     def take(self, name: str, size: int) -> list[Item]:
-        """Up to `size` waiting prompts for worker `name`, in queue order, skipping any that failed on it."""
+        """Up to `size` waiting prompts for worker `name`, in queue order, skipping any that failed on it;
+        a prompt of a group brings the rest of its group waiting (a group goes to one worker whole)."""
         taken: list[Item] = []
         skipped: list[int] = []
         while self.waiting and len(taken) < size:
@@ -109,8 +117,13 @@ class Ledger:
             if history is not None and name in history.failed_on:
                 skipped.append(index)
                 continue
-            taken.append(Item(index, history.solo if history else False))
-            self.on_worker[name].add(index)
+            members = [index]
+            if history is not None and history.group is not None:
+                members += self._take_group(history.group, name)
+            for member in members:
+                record = self.history.get(member)
+                taken.append(Item(member, record.solo if record else False, record.group if record else None))
+                self.on_worker[name].add(member)
         self.waiting.extendleft(reversed(skipped))
         return taken
 
@@ -122,26 +135,29 @@ class Ledger:
         self.finished.add(index)
         return True
 
-    def fail(self, name: str, index: int, error: str, shared: bool) -> str | None:
-        """Prompt `index` failed on worker `name` (`shared`: in a pass with other prompts). Returns what
-        happens to it: "alone" (it runs again in a pass of its own), "elsewhere" (on another worker) or
-        "given up"; None when it was already settled."""
-        if self.settled(index):
-            return None
-        self._release(index)
-        history = self._history(index)
-        history.last_error = error
-        if shared and not history.solo:
-            history.solo = True
-            verdict = "alone"
+    def fail(self, name: str, indices: list[int], error: str) -> dict[int, str]:
+        """The prompts `indices` failed on worker `name` in one pass (one prompt: it failed alone). Returns
+        what happens to each unsettled one: "group" (a pass of several was bisected: it runs again in a
+        half of that pass), "alone" (its half is itself), "elsewhere" (it failed alone: another worker
+        tries it) or "given up"."""
+        left = sorted(index for index in indices if not self.settled(index))
+        for index in left:
+            self._release(index)
+            self._history(index).last_error = error
+        if len(indices) > 1:
+            verdicts = self._bisect(left)
         else:
-            history.failed_on.add(name)
-            if set(self.on_worker) <= history.failed_on:
-                self._give_up(index, error)
-                return "given up"
-            verdict = "elsewhere"
-        self.waiting.appendleft(index)
-        return verdict
+            verdicts = {index: self._failed_alone(name, index, error) for index in left}
+        self.waiting.extendleft(reversed([index for index in left if verdicts[index] != "given up"]))
+        return verdicts
+
+    def give_up_unfinished(self, why: str) -> list[int]:
+        """Every prompt not settled (no worker is left to run them): given up, `why`. Returns them in
+        input order."""
+        left = [index for index in range(self.n_prompts) if not self.settled(index)]
+        for index in left:
+            self._give_up(index, why)
+        return left
 
     def settled(self, index: int) -> bool:
         return index in self.finished or index in self.given_up
@@ -169,6 +185,38 @@ class Ledger:
                 return
         if index in self.waiting:
             self.waiting.remove(index)
+
+    def _bisect(self, indices: list[int]) -> dict[int, str]:
+        """A shared pass of `indices` failed: each half of them becomes a group of its own (a half of one
+        prompt runs solo)."""
+        verdicts = {}
+        middle = (len(indices) + 1) // 2
+        for half in (indices[:middle], indices[middle:]):
+            group = None
+            if len(half) > 1:
+                self.groups += 1
+                group = self.groups
+            for index in half:
+                history = self._history(index)
+                history.group, history.solo = group, group is None
+                verdicts[index] = "group" if group is not None else "alone"
+        return verdicts
+
+    def _failed_alone(self, name: str, index: int, error: str) -> str:
+        history = self._history(index)
+        history.failed_on.add(name)
+        if set(self.on_worker) <= history.failed_on:
+            self._give_up(index, error)
+            return "given up"
+        return "elsewhere"
+
+    def _take_group(self, group: int, name: str) -> list[int]:
+        """The waiting prompts of `group` (but those that failed on worker `name`), out of the queue."""
+        members = [index for index in self.waiting if self.history.get(index) is not None
+                   and self.history[index].group == group and name not in self.history[index].failed_on]
+        for index in members:
+            self.waiting.remove(index)
+        return members
 
     def _give_up(self, index: int, why: str) -> None:
         self._release(index)

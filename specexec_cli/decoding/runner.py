@@ -1,8 +1,9 @@
 """Continuous batching, one loop for every front door (generate's batches, the server, Ray workers).
 
 Jobs wait in a queue; `step` admits waiting jobs while lanes are free (a solo job runs in a pass of its
-own), runs one iteration of the `Batch` (one target pass for all of them) and returns what happened: the
-jobs that finished with their result, and the jobs that failed with their error. A job that cannot
+own; a job of a group shares passes only with its group), runs one iteration of the `Batch` (one
+target pass for all of them) and returns what happened: the jobs that finished with their result, and
+the jobs that failed with their error. A job that cannot
 start (an empty prompt) fails alone. A failed pass fails only the jobs in that pass (`shared` says
 whether it held others) and the runner starts a fresh batch, since the failed one's caches may be half
 updated; the waiting jobs are untouched. `add` and `cancel` may be called from any thread; `step` from
@@ -36,6 +37,7 @@ class Job:
     decode: Callable[[list[int]], str] | None = None
     on_text: Callable[[str], None] | None = None
     solo: bool = False  # runs in a pass of its own (a retry of a prompt whose shared pass failed)
+    group: int | None = None  # shares passes only with jobs of this group (a smaller retry of such a pass)
     payload: Any = None
 
 
@@ -106,7 +108,8 @@ class BatchRunner:
 
     def _admit(self) -> list[Outcome]:
         """Start waiting jobs while lanes are free; a solo job starts only in an empty batch, and
-        nothing joins it. Jobs that cannot start come back as failures."""
+        nothing joins it; a job joins running ones only of its own group (None: no group). Jobs that
+        cannot start come back as failures."""
         failed = []
         while True:
             with self.lock:
@@ -116,6 +119,8 @@ class BatchRunner:
                 job = self.waiting[0]
                 if solo_running or (job.solo and self.batch.runs):
                     break
+                if self.jobs and next(iter(self.jobs.values())).group != job.group:
+                    break  # the running jobs are all of one group (or of none)
                 self.waiting.popleft()
             try:
                 self.batch.start(job.key, job.ids, job.config, job.decode, job.on_text)
