@@ -49,3 +49,43 @@ def test_a_job_replaces_two_workers_per_worker_unless_told(monkeypatch) -> None:
     monkeypatch.setenv("SPECEXEC_RAY_MAX_REPLACEMENTS", "-1")
     with pytest.raises(UsageError, match="SPECEXEC_RAY_MAX_REPLACEMENTS must be >= 0"):
         max_replacements(3)
+
+
+def node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
+    """A `ray.nodes()` entry: the fields worker_resources reads."""
+    resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    return {"Alive": alive, "Resources": resources}
+
+
+def test_gpu_workers_reserve_their_share_of_the_node_cpus_not_one() -> None:
+    # 16 CPUs and 4 GPUs on one node, 8 and 1 on another: the tighter node sets the share (4 each)
+    assert driver.worker_resources([node(16, 4), node(8, 1)], 5) == {"num_gpus": 1, "num_cpus": 4.0}
+    assert driver.worker_resources([node(2, 4)], 4) == {"num_gpus": 1, "num_cpus": 1.0}  # never below one
+    assert driver.worker_resources([node(64, 8), node(32, 0, alive=False)], 8)["num_cpus"] == 8.0
+
+
+def test_cpu_workers_share_the_cluster_cpus() -> None:
+    assert driver.worker_resources([node(8), node(8)], 4) == {"num_cpus": 4.0}
+    assert driver.worker_resources([node(2)], 4) == {"num_cpus": 0.5}
+    assert driver.worker_resources([node(4), node(16)], 1) == {"num_cpus": 16.0}  # no more than a node has
+
+
+def test_workers_per_node_follows_the_spread_over_the_nodes_that_can_take_one() -> None:
+    assert driver.workers_per_node([node(16), node(16)], 4) == 2
+    assert driver.workers_per_node([node(16), node(16)], 3) == 2  # one node holds two
+    assert driver.workers_per_node([node(16, 4), node(16)], 4) == 4  # only the GPU node takes workers
+    assert driver.workers_per_node([node(16, 2), node(16, 2)], 8) == 2  # no node more than its GPUs
+    assert driver.workers_per_node([node(16), node(16, alive=False)], 2) == 2
+    assert driver.workers_per_node([], 2) == 1
+
+
+def test_workers_on_one_node_plan_host_memory_together() -> None:
+    from specexec_cli.cluster.worker import host_share_caps
+    from specexec_cli.runtime.caps import parse_caps
+
+    gib = 1 << 30
+    shared = parse_caps(host_share_caps(("cuda=20GiB",), 4, 64 * gib))
+    assert shared == {"cuda": 20 * gib, "cpu": 16 * gib}  # each of 4 plans a quarter; the GPU cap stays
+    assert parse_caps(host_share_caps(("cpu=8GiB",), 4, 64 * gib)) == {"cpu": 8 * gib}  # its own is smaller
+    assert parse_caps(host_share_caps(("cpu=40GiB",), 2, 64 * gib)) == {"cpu": 32 * gib}
+    assert host_share_caps((), 1, 64 * gib) == ()  # alone on its node: nothing changes

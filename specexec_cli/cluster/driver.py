@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from specexec_cli.cluster.ledger import Ledger
@@ -110,14 +110,34 @@ def default_workers(ray: Any) -> int:
     return gpus or sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def worker_resources(ray: Any, n_workers: int) -> dict[str, float]:
-    """Each worker's reservation: a GPU when the cluster has them, else an equal share of the CPUs (no more
-    than the biggest node has), which also sets its torch threads. More workers than GPUs wait for one."""
-    if ray.cluster_resources().get("GPU", 0) >= 1:
-        return {"num_gpus": 1, "num_cpus": 1}
-    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+def worker_resources(nodes: list[dict[str, Any]], n_workers: int) -> dict[str, float]:
+    """Each worker's reservation, from `ray.nodes()`: a GPU and its share of its node's CPUs (the fewest
+    CPUs per GPU of any GPU node, so torch gets more than one thread) when the cluster has GPUs, else an
+    equal share of the CPUs (no more than the biggest node has), which also sets its torch threads. More
+    workers than GPUs wait for one."""
+    alive = [node["Resources"] for node in nodes if node.get("Alive")]
+    gpu_nodes = [res for res in alive if res.get("GPU", 0) >= 1]
+    if gpu_nodes:
+        per_gpu = min(res.get("CPU", 1.0) / res["GPU"] for res in gpu_nodes)
+        return {"num_gpus": 1, "num_cpus": float(max(1, int(per_gpu)))}
+    node_cpus = [res.get("CPU", 0) for res in alive]
     share = sum(node_cpus) / max(1, n_workers)
     return {"num_cpus": min(float(int(share)) if share >= 1 else share, max(node_cpus, default=1.0))}
+
+
+def workers_per_node(nodes: list[dict[str, Any]], n_workers: int) -> int:
+    """The most of the job's workers one node holds when Ray spreads them evenly (SPREAD) over the nodes
+    that can take one (the GPU nodes when there are any, none more than its GPUs): each worker plans
+    with 1 / this of its node's free host memory."""
+    alive = [node["Resources"] for node in nodes if node.get("Alive")]
+    gpu_nodes = [res for res in alive if res.get("GPU", 0) >= 1]
+    usable = gpu_nodes or alive
+    if not usable:
+        return 1
+    spread = -(-n_workers // len(usable))  # ceil
+    if gpu_nodes:
+        spread = min(spread, int(max(res["GPU"] for res in gpu_nodes)))
+    return max(1, spread)
 
 
 def plan_prompts(prompts: list[Prompt]) -> tuple[Prompt, ...]:
@@ -200,7 +220,9 @@ class Dispatcher:
         self.as_json, self.verbose = as_json, verbose
         self.ledger = Ledger(len(prompts))
         self.summary = Summary()
-        self.job, self.resources = job, worker_resources(ray, n_workers)
+        nodes = ray.nodes()
+        self.job = replace(job, workers_per_node=workers_per_node(nodes, n_workers))
+        self.resources = worker_resources(nodes, n_workers)
         self.actor_class = ray.remote(max_restarts=0)(Worker)  # a dead worker's prompts go to the others
         self.started = 0  # workers started, replacements too: the next one is w{started + 1}
         self.summary.replacement_limit = max_replacements(n_workers)
