@@ -286,7 +286,8 @@ class Dispatcher:
             value = self.ray.get(ref)
         except Exception as exc:
             if name in self.info and name not in self.retried and is_transient(self.ray, exc):
-                why = why_lost(self.ray, exc)
+                cause = getattr(exc, "cause", None) or exc  # a task error carries the exception it raised
+                why = f"{type(cause).__name__}: {one_line(cause)}"  # not a bug report: it may pass
                 log(f"ray: an exchange with worker {name} failed ({why}); sending it again")
                 self.retried.add(name)
                 self._exchange(name, self.sent[name])
