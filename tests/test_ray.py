@@ -198,6 +198,7 @@ def test_a_worker_killed_mid_job_loses_and_repeats_nothing(job: Path, long_refer
     assert len({record["worker"]["actor"] for record in got.values()}) >= 2  # w3 may have joined
 
 
+@pytest.mark.slow  # a local cluster each, ~15 s: with the slow tests so the default suite stays near 8.5 min
 def test_a_failed_exchange_call_is_sent_again_once(job: Path, small_reference, tmp_path: Path) -> None:
     """An exchange that raises (not the actor dying) is resent; the worker is not counted dead."""
     result = faulty_job(job, tmp_path / "faults", "exchange-error")
@@ -211,6 +212,7 @@ def test_a_failed_exchange_call_is_sent_again_once(job: Path, small_reference, t
     assert all(got[key]["text"] == small_reference[key]["text"] for key in got)
 
 
+@pytest.mark.slow  # a local cluster each, ~15 s: with the slow tests so the default suite stays near 8.5 min
 def test_a_hung_worker_is_killed_and_replaced(job: Path, small_reference, tmp_path: Path) -> None:
     """One worker's engine pass sleeps (a stuck engine) while its exchange calls keep answering: past the
     hang bound (a floor of 3 s here) it is killed and replaced, and its prompts run on the others; every
@@ -230,6 +232,7 @@ def test_a_hung_worker_is_killed_and_replaced(job: Path, small_reference, tmp_pa
     assert time.monotonic() - started < 120  # not the hung pass's 600 s
 
 
+@pytest.mark.slow  # a local cluster each, ~15 s: with the slow tests so the default suite stays near 8.5 min
 def test_workers_that_always_crash_end_the_job_at_the_replacement_limit(job: Path, tmp_path: Path) -> None:
     """Every worker's process exits at its first pass: two are replaced (the limit set here), then the job
     ends with every prompt given up and one line saying why, exit 1, instead of a loop."""
