@@ -619,6 +619,16 @@ def unused_offload_flags(place: Placement, plan: Any, n_layers: int) -> list[str
     return warnings
 
 
-def open_engine(request: EngineRequest, workload: Workload) -> Engine:
-    """resolve (with this machine's best profile) and load: what a front door calls."""
-    return load(resolve_request(request), workload)
+def open_engine(request: EngineRequest, workload: Workload, engines_on_host: int = 1) -> Engine:
+    """resolve (with this machine's best profile) and load: what a front door calls. An offloaded target
+    plans with 1 / `engines_on_host` of the host's free memory, when that many engines (Ray workers on
+    one node) start together."""
+    spec = resolve_request(request)
+    if spec.placement is not None and engines_on_host > 1:
+        import psutil
+
+        from specexec_cli.runtime.caps import host_share
+
+        caps = host_share(spec.placement.max_memory, engines_on_host, psutil.virtual_memory().available)
+        spec = replace(spec, placement=replace(spec.placement, max_memory=caps))
+    return load(spec, workload)

@@ -80,12 +80,11 @@ def test_workers_per_node_follows_the_spread_over_the_nodes_that_can_take_one() 
 
 
 def test_workers_on_one_node_plan_host_memory_together() -> None:
-    from specexec_cli.cluster.worker import host_share_caps
-    from specexec_cli.runtime.caps import parse_caps
+    from specexec_cli.runtime.caps import host_share, parse_caps
 
     gib = 1 << 30
-    shared = parse_caps(host_share_caps(("cuda=20GiB",), 4, 64 * gib))
+    shared = parse_caps(host_share(("cuda=20GiB",), 4, 64 * gib))
     assert shared == {"cuda": 20 * gib, "cpu": 16 * gib}  # each of 4 plans a quarter; the GPU cap stays
-    assert parse_caps(host_share_caps(("cpu=8GiB",), 4, 64 * gib)) == {"cpu": 8 * gib}  # its own is smaller
-    assert parse_caps(host_share_caps(("cpu=40GiB",), 2, 64 * gib)) == {"cpu": 32 * gib}
-    assert host_share_caps((), 1, 64 * gib) == ()  # alone on its node: nothing changes
+    assert parse_caps(host_share(("cpu=8GiB",), 4, 64 * gib)) == {"cpu": 8 * gib}  # its own is smaller
+    assert parse_caps(host_share(("cpu=40GiB",), 2, 64 * gib)) == {"cpu": 32 * gib}
+    assert host_share((), 1, 64 * gib) == ()  # alone on its node: nothing changes

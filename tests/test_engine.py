@@ -6,6 +6,7 @@ it saved, and the engine settings table makes the flags, the request and the pro
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -73,7 +74,7 @@ def run_serve(args: list[str]) -> None:
         CliRunner().invoke(main, ["serve", *args, "--port", "0", "--max-batch", "1"])
 
 
-def run_ray_worker(args: list[str]) -> None:
+def run_ray_worker(args: list[str], workers_per_node: int = 1) -> None:
     """What `generate --ray` sends a worker (its Job), opened as the worker opens it."""
     from specexec_cli.cli import engine_request, generate
     from specexec_cli.cluster.driver import plan_prompts
@@ -85,7 +86,7 @@ def run_ray_worker(args: list[str]) -> None:
     engine = {k: v for k, v in context.params.items() if k in {s.name for s in SETTINGS} | {"no_profile"}}
     prompts = [Prompt("0", "w1 w2")]
     job = Job(engine_request(engine, None), 4, SamplingConfig(), (), None, None, False, plan_prompts(prompts),
-              1)
+              1, workers_per_node=workers_per_node)
     with pytest.raises(Resolved):
         open_job_engine(job)
 
@@ -121,6 +122,23 @@ def test_every_front_door_resolves_the_same_spec(models, machine, captured, tmp_
     assert same == [same[0]] * 5
     assert generate_spec.device == machine.device and generate_spec.compute_dtype == fmt
     assert generate_spec.draft_format == draft_quant and generate_spec.placement is None
+
+
+def test_ray_workers_on_one_node_plan_a_share_of_its_host_memory(models, machine, captured, tmp_path,
+                                                                 monkeypatch):
+    import psutil
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    gib = 1 << 30
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=64 * gib))
+    offloaded = flags_of(models, "--no-profile", "--offload", "disk", "--max-memory", "cpu=40GiB")
+    run_ray_worker(offloaded, workers_per_node=4)
+    run_ray_worker(offloaded, workers_per_node=1)
+    run_ray_worker(flags_of(models, "--no-profile"), workers_per_node=4)  # resident: no host plan to share
+    shared, alone, resident = captured
+    assert shared.placement.max_memory == ("cpu=16GiB",)  # a quarter of the node's 64 GiB free
+    assert alone.placement.max_memory == ("cpu=40GiB",)
+    assert resident.placement is None
 
 
 def test_the_profile_applies_alike_at_every_front_door_and_flags_win(models, machine, captured, tmp_path,

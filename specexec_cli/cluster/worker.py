@@ -24,12 +24,11 @@ from specexec_cli.decoding.config import GenerationConfig, SamplingConfig
 from specexec_cli.decoding.generate import Batch, make_decoder
 from specexec_cli.decoding.runner import BatchRunner, Outcome
 from specexec_cli.decoding.runner import Job as RunnerJob
-from specexec_cli.engine import Engine, Workload, load, log, resolve_request
+from specexec_cli.engine import Engine, Workload, log, open_engine
 from specexec_cli.errors import SpecexecError, UsageError
 from specexec_cli.messages import one_line, unexpected
 from specexec_cli.prompts import Prompt
 from specexec_cli.run import describe, encode_prompt, result_record
-from specexec_cli.runtime.caps import format_caps, parse_caps
 from specexec_cli.settings import EngineRequest
 
 
@@ -178,31 +177,13 @@ class BatchLoop:
                             "describe": describe(prompt, result)})
 
 
-def host_share_caps(max_memory: tuple[str, ...], workers_on_node: int, available: int) -> tuple[str, ...]:
-    """`max_memory` with host memory capped at 1 / `workers_on_node` of the `available` bytes (or its own
-    cpu cap, if smaller): workers that start together on one node each see all of the free memory and
-    would each plan their streamed layers' host copies with all of it."""
-    caps = parse_caps(max_memory)
-    share = available // max(1, workers_on_node)
-    if workers_on_node <= 1 or caps.get("cpu", share + 1) <= share:
-        return max_memory
-    return tuple(format_caps({**caps, "cpu": share}))
-
-
 def open_job_engine(job: Job) -> tuple[Engine, GenerationConfig]:
     """The engine a worker runs `job` with, opened as generate opens it (the request resolved against this
-    machine's profile, the memory planned for the job's longest prompts); an offloaded target plans with
-    its share of the node's host memory (`host_share_caps`)."""
-    import psutil
-
+    machine's profile, the memory planned for the job's longest prompts), with this node's host memory
+    shared among the job's workers placed on it."""
     workload = replace(Workload.of_prompts(job.plan_prompts, job.max_new_tokens, job.system,
                                            job.chat_template), n_prompts=job.n_prompts)
-    spec = resolve_request(job.request)
-    if spec.placement is not None and job.workers_per_node > 1:
-        caps = host_share_caps(spec.placement.max_memory, job.workers_per_node,
-                               psutil.virtual_memory().available)
-        spec = replace(spec, placement=replace(spec.placement, max_memory=caps))
-    engine = load(spec, workload)
+    engine = open_engine(job.request, workload, engines_on_host=job.workers_per_node)
     return engine, engine.config(job.max_new_tokens, job.sampling, job.stop_strings, job.seed)
 
 

@@ -100,3 +100,14 @@ def apply_caps(hw: HardwareFacts, caps: dict[str, int], device_type: str,
         device_mem_free=min(hw.device_mem_free, dev) if dev is not None else hw.device_mem_free,
         host_ram_available=min(hw.host_ram_available, host) if host is not None else hw.host_ram_available,
     )
+
+
+def host_share(max_memory: tuple[str, ...], engines_on_host: int, available: int) -> tuple[str, ...]:
+    """`max_memory` with host memory capped at 1 / `engines_on_host` of the `available` bytes (or its own
+    cpu cap, if smaller): engines that start together on one host each see all of the free memory and
+    would each plan their streamed layers' host copies with all of it."""
+    caps = parse_caps(max_memory)
+    share = available // max(1, engines_on_host)
+    if engines_on_host <= 1 or caps.get("cpu", share + 1) <= share:
+        return max_memory
+    return tuple(format_caps({**caps, "cpu": share}))
