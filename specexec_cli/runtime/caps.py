@@ -106,8 +106,10 @@ def host_share(max_memory: tuple[str, ...], engines_on_host: int, available: int
     """`max_memory` with host memory capped at 1 / `engines_on_host` of the `available` bytes (or its own
     cpu cap, if smaller): engines that start together on one host each see all of the free memory and
     would each plan their streamed layers' host copies with all of it."""
+    if engines_on_host <= 1:
+        return max_memory
     caps = parse_caps(max_memory)
-    share = available // max(1, engines_on_host)
-    if engines_on_host <= 1 or caps.get("cpu", share + 1) <= share:
+    share = available // engines_on_host
+    if caps.get("cpu", share + 1) <= share:
         return max_memory
     return tuple(format_caps({**caps, "cpu": share}))
